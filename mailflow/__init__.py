@@ -1,0 +1,2 @@
+"""mailflow: hold public institutions to account by email."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+from mailflow.cli import main; main()  # noqa: E702

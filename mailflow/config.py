@@ -1,0 +1,307 @@
+"""The site's settings: defaults in one place, every key validated when the file is loaded.
+
+A wrong key or value is a `ConfigError` that names the file, the key and what was expected,
+so an admin never meets a KeyError at 3 a.m. Relative paths are relative to the folder that
+holds the config file, so a site folder can be moved as a whole. Secrets can come from the
+environment (`secret_env`, `password_env`) so they need not sit in the file.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailflow.errors import ConfigError
+
+DEFAULT_CONFIG = "config.toml"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    domain: str
+    name: str
+    url: str
+    secret: str
+    rules: Path
+    templates: Path | None
+    default_law: str
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    dir: Path
+    keep_done_days: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen_host: str
+    listen_port: int
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    lmtp: bool
+
+
+@dataclass(frozen=True)
+class SmarthostSettings:
+    host: str
+    port: int
+    tls: str  # "starttls" | "implicit" | "none"
+    user: str | None
+    password: str | None
+    timeout: float
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    transport: str  # "maildir" | "smtp"
+    maildir: Path
+    bounce_address: str
+    retry_schedule: tuple[int, ...]
+    smtp: SmarthostSettings
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    selector: str
+    domain: str
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    site: SiteSettings
+    database: DatabaseSettings
+    spool: SpoolSettings
+    smtp: SmtpSettings
+    outbound: OutboundSettings
+    dkim: DkimSettings
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    @property
+    def var(self) -> Path:
+        return self.base / "var"
+
+
+# The schema: table -> key -> (type, default). A default of REQUIRED must be given.
+REQUIRED = object()
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "site": {
+        "domain": (str, REQUIRED),
+        "name": (str, "mailflow"),
+        "url": (str, ""),
+        "secret": (str, ""),
+        "secret_env": (str, ""),
+        "rules": (str, "rules"),
+        "templates": (str, ""),
+        "default_law": (str, "uk-foia"),
+    },
+    "database": {"url": (str, "sqlite:///var/mailflow.db")},
+    "spool": {
+        "dir": (str, "var/spool"),
+        "keep_done_days": (int, 7),
+        "max_attempts": (int, 5),
+    },
+    "smtp": {
+        "listen": (str, "127.0.0.1:2525"),
+        "hostname": (str, ""),
+        "max_message_size": (int, 26_214_400),
+        "max_recipients": (int, 100),
+        "lmtp": (bool, False),
+    },
+    "outbound": {
+        "transport": (str, "maildir"),
+        "maildir": (str, "var/outbox"),
+        "bounce_address": (str, ""),
+        "retry_schedule": (list, [60, 300, 900, 3600, 14400, 43200, 86400]),
+    },
+    "outbound.smtp": {
+        "host": (str, "localhost"),
+        "port": (int, 587),
+        "tls": (str, "starttls"),
+        "user": (str, ""),
+        "password": (str, ""),
+        "password_env": (str, ""),
+        "timeout": ((int, float), 30),
+    },
+    "dkim": {
+        "selector": (str, "mailflow"),
+        "domain": (str, ""),
+        "key_file": (str, "var/dkim/mailflow.pem"),
+    },
+}
+# Tables that later features read; accepted here so a site can be configured ahead of them.
+_OPEN_TABLES = {"imap", "archive", "scheduler", "log"}
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """--config wins, then MAILFLOW_CONFIG, then ./config.toml."""
+    return Path(explicit or os.environ.get("MAILFLOW_CONFIG") or DEFAULT_CONFIG)
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (make one with `mailflow init DIR`)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, path.resolve())
+
+
+def _where(path: Path, table: str, key: str | None = None) -> str:
+    return f"{path}: [{table}]" + (f" {key}" if key else "")
+
+
+def _check_table(path: Path, table: str, given: Any) -> dict[str, Any]:
+    schema = _SCHEMA[table]
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{_where(path, table)}: expected a table, got {type(given).__name__}")
+    out: dict[str, Any] = {}
+    nested = {t.split(".", 1)[1] for t in _SCHEMA if t.startswith(table + ".")}
+    for key, value in given.items():
+        if key in nested:
+            continue
+        if key not in schema:
+            hint = difflib.get_close_matches(key, schema, n=1)
+            also = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{_where(path, table, key)}: unknown key{also}; known keys: {', '.join(schema)}")
+        typ, _ = schema[key]
+        if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+            want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise ConfigError(
+                f"{_where(path, table, key)}: expected {want}, got {type(value).__name__} {value!r}")
+        out[key] = value
+    for key, (_, default) in schema.items():
+        if key not in out:
+            if default is REQUIRED:
+                raise ConfigError(f"{_where(path, table, key)}: missing, and it has no default")
+            out[key] = default
+    return out
+
+
+def _secret(path: Path, table: str, data: dict[str, Any], key: str) -> str:
+    env = data.get(f"{key}_env") or ""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(
+                f"{_where(path, table, key + '_env')}: environment variable {env} is not set")
+        return value
+    return data.get(key) or ""
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _hostport(path: Path, table: str, key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{_where(path, table, key)}: expected \"host:port\", got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _choice(path: Path, table: str, key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"{_where(path, table, key)}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any], path: Path) -> Settings:
+    base = path.parent
+    for table in data:
+        if table not in _SCHEMA and table not in _OPEN_TABLES:
+            hint = difflib.get_close_matches(table, list(_SCHEMA) + list(_OPEN_TABLES), n=1)
+            also = f" (did you mean [{hint[0]}]?)" if hint else ""
+            raise ConfigError(f"{path}: [{table}]: unknown table{also}")
+    site = _check_table(path, "site", data.get("site"))
+    db = _check_table(path, "database", data.get("database"))
+    spool = _check_table(path, "spool", data.get("spool"))
+    smtp = _check_table(path, "smtp", data.get("smtp"))
+    out = _check_table(path, "outbound", data.get("outbound"))
+    host = _check_table(path, "outbound.smtp", (data.get("outbound") or {}).get("smtp"))
+    dkim = _check_table(path, "dkim", data.get("dkim"))
+
+    domain = site["domain"].strip().lower().rstrip(".")
+    if not domain or "@" in domain or " " in domain or "." not in domain:
+        raise ConfigError(f"{_where(path, 'site', 'domain')}: expected a mail domain such as "
+                          f"\"ask.example.org\", got {site['domain']!r}")
+    secret = _secret(path, "site", site, "secret")
+    if len(secret) < 16:
+        raise ConfigError(f"{_where(path, 'site', 'secret')}: expected a random string of at least "
+                          "16 characters (or secret_env naming an environment variable)")
+    url = site["url"] or f"https://{domain}/"
+    listen_host, listen_port = _hostport(path, "smtp", "listen", smtp["listen"])
+    for key in ("max_message_size", "max_recipients"):
+        if smtp[key] <= 0:
+            raise ConfigError(f"{_where(path, 'smtp', key)}: expected a positive number")
+    schedule = out["retry_schedule"]
+    if not schedule or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                               for s in schedule):
+        raise ConfigError(f"{_where(path, 'outbound', 'retry_schedule')}: expected a list of "
+                          f"positive whole numbers of seconds, got {schedule!r}")
+    db_url = db["url"]
+    if "://" not in db_url:
+        raise ConfigError(f"{_where(path, 'database', 'url')}: expected a URL such as "
+                          f"\"sqlite:///var/mailflow.db\", got {db_url!r}")
+    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
+        rel = db_url[len("sqlite:///"):]
+        if rel and rel != ":memory:":
+            db_url = "sqlite:///" + str(_resolve(base, rel))
+    return Settings(
+        path=path,
+        site=SiteSettings(
+            domain=domain, name=site["name"], url=url, secret=secret,
+            rules=_resolve(base, site["rules"]),
+            templates=_resolve(base, site["templates"]) if site["templates"] else None,
+            default_law=site["default_law"]),
+        database=DatabaseSettings(url=db_url),
+        spool=SpoolSettings(dir=_resolve(base, spool["dir"]),
+                            keep_done_days=spool["keep_done_days"],
+                            max_attempts=spool["max_attempts"]),
+        smtp=SmtpSettings(listen_host=listen_host, listen_port=listen_port,
+                          hostname=smtp["hostname"] or domain,
+                          max_message_size=smtp["max_message_size"],
+                          max_recipients=smtp["max_recipients"], lmtp=smtp["lmtp"]),
+        outbound=OutboundSettings(
+            transport=_choice(path, "outbound", "transport", out["transport"], ("maildir", "smtp")),
+            maildir=_resolve(base, out["maildir"]),
+            bounce_address=out["bounce_address"] or f"bounces@{domain}",
+            retry_schedule=tuple(schedule),
+            smtp=SmarthostSettings(
+                host=host["host"], port=host["port"],
+                tls=_choice(path, "outbound.smtp", "tls", host["tls"],
+                            ("starttls", "implicit", "none")),
+                user=host["user"] or None,
+                password=_secret(path, "outbound.smtp", host, "password") or None,
+                timeout=float(host["timeout"]))),
+        dkim=DkimSettings(selector=dkim["selector"], domain=(dkim["domain"] or domain).lower(),
+                          key_file=_resolve(base, dkim["key_file"])),
+        raw=data,
+    )
