@@ -1,0 +1,38 @@
+# Two commands: `make run` sets up and runs the daemon; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SITE   ?= site
+DOMAIN ?= ask.example
+
+.PHONY: run test setup demo check clean
+
+$(BIN)/mailflow: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/mailflow
+
+$(SITE)/config.toml: | $(BIN)/mailflow
+	$(BIN)/mailflow init $(SITE) --domain $(DOMAIN)
+
+## run: make a site in ./site (once) and run the daemon on 127.0.0.1:2525
+run: $(BIN)/mailflow $(SITE)/config.toml
+	$(BIN)/mailflow --config $(SITE)/config.toml serve
+
+## demo: with `make run` going in another terminal, watch a request go round
+demo: $(BIN)/mailflow
+	$(BIN)/mailflow --config $(SITE)/config.toml demo
+
+## test: the whole suite
+test: $(BIN)/mailflow
+	$(BIN)/python -m pytest -q
+
+## check: the shared acceptance check
+check: $(BIN)/mailflow
+	$(BIN)/python ../shared/checks/round-trip
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,414 @@
+"""The `mailflow` command: a thin layer over the modules, for admins and for MTAs.
+
+Every command takes `--config PATH` before its name (or MAILFLOW_CONFIG; default
+./config.toml). Errors meant for people (`MailflowError`) are printed as one line and exit 1;
+`ingest` follows sysexits, as MTAs expect: 0 done, 67 not ours, 75 try again later.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mailflow.config import config_path
+from mailflow.errors import MailflowError, NotFound, SpoolError, StoreError
+
+EX_OK, EX_NOUSER, EX_TEMPFAIL = 0, 67, 75
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (datetime, date)):
+        return o.isoformat()
+    raise TypeError(type(o).__name__)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False))
+
+
+class Ctx:
+    def __init__(self, config: str | None, verbose: int):
+        self.config = config_path(config)
+        self.verbose = verbose
+        self._site = None
+
+    @property
+    def site(self):  # type: ignore[no-untyped-def]
+        if self._site is None:
+            from mailflow.site import Site
+            self._site = Site.open(self.config)
+        return self._site
+
+
+class MailflowGroup(click.Group):
+    """Turns mailflow's own errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MailflowError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            sys.exit(1)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(cls=MailflowGroup)
+@click.option("--config", "config", metavar="PATH", default=None,
+              help="The site's config file (default: $MAILFLOW_CONFIG or ./config.toml).")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="mailflow")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
+    """mailflow: Freedom of Information requests by email, for any town or country."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Ctx(config, verbose)
+
+
+# -- init ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--domain", default="ask.example", show_default=True, help="The site's mail domain.")
+@click.option("--name", default=None, help="The site's name (default: the domain).")
+def init(directory: Path, domain: str, name: str | None) -> None:
+    """Make a new site in DIRECTORY: config.toml, rules/, var/ and a DKIM key."""
+    from mailflow import config as config_mod
+    from mailflow.outbound.signing import generate_key
+    from mailflow.rulesdir import packaged_dir
+
+    domain = domain.strip().lower()
+    cfg = directory / "config.toml"
+    if cfg.exists():
+        raise MailflowError(f"{cfg} already exists; not overwriting it")
+    directory.mkdir(parents=True, exist_ok=True)
+    example = (packaged_dir("rules").parent / "config.example.toml")
+    if not example.exists():
+        example = Path(__file__).resolve().parent / "_data" / "config.example.toml"
+    text = example.read_text(encoding="utf-8")
+    values = {"domain": domain, "name": name or domain, "url": f"https://{domain}/",
+              "secret": secrets.token_urlsafe(32)}
+    for key, value in values.items():
+        text = re.sub(rf'(?m)^{key} = ".*"$', f'{key} = {json.dumps(value)}', text, count=1)
+    rules = directory / "rules"
+    if not rules.exists():
+        shutil.copytree(packaged_dir("rules"), rules)
+    # The database and spool hold citizens' private mail: only the site's user may read them.
+    (directory / "var").mkdir(mode=0o700, exist_ok=True)
+    tmp = cfg.with_suffix(".toml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    settings = config_mod.load(tmp)  # validate what we wrote before it becomes the config
+    if not settings.dkim.key_file.exists():
+        generate_key(settings.dkim.key_file)
+    tmp.replace(cfg)
+    from mailflow.site import Site
+    Site.open(cfg).store  # creates the database
+    console.print(f"Made a site for [bold]{domain}[/] in {directory}")
+    console.print(f"  config   {cfg}\n  rules    {rules}\n  data     {directory / 'var'}")
+    console.print(f"Publish the DKIM record: mailflow --config {cfg} dkim record")
+
+
+# -- serve and ingest ------------------------------------------------------------------------
+@cli.command()
+@pass_ctx
+def serve(ctx: Ctx) -> None:
+    """Run the daemon (SMTP, processing, outbox) until SIGTERM or SIGINT."""
+    from mailflow.daemon import run
+    if ctx.verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+    asyncio.run(run(ctx.site))
+
+
+@cli.command()
+@click.option("--rcpt", "rcpts", multiple=True, metavar="ADDR",
+              help="Envelope recipient (repeatable). Without it: from the message's headers.")
+@click.option("--sender", default=None, metavar="ADDR", help="Envelope sender ('' for <>).")
+@pass_ctx
+def ingest(ctx: Ctx, rcpts: tuple[str, ...], sender: str | None) -> None:
+    """Take one message on standard input, as an MTA's pipe transport hands it over.
+
+    Exits 0 once it is accepted and processed, 67 when no recipient is ours, 75 when it
+    could not be taken now (the MTA will retry).
+    """
+    from mailflow.ingest import ingest_bytes
+    raw = sys.stdin.buffer.read()
+    try:
+        code, message = ingest_bytes(ctx.site, raw, list(rcpts), sender)
+    except (SpoolError, StoreError) as e:
+        err_console.print(f"temporary failure: {e}", highlight=False)
+        sys.exit(EX_TEMPFAIL)
+    except MailflowError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an MTA must get 75, never a traceback and 1
+        logging.getLogger("mailflow.ingest").exception("ingest failed")
+        err_console.print(f"temporary failure: {type(e).__name__}: {e}", highlight=False)
+        sys.exit(EX_TEMPFAIL)
+    if message:
+        err_console.print(message, highlight=False)
+    sys.exit(code)
+
+
+# -- dkim --------------------------------------------------------------------------------------
+@cli.group()
+def dkim() -> None:
+    """The DKIM key that signs outgoing mail."""
+
+
+@dkim.command("record")
+@pass_ctx
+def dkim_record(ctx: Ctx) -> None:
+    """Print the DNS TXT record to publish for the signing key."""
+    from mailflow.outbound.signing import dns_record, load_key
+    d = ctx.site.settings.dkim
+    click.echo(dns_record(load_key(d.key_file), d.selector, d.domain))
+
+
+# -- authorities ---------------------------------------------------------------------------------
+@cli.group()
+def authority() -> None:
+    """The authorities in rules/authorities.toml."""
+
+
+@authority.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def authority_list(ctx: Ctx, as_json: bool) -> None:
+    """List authorities: slug, name, email addresses and law."""
+    site = ctx.site
+    rows = [{"slug": a.slug, "name": a.name, "emails": list(a.emails), "law": a.law,
+             "address": f"{a.slug}@{site.domain}"} for a in site.rules.authorities.values()]
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("slug", "name", "emails", "law", "citizens write to")
+    for r in rows:
+        t.add_row(r["slug"], r["name"], ", ".join(r["emails"]) or "[red]none[/]", r["law"], r["address"])
+    console.print(t)
+
+
+# -- threads ---------------------------------------------------------------------------------------
+def thread_json(site: Any, tx: Any, thread: Any, with_messages: bool = True) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "id": thread.id, "kind": thread.kind, "state": thread.state,
+        "authority": thread.authority, "law": thread.law, "title": thread.title,
+        "created_at": thread.created_at, "sent_at": thread.sent_at,
+        "due_date": thread.due_date, "delivery_status": thread.delivery_status,
+        "citizen": {"name": thread.citizen_name, "email": thread.citizen_email},
+    }
+    if with_messages:
+        d["messages"] = [{
+            "id": m.id, "direction": m.direction, "kind": m.kind,
+            "from": m.from_addr, "to": m.to_addrs, "subject": m.subject,
+            "date": m.date or m.created_at, "message_id": m.message_id,
+            "classification": m.classification,
+            "classification_reason": m.classification_reason,
+            "match": ({"method": m.match_method, "detail": m.match_detail}
+                      if m.direction == "in" and m.match_method else None),
+            "flags": m.flags,
+        } for m in tx.messages(thread.id)]
+    return d
+
+
+@cli.group()
+def thread() -> None:
+    """Requests and their correspondence."""
+
+
+@thread.command("list")
+@click.option("--state", default=None)
+@click.option("--authority", "authority_slug", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def thread_list(ctx: Ctx, state: str | None, authority_slug: str | None, as_json: bool) -> None:
+    """List threads, newest last."""
+    site = ctx.site
+    with site.store.tx() as tx:
+        rows = [thread_json(site, tx, t, with_messages=False)
+                for t in tx.threads(state=state, authority=authority_slug)]
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("id", "state", "authority", "title", "due")
+    for r in rows:
+        t.add_row(str(r["id"]), r["state"], r["authority"], r["title"], str(r["due_date"] or ""))
+    console.print(t)
+
+
+@thread.command("show")
+@click.argument("thread_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
+    """Show one thread and every message on it, with how each was matched."""
+    site = ctx.site
+    with site.store.tx() as tx:
+        t = tx.thread(thread_id)
+        if t is None:
+            raise NotFound(f"no thread {thread_id}")
+        data = thread_json(site, tx, t)
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]#{data['id']} {data['title']}[/]  ({data['state']}, "
+                  f"{data['authority']}, due {data['due_date'] or '-'})")
+    for m in data["messages"]:
+        how = ""
+        if m["match"]:
+            how = f"  [dim]matched by {m['match']['method']}: {m['match']['detail']}[/]"
+        arrow = "→" if m["direction"] == "out" else "←"
+        console.print(f" {arrow} {m['date']:%Y-%m-%d %H:%M} {m['kind']:<13} {m['from']}: "
+                      f"{m['subject']}{how}", highlight=False)
+
+
+# -- queue ------------------------------------------------------------------------------------------
+@cli.group()
+def queue() -> None:
+    """Mail and requests that need a human."""
+
+
+def _queue_json(q: Any) -> dict[str, Any]:
+    return {"id": q.id, "reason": q.reason, "state": q.state, "thread_id": q.thread_id,
+            "summary": q.summary, "detail": q.detail, "created_at": q.created_at,
+            "decided_at": q.decided_at, "decision": q.decision}
+
+
+@queue.command("list")
+@click.option("--reason", default=None)
+@click.option("--all", "include_all", is_flag=True, help="Include decided items.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def queue_list(ctx: Ctx, reason: str | None, include_all: bool, as_json: bool) -> None:
+    """List open items (with --all, decided ones too)."""
+    with ctx.site.store.tx() as tx:
+        rows = [_queue_json(q) for q in tx.queue(include_decided=include_all, reason=reason)]
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("id", "reason", "thread", "summary", "since")
+    for r in rows:
+        t.add_row(str(r["id"]), r["reason"], str(r["thread_id"] or ""), r["summary"],
+                  f"{r['created_at']:%Y-%m-%d %H:%M}")
+    console.print(t)
+
+
+@queue.command("show")
+@click.argument("item", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def queue_show(ctx: Ctx, item: int, as_json: bool) -> None:
+    """Show one item: why it is here, and the message's headers and text."""
+    from mailflow.mail.parse import ParseError, parse
+    with ctx.site.store.tx() as tx:
+        found = [q for q in tx.queue(include_decided=True) if q.id == item]
+        if not found:
+            raise NotFound(f"no queue item {item}")
+        q = found[0]
+        raw = tx.get_raw(q.raw_sha256) if q.raw_sha256 else None
+    data = _queue_json(q)
+    if raw is not None:
+        try:
+            pm = parse(raw)
+            data["message"] = {"from": pm.from_addr, "to": list(pm.to), "subject": pm.subject,
+                               "date": pm.date, "text": pm.text[:20000],
+                               "attachments": [{"filename": a.filename, "type": a.content_type,
+                                                "size": a.size} for a in pm.attachments]}
+        except ParseError as e:
+            data["message"] = {"error": str(e), "raw_start": raw[:2000].decode("utf-8", "replace")}
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]Item {q.id}[/]: {q.reason} ({q.state})\n{q.summary}", highlight=False)
+    if "message" in data:
+        m = data["message"]
+        for k in ("from", "to", "subject", "date"):
+            if k in m:
+                console.print(f"[dim]{k}:[/] {m[k]}", highlight=False)
+        console.print(m.get("text") or m.get("raw_start", ""), highlight=False, markup=False)
+
+
+# -- outbox -----------------------------------------------------------------------------------------
+@cli.group()
+def outbox() -> None:
+    """Outgoing mail waiting to be delivered."""
+
+
+@outbox.command("list")
+@click.option("--state", default=None, type=click.Choice(["queued", "sending", "sent", "failed"]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def outbox_list(ctx: Ctx, state: str | None, as_json: bool) -> None:
+    """List outgoing deliveries."""
+    with ctx.site.store.tx() as tx:
+        rows = [{"id": r.id, "thread_id": r.thread_id, "rcpt": r.rcpt, "state": r.state,
+                 "attempts": r.attempts, "next_attempt_at": r.next_attempt_at,
+                 "last_error": r.last_error} for r in tx.outbox_rows(state)]
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("id", "thread", "to", "state", "attempts", "next try", "last error")
+    for r in rows:
+        t.add_row(str(r["id"]), str(r["thread_id"] or ""), r["rcpt"], r["state"],
+                  str(r["attempts"]), f"{r['next_attempt_at']:%Y-%m-%d %H:%M}",
+                  (r["last_error"] or "")[:60])
+    console.print(t)
+
+
+@outbox.command("flush")
+@pass_ctx
+def outbox_flush(ctx: Ctx) -> None:
+    """Make one delivery attempt for everything that is due now."""
+    from mailflow.outbound.outbox import deliver_due
+    site = ctx.site
+    counts = asyncio.run(deliver_due(site.store, site.transport,
+                                     site.settings.outbound.retry_schedule))
+    console.print(f"sent {counts['sent']}, to retry {counts['retry']}, failed {counts['failed']}")
+
+
+# -- status -----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status(ctx: Ctx, as_json: bool) -> None:
+    """Counts that say whether the site is healthy: spool, outbox, queue."""
+    site = ctx.site
+    with site.store.tx() as tx:
+        data: dict[str, Any] = tx.counts()
+    data["spool_pending"] = len(site.spool.pending())
+    data["spool_failed"] = len(site.spool.failed())
+    if as_json:
+        print_json(data)
+        return
+    for k, v in data.items():
+        console.print(f"{k:<16} {v}")
+
+
+# -- demo -------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--citizen", default="jane.citizen@citizen.example", show_default=True)
+@click.option("--authority", "slug", default=None, help="Authority slug (default: the first).")
+@click.option("--timeout", default=20.0, show_default=True, help="Seconds to wait at each step.")
+@pass_ctx
+def demo(ctx: Ctx, citizen: str, slug: str | None, timeout: float) -> None:
+    """Play a citizen and an authority against the running daemon, over SMTP, step by step."""
+    from mailflow.demo import run_demo
+    sys.exit(run_demo(ctx.site, citizen=citizen, slug=slug, timeout=timeout, console=console))
+
+
+def main() -> None:
+    cli(prog_name="mailflow")

@@ -1,0 +1,31 @@
+"""Who may be written to: the decision at RCPT time (and at `ingest`), before any byte is stored.
+
+Refusing at the door is how a mail server avoids backscatter: an unknown address or a relay
+attempt gets a 5xx while the sender's server is still connected, so no bounce is ever sent to
+a forged address. Pure: the caller supplies the domain, the authority slugs and the site URL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailflow.core.addresses import OurAddress, is_our_domain, parse_ours, split_address
+
+
+@dataclass(frozen=True)
+class DoorDecision:
+    accept: bool
+    reply: str                      # the SMTP reply to give
+    address: OurAddress | None = None
+
+
+def check_recipient(rcpt: str, *, domain: str, slugs: frozenset[str], site_url: str) -> DoorDecision:
+    if any(ch in rcpt for ch in "\r\n\x00") or split_address(rcpt) is None:
+        return DoorDecision(False, f"501 5.1.3 Bad recipient address syntax")
+    ours = parse_ours(rcpt, domain, slugs)
+    if ours is not None:
+        return DoorDecision(True, "250 2.1.5 Ok", ours)
+    if is_our_domain(rcpt, domain):
+        where = site_url.rstrip("/") + "/body/"
+        return DoorDecision(False, f"550 5.1.1 <{rcpt}>: no such authority or request here; "
+                                   f"the list of authorities is at {where}")
+    return DoorDecision(False, f"550 5.7.1 <{rcpt}>: relay access denied")

@@ -1,0 +1,131 @@
+"""`mailflow serve`: the composition root that wires the adapters around the pipeline.
+
+One asyncio loop runs the SMTP server, a worker that processes spooled messages one at a
+time, and APScheduler jobs that only *sweep* state kept on disk and in the database (spool
+leftovers, due outbox rows, old spool files). Nothing important lives only in memory: a
+restart finds every unfinished message in the spool and every undelivered mail in the outbox.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from mailflow.core.door import check_recipient
+from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
+from mailflow.outbound.outbox import deliver_due
+from mailflow.pipeline import Pipeline
+from mailflow.site import Site
+
+log = logging.getLogger("mailflow.daemon")
+
+
+class Daemon:
+    def __init__(self, site: Site):
+        self.site = site
+        self.pipeline = Pipeline(site)
+        self.wakeup: asyncio.Queue[str | None] = asyncio.Queue()
+        self.stopping = asyncio.Event()
+        self._outbox_lock = asyncio.Lock()
+
+    # -- the door ----------------------------------------------------------------------------
+    def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
+        d = check_recipient(rcpt, domain=self.site.domain, slugs=self.site.rules.slugs,
+                            site_url=self.site.settings.site.url)
+        return RcptDecision(d.accept, d.reply)
+
+    def on_spooled(self, spool_id: str) -> None:
+        self.wakeup.put_nowait(spool_id)
+
+    # -- the worker --------------------------------------------------------------------------
+    async def worker(self) -> None:
+        while True:
+            spool_id = await self.wakeup.get()
+            if spool_id is None:
+                return
+            await self.process(spool_id)
+
+    async def process(self, spool_id: str | None) -> None:
+        item = await asyncio.to_thread(self.site.spool.claim, spool_id)
+        if item is None:
+            return
+        try:
+            result = await asyncio.to_thread(self.pipeline.process_item, self.site.spool, item)
+        except Exception as e:  # noqa: BLE001 - logged and left in the spool by process_item
+            log.warning("spool item %s not processed yet: %s", item.id, e)
+            return
+        if result.outbox_ids:
+            await self.flush_outbox(result.outbox_ids)
+
+    async def sweep_spool(self) -> None:
+        """Anything in new/ that no wake-up covered (retries, a crash, another process)."""
+        for spool_id in await asyncio.to_thread(self.site.spool.pending):
+            self.wakeup.put_nowait(spool_id)
+
+    async def flush_outbox(self, ids: list[int] | None = None) -> None:
+        async with self._outbox_lock:
+            try:
+                counts = await deliver_due(self.site.store, self.site.transport,
+                                           self.site.settings.outbound.retry_schedule, ids=ids)
+            except Exception:  # noqa: BLE001 - the rows stay queued; the next sweep retries
+                log.exception("outbox delivery failed")
+                return
+        if any(counts.values()):
+            log.info("outbox: %s", counts)
+
+    async def cleanup(self) -> None:
+        n = await asyncio.to_thread(self.site.spool.cleanup_done,
+                                    self.site.settings.spool.keep_done_days)
+        if n:
+            log.info("removed %d processed spool files", n)
+
+    # -- running -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.site.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.site.store  # migrate before accepting mail  # noqa: B018
+        self.site.signer  # a missing DKIM key is an error now, not at the first send  # noqa: B018
+        recovered = await asyncio.to_thread(self.site.spool.recover)
+        if recovered:
+            log.info("recovered %d spool items left by a crash", recovered)
+        handler = IngressHandler(self.site.spool, self.check_rcpt, self.on_spooled,
+                                 max_recipients=s.smtp.max_recipients,
+                                 via="lmtp" if s.smtp.lmtp else "smtp")
+        server = await start_server(handler, s.smtp.listen_host, s.smtp.listen_port,
+                                    hostname=s.smtp.hostname,
+                                    max_message_size=s.smtp.max_message_size, lmtp=s.smtp.lmtp)
+        worker = asyncio.create_task(self.worker(), name="spool-worker")
+        scheduler = AsyncIOScheduler()
+        scheduler.add_job(self.sweep_spool, "interval", seconds=30, id="spool",
+                          max_instances=1, coalesce=True)
+        scheduler.add_job(self.flush_outbox, "interval", seconds=30, id="outbox",
+                          max_instances=1, coalesce=True)
+        scheduler.add_job(self.cleanup, "interval", hours=6, id="cleanup",
+                          max_instances=1, coalesce=True)
+        scheduler.start()
+        await self.sweep_spool()
+        await self.flush_outbox()
+        log.info("mailflow for %s listening on %s:%d (%s)", self.site.domain, s.smtp.listen_host,
+                 s.smtp.listen_port, "LMTP" if s.smtp.lmtp else "SMTP")
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("shutting down")
+            server.close()
+            await server.wait_closed()
+            scheduler.shutdown(wait=False)
+            self.wakeup.put_nowait(None)
+            try:
+                await asyncio.wait_for(worker, timeout=30)
+            except asyncio.TimeoutError:
+                log.warning("worker did not finish in 30 s; its item stays in the spool")
+            self.site.close()
+            log.info("stopped")
+
+
+async def run(site: Site) -> None:
+    await Daemon(site).run()

@@ -1,0 +1,57 @@
+"""`mailflow ingest`: one message from an MTA's pipe, through the same spool and pipeline.
+
+The message is spooled (durable) before anything else, then processed at once and its mail
+given one delivery attempt, so that when the command exits 0 the work is done. What fails
+after the spool stays there for the daemon, and the MTA is told to retry (75): processing is
+idempotent, so the retry cannot duplicate anything.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mailflow.core.door import check_recipient
+from mailflow.errors import SpoolError
+from mailflow.mail.parse import ParseError, parse
+from mailflow.outbound.outbox import deliver_due
+from mailflow.pipeline import Pipeline, recipients_from_headers
+from mailflow.site import Site
+from mailflow.spool import Envelope
+
+log = logging.getLogger("mailflow.ingest")
+EX_OK, EX_NOUSER, EX_TEMPFAIL = 0, 67, 75
+
+
+def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -> tuple[int, str]:
+    from_headers = not rcpts
+    if from_headers:
+        try:
+            rcpts = recipients_from_headers(parse(raw))
+        except ParseError:
+            rcpts = []
+    s = site.settings
+    accepted = [r for r in rcpts
+                if check_recipient(r, domain=site.domain, slugs=site.rules.slugs,
+                                   site_url=s.site.url).accept]
+    if not accepted:
+        return EX_NOUSER, "no recipient is one of ours: " + (", ".join(rcpts) or "(none found)")
+    if len(raw) > s.smtp.max_message_size:
+        return EX_NOUSER, f"message too large ({len(raw)} bytes, limit {s.smtp.max_message_size})"
+    env = Envelope(mail_from=sender or "", rcpt_tos=accepted, via="ingest",
+                   rcpt_from_headers=from_headers)
+    spool_id = site.spool.put(raw, env)
+    item = site.spool.claim(spool_id)
+    if item is None:  # a running daemon took it first: it is safe and will be processed
+        return EX_OK, ""
+    pipeline = Pipeline(site)
+    try:
+        result = pipeline.process_item(site.spool, item)
+    except Exception as e:  # noqa: BLE001
+        if item.attempts + 1 >= s.spool.max_attempts:
+            return EX_OK, f"kept for an admin: {e}"
+        raise SpoolError(f"processing failed, will retry: {e}") from e
+    if result.outbox_ids:
+        counts = asyncio.run(deliver_due(site.store, site.transport, s.outbound.retry_schedule,
+                                         ids=result.outbox_ids))
+        log.info("delivery: %s", counts)
+    return EX_OK, ""

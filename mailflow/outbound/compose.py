@@ -1,0 +1,89 @@
+"""Building outgoing messages: headers that cannot be injected into, marks that stop loops.
+
+Text from citizens and authorities (titles, names, file names) ends up in headers; a CR or LF
+there would let anyone add a header (Bcc:, say) to mail the site sends, so every header value
+is flattened before it is set. Automatic mail (confirmations, forwards) says so with
+`Auto-Submitted`, so well-behaved responders stay quiet, and every message carries
+`X-Auto-Response-Suppress` and our loop header so our own mail is recognised if it comes back.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+from mailflow.core.message import Attachment
+from mailflow.store.repository import utcnow
+
+LOOP_HEADER = "X-Mailflow-Loop"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def flatten(value: str, limit: int = 900) -> str:
+    """One safe header line: control characters (CR, LF, NUL, tabs) become spaces."""
+    return _UNSAFE.sub(" ", value).strip()[:limit]
+
+
+def new_message_id(domain: str, hint: str = "") -> str:
+    tag = f"{flatten(hint).replace(' ', '')[:20]}." if hint else ""
+    return f"<mailflow.{tag}{secrets.token_hex(10)}@{domain}>"
+
+
+@dataclass
+class Outgoing:
+    from_addr: str
+    to_addr: str
+    subject: str
+    text: str
+    domain: str
+    from_name: str = ""
+    to_name: str = ""
+    reply_to: str | None = None
+    in_reply_to: str | None = None
+    references: list[str] = field(default_factory=list)
+    automatic: bool = False
+    attachments: list[Attachment] = field(default_factory=list)
+    message_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.message_id:
+            self.message_id = new_message_id(self.domain)
+
+
+def _address(name: str, addr: str) -> Address:
+    local, _, domain = addr.rpartition("@")
+    return Address(display_name=flatten(name, 200), username=local, domain=domain)
+
+
+def build(out: Outgoing) -> bytes:
+    """The message as it goes on the wire (CRLF line endings), not yet DKIM-signed."""
+    m = EmailMessage(policy=policy.SMTP)
+    m["From"] = _address(out.from_name, out.from_addr)
+    m["To"] = _address(out.to_name, out.to_addr)
+    if out.reply_to:
+        m["Reply-To"] = _address(out.from_name, out.reply_to)
+    m["Subject"] = flatten(out.subject)
+    m["Date"] = format_datetime(utcnow())
+    m["Message-ID"] = out.message_id
+    if out.in_reply_to:
+        m["In-Reply-To"] = flatten(out.in_reply_to)
+    refs = [flatten(r) for r in out.references if r]
+    if refs:
+        m["References"] = " ".join(refs[-20:])
+    if out.automatic:
+        m["Auto-Submitted"] = "auto-generated"
+    m["X-Auto-Response-Suppress"] = "OOF, AutoReply"
+    m[LOOP_HEADER] = out.domain
+    m.set_content(out.text, charset="utf-8", cte="quoted-printable")
+    for att in out.attachments:
+        maintype, _, subtype = att.content_type.partition("/")
+        if not subtype or "/" in subtype or maintype in ("message", "multipart"):
+            # A forwarded message or a broken type travels as opaque bytes: safe to re-encode.
+            maintype, subtype = "application", "octet-stream"
+        m.add_attachment(att.data, maintype=maintype, subtype=subtype,
+                         filename=flatten(att.filename, 200) or "attachment")
+    return m.as_bytes(policy=policy.SMTP)

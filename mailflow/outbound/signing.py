@@ -1,0 +1,280 @@
+"""DKIM keys, the DNS record that publishes them, signing outgoing mail and verifying replies.
+
+Authorities' mail servers increasingly drop unauthenticated mail, so every message mailflow
+sends is signed for the site's domain. The same module verifies incoming signatures so that
+the archive can show a reader that an authority's reply really came from the authority.
+
+dkimpy does the cryptography. Everything here that is not a thin call into it exists to turn
+dkimpy's loose contract (any bytes in, DKIMException or a bare False out) into something the
+rest of mailflow can rely on: keys are checked when loaded, not at the first send; a message
+is never signed for a domain it does not claim to come from; and verification says *which*
+domain vouched for a message, not just that some signature was good.
+
+Signing and verifying RSA are pure Python in dkimpy (tens of milliseconds): call them through
+`asyncio.to_thread` from the daemon rather than on the event loop.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Callable, Sequence
+from email import policy
+from email.headerregistry import Address
+from pathlib import Path
+
+import dkim
+from dkim.dnsplug import get_txt as _dns_get_txt  # the sync resolver, explicitly (see LIBRARIES.md)
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailflow.errors import ConfigError
+
+__all__ = ["DEFAULT_SIGNED_HEADERS", "Signer", "dns_record", "generate_key", "load_key", "verify"]
+
+# Below this, verifiers are told to reject the signature (RFC 8301 §3.2), so such a key would
+# silently make every message look unsigned.
+MIN_KEY_BITS = 1024
+
+# Every header that carries meaning for the recipient or for threading. Signing a header that
+# is absent also pins its absence, so nobody en route can add, say, a Reply-To.
+DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
+    "in-reply-to", "references", "mime-version", "content-type",
+    "content-transfer-encoding", "auto-submitted", "list-id", "list-unsubscribe",
+    "list-unsubscribe-post",
+)
+# Signed once more than they occur, so that a second copy cannot be added either: a verifier
+# that shows the first From while DKIM vouched for the last is the classic DKIM replay trick.
+# All of these are single-instance headers (RFC 5322 §3.6), so over-signing costs nothing.
+OVERSIGNED_HEADERS: tuple[str, ...] = (
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
+    "in-reply-to", "references", "mime-version", "content-type",
+    "content-transfer-encoding", "auto-submitted",
+)
+
+_TXT_CHUNK = 255  # longest character-string in a TXT record (RFC 1035 §3.3)
+
+
+def generate_key(path: Path, bits: int = 2048) -> None:
+    """Write a new RSA private key, readable only by its owner.
+
+    Never overwrites: replacing a key whose public half is already in DNS would make every
+    later message fail verification until the record is changed, so that must be deliberate.
+    The file is created with O_EXCL and mode 0600 from the start, so the key is never readable
+    by others, not even for an instant.
+    """
+    if bits < MIN_KEY_BITS:
+        raise ValueError(f"a DKIM key needs at least {MIN_KEY_BITS} bits, got {bits}")
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: a key already exists; remove it first to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    # PKCS#1 ("BEGIN RSA PRIVATE KEY"): what dkimpy's parser was written for and what
+    # `openssl genrsa -traditional` and most DKIM guides produce.
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    os.chmod(path, 0o600)  # O_CREAT's mode is filtered by the umask; be explicit
+
+
+def _normalise_key(key_pem: bytes) -> bytes:
+    """Return the key as unencrypted PKCS#1 PEM with LF line ends, or raise ValueError.
+
+    dkimpy's own PEM reader is a regex that needs LF line ends (a key saved with CRLF fails)
+    and cannot read encrypted or non-RSA keys; it reports all of that only at the first
+    signature. Re-serialising through `cryptography` accepts PKCS#1 and PKCS#8 alike and fails
+    here, where the message can name the file.
+    """
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ValueError("the key is encrypted with a passphrase; mailflow needs it "
+                         "unencrypted (protect it with file permissions instead)") from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"not a PEM private key ({e})") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"expected an RSA key, got {type(key).__name__}")
+    if key.key_size < MIN_KEY_BITS:
+        raise ValueError(f"the RSA key has {key.key_size} bits; verifiers reject fewer "
+                         f"than {MIN_KEY_BITS}")
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def load_key(path: Path) -> bytes:
+    """Read and check the site's DKIM key, so a bad key stops the daemon at start-up.
+
+    Raises ConfigError naming the file: the admin's next step is always about that file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no DKIM key here (`mailflow init` makes one, "
+                          "or point [dkim] key_file at an existing one)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the DKIM key: {e.strerror}") from None
+    try:
+        return _normalise_key(data)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a usable DKIM key: {e}") from None
+
+
+def _public_key_b64(key_pem: bytes) -> str:
+    key = serialization.load_pem_private_key(_normalise_key(key_pem), password=None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode("ascii")
+
+
+def _clean_name(value: str, what: str) -> str:
+    name = value.strip().lower().rstrip(".")
+    if not name or not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", name) or ".." in name:
+        raise ValueError(f"not a usable DKIM {what}: {value!r}")
+    return name
+
+
+def dns_record(key_pem: bytes, selector: str, domain: str) -> str:
+    """The TXT record an admin pastes into a BIND-style zone to publish the key.
+
+    The key does not fit one TXT character-string (255 octets), so it is split; DNS hands
+    verifiers the strings concatenated, which is why the splits may fall anywhere.
+    """
+    selector = _clean_name(selector, "selector")
+    domain = _clean_name(domain, "domain")
+    p = "p=" + _public_key_b64(key_pem)
+    chunks = ["v=DKIM1; k=rsa; "] + [p[i:i + _TXT_CHUNK] for i in range(0, len(p), _TXT_CHUNK)]
+    quoted = [f'"{c}"' for c in chunks]
+    body = "\n    ".join(quoted)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {body} )"
+
+
+def _from_domains(raw: bytes) -> list[str]:
+    """The domains in the From header that dkimpy itself will sign.
+
+    Parsed from dkimpy's own view of the header section so that a parser differential (two
+    From headers, an odd fold) cannot make us check one From while signing another.
+    """
+    try:
+        headers, _ = dkim.rfc822_parse(raw)
+    except dkim.MessageFormatError as e:
+        raise ValueError(f"cannot parse the message's header section: {e}") from None
+    froms = [value for name, value in headers if name.strip().lower() == b"from"]
+    if len(froms) != 1:
+        raise ValueError(f"the message has {len(froms)} From headers; exactly one is required")
+    text = froms[0].decode("utf-8", "surrogateescape")
+    text = re.sub(r"\r?\n", "", text)  # unfold
+    try:
+        header = policy.default.header_factory("from", text)
+        addresses: Sequence[Address] = getattr(header, "addresses", ())
+    except Exception as e:  # the stdlib header parser has raised odd things on odd input
+        raise ValueError(f"cannot parse the From header {text.strip()!r}: {e}") from None
+    domains = [a.domain.lower().rstrip(".") for a in addresses]
+    if not domains or not all(domains):
+        raise ValueError(f"the From header has no usable address: {text.strip()!r}")
+    return domains
+
+
+class Signer:
+    """Signs outgoing mail for one domain with one key.
+
+    Made once at start-up from `load_key` output; the key is checked here so that a broken
+    key fails before the first message is queued, not when the first one is sent.
+    """
+
+    def __init__(self, key_pem: bytes, selector: str, domain: str) -> None:
+        self._key = _normalise_key(key_pem)
+        self.selector = _clean_name(selector, "selector")
+        self.domain = _clean_name(domain, "domain")
+        self._include = [h.encode("ascii") for h in DEFAULT_SIGNED_HEADERS + OVERSIGNED_HEADERS]
+
+    def sign(self, raw: bytes) -> bytes:
+        """Return the message with a DKIM-Signature header on top; the rest is unchanged.
+
+        Refuses (ValueError) a message whose From is outside the signing domain: signing it
+        would lend our domain's reputation to an address we do not control, and DMARC would
+        not align anyway, so it can only be a bug in the caller. Also refuses bare LF line
+        ends: the signature header is CRLF-terminated and transports send bytes as they are,
+        so a mixed message would reach the wire differently from how it was signed.
+        """
+        if raw.count(b"\n") != raw.count(b"\r\n"):
+            raise ValueError("the message must use CRLF line endings throughout")
+        for d in _from_domains(raw):
+            if d != self.domain and not d.endswith("." + self.domain):
+                raise ValueError(f"refusing to sign for {self.domain}: the From address is "
+                                 f"at {d}")
+        try:
+            header = dkim.sign(raw, self.selector.encode("ascii"), self.domain.encode("ascii"),
+                               self._key, canonicalize=(b"relaxed", b"relaxed"),
+                               signature_algorithm=b"rsa-sha256",
+                               include_headers=self._include, linesep=b"\r\n")
+        except dkim.DKIMException as e:
+            raise ValueError(f"cannot DKIM-sign the message: {e}") from e
+        return header + raw
+
+
+DnsTxt = Callable[[bytes], bytes | None]
+
+
+def verify(raw: bytes, dns_txt: DnsTxt | None = None) -> tuple[bool, str | None]:
+    """Whether the message carries a valid DKIM signature, and for which domain (d=).
+
+    Looks at every signature, not only the first as `dkim.verify` does: mail from hosted
+    providers often carries the provider's signature above the sender's own, and the one that
+    matters to a reader is the one for the From domain. Preference: a valid signature aligned
+    with From, then any valid one; if none is valid, (False, d= of the first) so the archive can
+    say which domain's signature failed. Any error (bad signature, missing key, DNS trouble)
+    counts as not verified: this only ever informs a reader, it never rejects mail.
+
+    `dns_txt` receives the query name (b"sel._domainkey.example.org.") and returns the joined
+    TXT strings, or None. Default: a real DNS lookup through dnspython (blocking).
+    """
+    if dns_txt is None:
+        dnsfunc = _dns_get_txt
+    else:
+        lookup = dns_txt
+
+        def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+            # dkimpy passes timeout= as a keyword; hide that from callers.
+            return lookup(name)
+
+    try:
+        d = dkim.DKIM(raw, minkey=MIN_KEY_BITS)
+    except dkim.DKIMException:
+        return False, None
+    count = sum(1 for name, _ in d.headers if name.lower() == b"dkim-signature")
+    try:
+        from_domains = set(_from_domains(raw))
+    except ValueError:
+        from_domains = set()
+    first: str | None = None
+    any_valid: str | None = None
+    for idx in range(count):
+        d.domain = None
+        try:
+            ok = bool(d.verify(idx=idx, dnsfunc=dnsfunc))
+        except dkim.DKIMException:
+            ok = False
+        domain = d.domain.decode("ascii", "replace").lower() if d.domain else None
+        if first is None:
+            first = domain
+        if ok and domain is not None:
+            if any(f == domain or f.endswith("." + domain) for f in from_domains):
+                return True, domain
+            any_valid = any_valid or domain
+    if any_valid is not None:
+        return True, any_valid
+    return False, first

@@ -1,0 +1,437 @@
+"""The one place that knows the order of the steps: parse → classify → match → store → queue mail.
+
+Each spooled message is processed in one database transaction per message: the thread's
+change, the stored message and the mail it causes are committed together or not at all.
+Processing is idempotent: every (raw bytes, recipient) pair is recorded in `deliveries`, so
+the same message processed again (a crash after commit, an MTA retry, a second ingest)
+changes nothing. What cannot be decided safely goes to the admin queue with its raw bytes.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import timezone
+from typing import Any
+
+from mailflow.core import addresses as A
+from mailflow.core.addresses import AddressKind, OurAddress
+from mailflow.core.classify import classify
+from mailflow.core.deadlines import due_date
+from mailflow.core.message import Classification, Kind, ParsedMessage
+from mailflow.errors import StoreError
+from mailflow.mail.parse import ParseError, parse
+from mailflow.outbound.compose import Outgoing, new_message_id
+from mailflow.outbound.outbox import queue_message
+from mailflow.site import Site
+from mailflow.spool import Envelope, Spool, SpoolItem
+from mailflow.store.repository import Thread, Tx, utcnow
+from mailflow.templating import render
+
+log = logging.getLogger("mailflow.pipeline")
+
+NO_REPLY = re.compile(r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|noreply|mailer-daemon|postmaster)"
+                      r"([-+.@]|$)", re.I)
+FOI_SUBJECT = "Freedom of Information request - {title} [FOI #{id}]"
+
+
+@dataclass
+class Outcome:
+    rcpt: str
+    outcome: str
+    thread_id: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    outcomes: list[Outcome] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+
+
+def recipients_from_headers(pm: ParsedMessage) -> list[str]:
+    """Where a catch-all mailbox lost the envelope: Delivered-To, X-Original-To, To, Cc."""
+    seen: list[str] = []
+    for a in (*pm.delivered_to, *pm.to, *pm.cc):
+        if a and a not in seen:
+            seen.append(a)
+    return seen
+
+
+class Pipeline:
+    def __init__(self, site: Site):
+        self.site = site
+        self.domain = site.domain
+
+    # -- the spool side ------------------------------------------------------------------
+    def process_item(self, spool: Spool, item: SpoolItem) -> Result:
+        """Process one claimed spool item and settle it: done, retried, or failed for an admin."""
+        raw = item.read()
+        try:
+            result = self.process(raw, item.envelope)
+        except StoreError as e:
+            # The database is unavailable: nothing was written, try again later.
+            spool.retry(item, f"store: {e}")
+            raise
+        except Exception as e:  # noqa: BLE001 - any bug must leave the message safe
+            log.exception("processing spool item %s failed", item.id)
+            if item.attempts + 1 >= self.site.settings.spool.max_attempts:
+                self._quarantine(raw, item, e)
+                spool.fail(item, f"{type(e).__name__}: {e}")
+            else:
+                spool.retry(item, f"{type(e).__name__}: {e}")
+            raise
+        spool.done(item)
+        return result
+
+    def _quarantine(self, raw: bytes, item: SpoolItem, error: Exception) -> None:
+        try:
+            with self.site.store.tx() as tx:
+                sha = tx.put_raw(raw)
+                tx.add_queue_item("processing_failed",
+                                  f"could not be processed: {type(error).__name__}: {error}"[:500],
+                                  raw_sha256=sha,
+                                  detail={"spool_id": item.id, "envelope": item.envelope.to_json(),
+                                          "errors": [*item.errors, str(error)]})
+        except Exception:  # noqa: BLE001 - the spool's failed/ folder still has it
+            log.exception("could not record failed spool item %s in the queue", item.id)
+
+    # -- the message side ----------------------------------------------------------------
+    def process(self, raw: bytes, envelope: Envelope) -> Result:
+        result = Result()
+        ours = self.our_recipients(envelope.rcpt_tos)
+        try:
+            pm: ParsedMessage | None = parse(raw)
+        except ParseError as e:
+            pm = None
+            parse_error = str(e)
+        with self.site.store.tx() as tx:
+            sha = tx.put_raw(raw)
+            if pm is None:
+                for addr in ours or [None]:
+                    key = addr.address if addr else "(none)"
+                    if tx.delivery_seen(sha, key):
+                        continue
+                    tx.add_queue_item("unparseable", f"unparseable message: {parse_error}"[:500],
+                                      raw_sha256=sha,
+                                      detail={"envelope": envelope.to_json(), "error": parse_error})
+                    tx.record_delivery(sha, key, envelope.to_json(), "queued:unparseable")
+                    result.outcomes.append(Outcome(key, "queued:unparseable"))
+                return result
+            cls = classify(pm, envelope.mail_from, our_domain=self.domain)
+            if not ours:
+                tx.add_queue_item("no_recipient", f"no address of ours among {envelope.rcpt_tos}",
+                                  raw_sha256=sha, detail={"envelope": envelope.to_json()})
+                result.outcomes.append(Outcome("(none)", "queued:no_recipient"))
+                return result
+            for addr in ours:
+                if tx.delivery_seen(sha, addr.address):
+                    result.outcomes.append(Outcome(addr.address, "duplicate"))
+                    continue
+                ctx = _Ctx(tx=tx, pm=pm, cls=cls, addr=addr, sha=sha, envelope=envelope,
+                           result=result)
+                outcome = self._dispatch(ctx)
+                tx.record_delivery(sha, addr.address, envelope.to_json(), outcome.outcome,
+                                   {"thread_id": outcome.thread_id, **outcome.detail,
+                                    "classification": cls.kind.value, "reason": cls.reason})
+                result.outcomes.append(outcome)
+                log.info("%s -> %s: %s (thread %s; %s)", pm.from_addr or envelope.mail_from,
+                         addr.address, outcome.outcome, outcome.thread_id, cls.reason)
+        return result
+
+    def our_recipients(self, rcpts: list[str]) -> list[OurAddress]:
+        found: dict[str, OurAddress] = {}
+        for r in rcpts:
+            a = A.parse_ours(r, self.domain, self.site.rules.slugs)
+            if a is not None and a.address not in found:
+                found[a.address] = a
+        return list(found.values())
+
+    def _dispatch(self, c: "_Ctx") -> Outcome:
+        if c.cls.kind is Kind.LOOP:
+            return self._queue(c, "loop", f"our own mail came back: {c.cls.reason}")
+        handler = {
+            AddressKind.AUTHORITY: self._new_request,
+            AddressKind.CONFIRM: self._confirmation,
+            AddressKind.REQUEST: self._authority_mail,
+            AddressKind.REPLY: self._citizen_mail,
+        }.get(c.addr.kind)
+        if handler is None:  # postmaster@, abuse@, bounces@: a person reads them
+            return self._queue(c, c.addr.kind.value, f"mail to {c.addr.address}")
+        return handler(c)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _queue(self, c: "_Ctx", reason: str, why: str, thread_id: int | None = None,
+               **detail: Any) -> Outcome:
+        summary = f"{why} — from {c.pm.from_addr or c.envelope.mail_from or '<>'}: {c.pm.subject}"
+        c.tx.add_queue_item(reason, summary[:500], raw_sha256=c.sha, thread_id=thread_id,
+                            detail={"why": why, "rcpt": c.addr.address,
+                                    "envelope": c.envelope.to_json(),
+                                    "classification": c.cls.kind.value,
+                                    "classification_reason": c.cls.reason, **detail})
+        return Outcome(c.addr.address, f"queued:{reason}", thread_id, {"why": why})
+
+    def _store_in(self, c: "_Ctx", thread_id: int | None, kind: str, method: str | None,
+                  detail: dict[str, Any] | None, flags: list[str] | None = None) -> int:
+        pm = c.pm
+        return c.tx.add_message(
+            thread_id=thread_id, direction="in", kind=kind, message_id=pm.message_id,
+            from_addr=pm.from_addr, from_name=pm.from_name, to_addrs=list(pm.to + pm.cc),
+            subject=pm.subject, date=pm.date.astimezone(timezone.utc) if pm.date else None,
+            text=pm.text, raw_sha256=c.sha, classification=c.cls.kind.value,
+            classification_reason=c.cls.reason, match_method=method, match_detail=detail,
+            flags=flags or [])
+
+    def _send(self, c: "_Ctx", out: Outgoing, *, thread_id: int | None, kind: str,
+              mail_from: str) -> None:
+        _, row = queue_message(c.tx, self.site.signer, out, thread_id=thread_id, kind=kind,
+                               mail_from=mail_from)
+        c.result.outbox_ids.append(row)
+
+    def _may_answer(self, c: "_Ctx") -> bool:
+        """Never answer automatic mail, null senders or no-reply addresses (no backscatter)."""
+        return (not c.cls.automatic and c.envelope.mail_from != ""
+                and bool(c.pm.from_addr) and not NO_REPLY.match(c.pm.from_addr))
+
+    def _context(self, thread: Thread) -> dict[str, Any]:
+        s = self.site.settings.site
+        authority = self.site.rules.authorities.get(thread.authority)
+        law = self.site.rules.laws.get(thread.law)
+        return {"site_name": s.name, "site_url": s.url, "authority": authority, "law": law,
+                "title": thread.title, "body": thread.body, "citizen_name": thread.citizen_name,
+                "thread_id": thread.id, "due_date": thread.due_date,
+                "request_address": self.request_address(thread)}
+
+    def request_address(self, thread: Thread) -> str:
+        return A.thread_address(AddressKind.REQUEST, thread.id, thread.request_token, self.domain)
+
+    def reply_address(self, thread: Thread) -> str:
+        return A.thread_address(AddressKind.REPLY, thread.id, thread.reply_token, self.domain)
+
+    def _match_detail(self, c: "_Ctx") -> dict[str, Any]:
+        source = ("envelope recipient" if not c.envelope.rcpt_from_headers
+                  else "message headers (no envelope)")
+        return {"address": c.addr.address, "source": source, "token": "verified"}
+
+    # -- a citizen starts a request ----------------------------------------------------------
+    def _new_request(self, c: "_Ctx") -> Outcome:
+        pm = c.pm
+        authority = self.site.rules.authorities[c.addr.slug or ""]
+        if not self._may_answer(c):
+            return self._queue(c, "automatic", f"automatic mail to {c.addr.address} ({c.cls.reason})")
+        citizen = pm.reply_to[0] if pm.reply_to else pm.from_addr
+        if not citizen or A.is_our_domain(citizen, self.domain):
+            return self._queue(c, "no_sender", "new request without a usable sender address")
+        body = pm.text.strip()
+        title = " ".join(pm.subject.split())[:200]
+        if not body or not title:
+            return self._queue(c, "empty_request", "new request with no title or no text")
+        law = self.site.rules.law_for(authority)
+        thread_id = c.tx.create_thread(
+            kind="foi", state="awaiting_confirmation", authority=authority.slug, law=law.id,
+            title=title, body=body, citizen_email=citizen.lower(),
+            citizen_name=pm.from_name or citizen.split("@")[0],
+            request_token=A.new_token(), reply_token=A.new_token(), confirm_token=A.new_token())
+        thread = c.tx.thread(thread_id)
+        assert thread is not None and thread.confirm_token
+        self._store_in(c, thread_id, "draft", "authority_address",
+                       {"address": c.addr.address, "authority": authority.slug})
+        confirm = A.confirm_address(thread.confirm_token, self.domain)
+        out = Outgoing(
+            from_addr=confirm, from_name=self.site.settings.site.name, reply_to=confirm,
+            to_addr=citizen, to_name=thread.citizen_name, domain=self.domain,
+            subject=f"Please confirm your request: {title}",
+            text=render(self.site.templates, "mail/confirm.txt", **self._context(thread)),
+            in_reply_to=pm.message_id, references=[pm.message_id or ""], automatic=True,
+            message_id=new_message_id(self.domain, f"confirm{thread_id}"))
+        self._send(c, out, thread_id=thread_id, kind="confirmation",
+                   mail_from=self.site.settings.outbound.bounce_address)
+        return Outcome(c.addr.address, "new_request", thread_id)
+
+    # -- she confirms: the request goes out --------------------------------------------------
+    def _confirmation(self, c: "_Ctx") -> Outcome:
+        thread = c.tx.thread_by_confirm_token(c.addr.token or "")
+        if thread is None or not A.token_matches(c.addr.token, thread.confirm_token or ""):
+            return self._queue(c, "unknown_confirmation",
+                               "reply to a confirmation address that is unknown or already used")
+        if c.cls.automatic:
+            # An out-of-office must never confirm a request on the citizen's behalf.
+            self._store_in(c, thread.id, c.cls.kind.value, "confirm_address",
+                           self._match_detail(c))
+            return Outcome(c.addr.address, f"ignored:{c.cls.kind.value}", thread.id)
+        self._store_in(c, thread.id, "confirmation", "confirm_address", self._match_detail(c))
+        return self._send_request(c, thread)
+
+    def _send_request(self, c: "_Ctx", thread: Thread) -> Outcome:
+        authority = self.site.rules.authorities.get(thread.authority)
+        now = utcnow()
+        if authority is None or authority.contact is None:
+            c.tx.update_thread(thread.id, state="awaiting_address", confirm_token=None,
+                               confirmed_at=now)
+            return self._queue(c, "authority_without_address",
+                               f"confirmed request to {thread.authority}, which has no address",
+                               thread_id=thread.id)
+        law = self.site.rules.laws[thread.law]
+        due = due_date(now.date(), law)
+        c.tx.update_thread(thread.id, state="waiting_response", confirm_token=None,
+                           confirmed_at=now, sent_at=now, due_date=due, delivery_status="queued")
+        thread = c.tx.thread(thread.id)
+        assert thread is not None
+        req_addr = self.request_address(thread)
+        out = Outgoing(
+            from_addr=req_addr, from_name=thread.citizen_name, to_addr=authority.contact,
+            to_name=authority.name, domain=self.domain,
+            subject=FOI_SUBJECT.format(title=thread.title, id=thread.id),
+            text=render(self.site.templates, "mail/request.txt", **self._context(thread)),
+            message_id=new_message_id(self.domain, f"foi{thread.id}"))
+        self._send(c, out, thread_id=thread.id, kind="request", mail_from=req_addr)
+        return Outcome(c.addr.address, "request_sent", thread.id)
+
+    # -- the authority writes --------------------------------------------------------------
+    def _thread_for(self, c: "_Ctx", secret: str) -> Thread | None:
+        thread = c.tx.thread(c.addr.thread_id or 0)
+        if thread is None:
+            return None
+        token = thread.request_token if secret == "request" else thread.reply_token
+        return thread if A.token_matches(c.addr.token, token) else None
+
+    def _duplicate_flags(self, c: "_Ctx", thread_id: int) -> list[str] | None:
+        """None: this very message is already on the thread; else flags to store it with."""
+        if not c.pm.message_id:
+            return []
+        same = c.tx.thread_messages_with_id(thread_id, c.pm.message_id)
+        if any(m.raw_sha256 == c.sha for m in same):
+            return None
+        return ["same_message_id_different_body"] if same else []
+
+    def _authority_mail(self, c: "_Ctx") -> Outcome:
+        thread = self._thread_for(c, "request")
+        if thread is None:
+            return self._queue(c, "bad_token",
+                               "request address with an unknown thread or a wrong token",
+                               thread_id=None, claimed_thread=c.addr.thread_id)
+        if thread.state == "awaiting_confirmation":
+            return self._queue(c, "not_sent", "mail to a request that has not been sent yet",
+                               thread_id=thread.id)
+        flags = self._duplicate_flags(c, thread.id)
+        if flags is None:
+            return Outcome(c.addr.address, "duplicate", thread.id)
+        detail = self._match_detail(c)
+        kind = c.cls.kind
+        if kind is Kind.BOUNCE:
+            self._store_in(c, thread.id, "bounce", "reply_address", detail, flags)
+            if c.cls.permanent:
+                c.tx.update_thread(thread.id, delivery_status="failed",
+                                   delivery_detail=c.cls.reason)
+                return self._queue(c, "bounce", f"permanent bounce of a request: {c.cls.reason}",
+                                   thread_id=thread.id)
+            return Outcome(c.addr.address, "bounce", thread.id)
+        if kind is Kind.AUTO_REPLY:
+            self._store_in(c, thread.id, "auto_reply", "reply_address", detail, flags)
+            return Outcome(c.addr.address, "auto_reply", thread.id)
+        if kind is Kind.SPAM:
+            return self._queue(c, "spam", c.cls.reason, thread_id=thread.id)
+        self._store_in(c, thread.id, "response", "reply_address", detail, flags)
+        self._forward(c, thread)
+        return Outcome(c.addr.address, "response", thread.id)
+
+    def _forward(self, c: "_Ctx", thread: Thread) -> None:
+        pm = c.pm
+        authority = self.site.rules.authorities.get(thread.authority)
+        name = authority.name if authority else thread.authority
+        reply = self.reply_address(thread)
+        from_line = f"{pm.from_name} <{pm.from_addr}>" if pm.from_name else pm.from_addr
+        text = render(self.site.templates, "mail/forward.txt", **self._context(thread),
+                      from_line=from_line, subject=pm.subject,
+                      date=pm.date.strftime("%-d %B %Y %H:%M %Z") if pm.date else "",
+                      text=pm.text.strip(), attachment_count=len(pm.attachments))
+        subject = pm.subject if pm.subject else FOI_SUBJECT.format(title=thread.title, id=thread.id)
+        out = Outgoing(
+            from_addr=reply, from_name=f"{name} via {self.site.settings.site.name}",
+            reply_to=reply, to_addr=thread.citizen_email, to_name=thread.citizen_name,
+            domain=self.domain, subject=subject, text=text, automatic=True,
+            attachments=list(pm.attachments),
+            message_id=new_message_id(self.domain, f"fwd{thread.id}"))
+        self._send(c, out, thread_id=thread.id, kind="forward",
+                   mail_from=self.site.settings.outbound.bounce_address)
+
+    # -- the citizen writes back ---------------------------------------------------------------
+    def _citizen_mail(self, c: "_Ctx") -> Outcome:
+        thread = self._thread_for(c, "reply")
+        if thread is None:
+            return self._queue(c, "bad_token",
+                               "citizen reply address with an unknown thread or a wrong token",
+                               claimed_thread=c.addr.thread_id)
+        flags = self._duplicate_flags(c, thread.id)
+        if flags is None:
+            return Outcome(c.addr.address, "duplicate", thread.id)
+        if c.cls.automatic:
+            # The citizen's own out-of-office must never reach the authority.
+            self._store_in(c, thread.id, f"citizen_{c.cls.kind.value}", "reply_address",
+                           self._match_detail(c), flags)
+            return Outcome(c.addr.address, f"ignored:{c.cls.kind.value}", thread.id)
+        senders = {c.pm.from_addr, *c.pm.reply_to}
+        if thread.citizen_email not in senders:
+            return self._queue(c, "citizen_mismatch",
+                               "mail to a citizen reply address from someone else",
+                               thread_id=thread.id)
+        if thread.state in ("awaiting_confirmation", "awaiting_address"):
+            return self._queue(c, "not_sent", "follow-up to a request that has not been sent",
+                               thread_id=thread.id)
+        self._store_in(c, thread.id, "followup_in", "reply_address", self._match_detail(c), flags)
+        self._followup(c, thread)
+        return Outcome(c.addr.address, "followup", thread.id)
+
+    def _followup(self, c: "_Ctx", thread: Thread) -> None:
+        authority = self.site.rules.authorities.get(thread.authority)
+        last = c.tx.last_incoming(thread.id, "response")
+        to = authority.contact if authority else None
+        if last is not None:
+            pm_last_reply_to = None
+            raw_last = c.tx.get_raw(last.raw_sha256)
+            try:
+                pm_last_reply_to = parse(raw_last).reply_to
+            except ParseError:
+                pass
+            to = (pm_last_reply_to[0] if pm_last_reply_to else None) or last.from_addr or to
+        if to is None:
+            c.tx.add_queue_item("authority_without_address", "follow-up with nowhere to go",
+                                thread_id=thread.id, raw_sha256=c.sha)
+            return
+        text = self._private(thread, c.pm.text.strip())
+        req_addr = self.request_address(thread)
+        refs = [m.message_id for m in c.tx.messages(thread.id)
+                if m.message_id and m.kind in ("request", "response", "followup")]
+        out = Outgoing(
+            from_addr=req_addr, from_name=thread.citizen_name, to_addr=to,
+            to_name=authority.name if authority else "", domain=self.domain,
+            subject="Re: " + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+            text=render(self.site.templates, "mail/followup.txt", **self._context(thread),
+                        text=text),
+            in_reply_to=refs[-1] if refs else None, references=refs,
+            attachments=list(c.pm.attachments),
+            message_id=new_message_id(self.domain, f"foi{thread.id}"))
+        self._send(c, out, thread_id=thread.id, kind="followup", mail_from=req_addr)
+
+    def _private(self, thread: Thread, text: str) -> str:
+        """Take the citizen's address and the citizen-side secret out of what goes to the authority.
+
+        Mail clients quote the message being answered ("On ..., X <reply-1-abc@...> wrote:"):
+        passed on as is, that would hand the authority the address that lets it write as the
+        citizen, and the citizen's own address with it.
+        """
+        for secret, instead in ((self.reply_address(thread), self.request_address(thread)),
+                                (thread.citizen_email, "[requester's email address]")):
+            text = re.sub(re.escape(secret), instead, text, flags=re.I)
+        return text
+
+
+@dataclass
+class _Ctx:
+    tx: Tx
+    pm: ParsedMessage
+    cls: Classification
+    addr: OurAddress
+    sha: str
+    envelope: Envelope
+    result: Result

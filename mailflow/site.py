@@ -1,0 +1,63 @@
+"""Everything one site needs, built from its config: settings, rules, store, spool, signer.
+
+Both the daemon and every CLI command start here, so they always agree on where things live.
+Building it validates the config and the rules before anything touches mail.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from jinja2 import Environment
+
+from mailflow import config as config_mod
+from mailflow.config import Settings
+from mailflow.core.rules import Rules
+from mailflow.outbound.signing import Signer, load_key
+from mailflow.outbound.transports import Transport, make_transport
+from mailflow.rulesdir import load_rules
+from mailflow.spool import Spool
+from mailflow.store.repository import Store
+from mailflow.templating import make_environment
+
+
+@dataclass
+class Site:
+    settings: Settings
+    rules: Rules
+
+    @classmethod
+    def open(cls, config_path: Path | str) -> "Site":
+        settings = config_mod.load(config_path)
+        return cls(settings=settings,
+                   rules=load_rules(settings.site.rules, settings.site.default_law))
+
+    @property
+    def domain(self) -> str:
+        return self.settings.site.domain
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.settings.database.url).migrate()
+
+    @cached_property
+    def spool(self) -> Spool:
+        return Spool(self.settings.spool.dir)
+
+    @cached_property
+    def signer(self) -> Signer:
+        d = self.settings.dkim
+        return Signer(load_key(d.key_file), d.selector, d.domain)
+
+    @cached_property
+    def templates(self) -> Environment:
+        return make_environment(self.settings.site.templates)
+
+    @cached_property
+    def transport(self) -> Transport:
+        return make_transport(self.settings.outbound, self.settings.smtp.hostname)
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.close()

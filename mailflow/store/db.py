@@ -1,0 +1,96 @@
+"""Connecting to the database and keeping its schema current.
+
+SQLite gets the settings that make it safe with several processes (a daemon and admin
+commands at once): WAL, NORMAL sync, a busy timeout, foreign keys, and `BEGIN IMMEDIATE` for
+every transaction, because WAL plus a busy timeout alone still fails read-then-write
+transactions under contention ("database is locked").
+
+The engine is synchronous: the daemon runs store work in a worker thread. The async driver
+names that a config may carry (`sqlite+aiosqlite`, `postgresql+asyncpg`) are mapped to their
+synchronous twins so one URL works everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailflow.errors import StoreError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_SYNC_DRIVERS = {
+    "sqlite+aiosqlite": "sqlite",
+    "postgresql+asyncpg": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+}
+
+
+def sync_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return _SYNC_DRIVERS.get(scheme, scheme) + sep + rest
+
+
+def make_engine(url: str) -> Engine:
+    url = sync_url(url)
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    except (SQLAlchemyError, ImportError) as e:
+        raise StoreError(f"cannot use database {redact_url(url)}: {e}") from None
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_settings(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn) -> None:  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    return engine
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if at and ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return scheme + sep + creds + at + host
+
+
+def _alembic_config(engine_conn) -> AlembicConfig:  # type: ignore[no-untyped-def]
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = engine_conn
+    return cfg
+
+
+def head_revision() -> str | None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration; cheap when it already is."""
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            conn.rollback()
+        if current == head_revision():
+            return
+        with engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+    except SQLAlchemyError as e:
+        raise StoreError(f"cannot migrate database {redact_url(str(engine.url))}: {e}") from None

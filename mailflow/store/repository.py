@@ -1,0 +1,324 @@
+"""All reads and writes of the store, as plain values: nothing outside this module sees a row.
+
+A `Store` hands out transactions (`with store.tx() as tx:`); everything one pipeline step
+does happens in one of them, so a crash leaves either all of it or none of it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from mailflow.errors import NotFound, StoreError
+from mailflow.store import db
+from mailflow.store.tables import (deliveries, messages, outbox, queue_items, raw_messages,
+                                   threads)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; everything we store is UTC."""
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+@dataclass(frozen=True)
+class Thread:
+    id: int
+    kind: str
+    state: str
+    authority: str
+    law: str
+    title: str
+    body: str
+    citizen_email: str
+    citizen_name: str
+    request_token: str
+    reply_token: str
+    confirm_token: str | None
+    created_at: datetime
+    confirmed_at: datetime | None
+    sent_at: datetime | None
+    due_date: date | None
+    delivery_status: str
+    delivery_detail: str | None
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    thread_id: int | None
+    direction: str
+    kind: str
+    message_id: str | None
+    from_addr: str
+    from_name: str
+    to_addrs: list[str]
+    subject: str
+    date: datetime | None
+    text: str
+    raw_sha256: str
+    classification: str | None
+    classification_reason: str | None
+    match_method: str | None
+    match_detail: dict[str, Any] | None
+    flags: list[str]
+    hidden: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    message_pk: int
+    thread_id: int | None
+    mail_from: str
+    rcpt: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    id: int
+    reason: str
+    state: str
+    thread_id: int | None
+    raw_sha256: str | None
+    summary: str
+    detail: dict[str, Any] | None
+    created_at: datetime
+    decided_at: datetime | None
+    decision: str | None
+
+
+def _thread(row: Any) -> Thread:
+    m = dict(row._mapping)
+    for k in ("created_at", "confirmed_at", "sent_at"):
+        m[k] = _aware(m[k])
+    return Thread(**m)
+
+
+def _message(row: Any) -> StoredMessage:
+    m = dict(row._mapping)
+    m["date"], m["created_at"] = _aware(m["date"]), _aware(m["created_at"])
+    return StoredMessage(**m)
+
+
+def _outbox(row: Any) -> OutboxRow:
+    m = row._mapping
+    return OutboxRow(id=m["id"], message_pk=m["message_pk"], thread_id=m["thread_id"],
+                     mail_from=m["mail_from"], rcpt=m["rcpt"], state=m["state"],
+                     attempts=m["attempts"], next_attempt_at=_aware(m["next_attempt_at"]),
+                     last_error=m["last_error"])
+
+
+def _queue(row: Any) -> QueueItem:
+    m = dict(row._mapping)
+    m["created_at"], m["decided_at"] = _aware(m["created_at"]), _aware(m["decided_at"])
+    return QueueItem(**m)
+
+
+class Tx:
+    """One database transaction and the operations mailflow performs in it."""
+
+    def __init__(self, conn: Connection):
+        self.c = conn
+
+    # -- raw bytes ----------------------------------------------------------------------
+    def put_raw(self, raw: bytes) -> str:
+        sha = hashlib.sha256(raw).hexdigest()
+        if self.c.execute(select(raw_messages.c.sha256).where(raw_messages.c.sha256 == sha)).first():
+            return sha
+        self.c.execute(insert(raw_messages).values(sha256=sha, size=len(raw), data=raw,
+                                                   created_at=utcnow()))
+        return sha
+
+    def get_raw(self, sha: str) -> bytes:
+        row = self.c.execute(select(raw_messages.c.data).where(raw_messages.c.sha256 == sha)).first()
+        if row is None:
+            raise NotFound(f"no raw message {sha}")
+        return bytes(row[0])
+
+    # -- idempotency --------------------------------------------------------------------
+    def delivery_seen(self, sha: str, rcpt: str) -> bool:
+        q = select(deliveries.c.id).where(deliveries.c.raw_sha256 == sha, deliveries.c.rcpt == rcpt)
+        return self.c.execute(q).first() is not None
+
+    def record_delivery(self, sha: str, rcpt: str, envelope: dict[str, Any], outcome: str,
+                        detail: dict[str, Any] | None = None) -> None:
+        self.c.execute(insert(deliveries).values(raw_sha256=sha, rcpt=rcpt, envelope=envelope,
+                                                 outcome=outcome, detail=detail,
+                                                 processed_at=utcnow()))
+
+    # -- threads ------------------------------------------------------------------------
+    def create_thread(self, **values: Any) -> int:
+        values.setdefault("created_at", utcnow())
+        values.setdefault("kind", "foi")
+        values.setdefault("delivery_status", "pending")
+        return int(self.c.execute(insert(threads).values(**values)).inserted_primary_key[0])
+
+    def thread(self, thread_id: int) -> Thread | None:
+        row = self.c.execute(select(threads).where(threads.c.id == thread_id)).first()
+        return _thread(row) if row else None
+
+    def thread_by_confirm_token(self, token: str) -> Thread | None:
+        row = self.c.execute(select(threads).where(threads.c.confirm_token == token)).first()
+        return _thread(row) if row else None
+
+    def update_thread(self, thread_id: int, **values: Any) -> None:
+        self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
+
+    def threads(self, state: str | None = None, authority: str | None = None) -> list[Thread]:
+        q = select(threads).order_by(threads.c.id)
+        if state:
+            q = q.where(threads.c.state == state)
+        if authority:
+            q = q.where(threads.c.authority == authority)
+        return [_thread(r) for r in self.c.execute(q)]
+
+    # -- messages -----------------------------------------------------------------------
+    def add_message(self, **values: Any) -> int:
+        values.setdefault("created_at", utcnow())
+        values.setdefault("flags", [])
+        values.setdefault("hidden", False)
+        return int(self.c.execute(insert(messages).values(**values)).inserted_primary_key[0])
+
+    def messages(self, thread_id: int) -> list[StoredMessage]:
+        q = select(messages).where(messages.c.thread_id == thread_id).order_by(messages.c.id)
+        return [_message(r) for r in self.c.execute(q)]
+
+    def message(self, pk: int) -> StoredMessage | None:
+        row = self.c.execute(select(messages).where(messages.c.id == pk)).first()
+        return _message(row) if row else None
+
+    def thread_messages_with_id(self, thread_id: int, message_id: str) -> list[StoredMessage]:
+        q = select(messages).where(messages.c.thread_id == thread_id,
+                                   messages.c.message_id == message_id)
+        return [_message(r) for r in self.c.execute(q)]
+
+    def outgoing_by_message_id(self, message_ids: list[str]) -> list[StoredMessage]:
+        if not message_ids:
+            return []
+        q = select(messages).where(messages.c.direction == "out",
+                                   messages.c.message_id.in_(message_ids))
+        return [_message(r) for r in self.c.execute(q)]
+
+    def last_incoming(self, thread_id: int, kind: str = "response") -> StoredMessage | None:
+        q = (select(messages).where(messages.c.thread_id == thread_id,
+                                    messages.c.direction == "in", messages.c.kind == kind)
+             .order_by(messages.c.id.desc()).limit(1))
+        row = self.c.execute(q).first()
+        return _message(row) if row else None
+
+    # -- outbox -------------------------------------------------------------------------
+    def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str) -> int:
+        now = utcnow()
+        return int(self.c.execute(insert(outbox).values(
+            message_pk=message_pk, thread_id=thread_id, mail_from=mail_from, rcpt=rcpt,
+            state="queued", attempts=0, next_attempt_at=now, created_at=now,
+        )).inserted_primary_key[0])
+
+    def claim_outbox(self, now: datetime, lease: timedelta, ids: list[int] | None = None,
+                     limit: int = 50) -> list[OutboxRow]:
+        """Take due rows for delivery; a lease that runs out (a crashed sender) frees them."""
+        due = or_(and_(outbox.c.state == "queued", outbox.c.next_attempt_at <= now),
+                  and_(outbox.c.state == "sending", outbox.c.claimed_until < now))
+        q = select(outbox).where(due).order_by(outbox.c.next_attempt_at, outbox.c.id).limit(limit)
+        if ids is not None:
+            q = q.where(outbox.c.id.in_(ids))
+        if self.c.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        rows = [_outbox(r) for r in self.c.execute(q)]
+        if rows:
+            self.c.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows]))
+                           .values(state="sending", claimed_until=now + lease))
+        return rows
+
+    def outbox_sent(self, row_id: int, result: str) -> None:
+        self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
+            state="sent", sent_at=utcnow(), result=result, claimed_until=None,
+            attempts=outbox.c.attempts + 1))
+
+    def outbox_retry(self, row_id: int, error: str, at: datetime) -> None:
+        self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
+            state="queued", last_error=error, next_attempt_at=at, claimed_until=None,
+            attempts=outbox.c.attempts + 1))
+
+    def outbox_failed(self, row_id: int, error: str) -> None:
+        self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
+            state="failed", last_error=error, claimed_until=None,
+            attempts=outbox.c.attempts + 1))
+
+    def outbox_rows(self, state: str | None = None) -> list[OutboxRow]:
+        q = select(outbox).order_by(outbox.c.id)
+        if state:
+            q = q.where(outbox.c.state == state)
+        return [_outbox(r) for r in self.c.execute(q)]
+
+    def next_outbox_due(self) -> datetime | None:
+        q = select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == "queued")
+        return _aware(self.c.execute(q).scalar())
+
+    # -- the admin queue ------------------------------------------------------------------
+    def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,
+                       thread_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
+        return int(self.c.execute(insert(queue_items).values(
+            reason=reason, state="open", summary=summary, raw_sha256=raw_sha256,
+            thread_id=thread_id, detail=detail, created_at=utcnow(),
+        )).inserted_primary_key[0])
+
+    def queue(self, include_decided: bool = False, reason: str | None = None) -> list[QueueItem]:
+        q = select(queue_items).order_by(queue_items.c.id)
+        if not include_decided:
+            q = q.where(queue_items.c.state == "open")
+        if reason:
+            q = q.where(queue_items.c.reason == reason)
+        return [_queue(r) for r in self.c.execute(q)]
+
+    def counts(self) -> dict[str, int]:
+        def n(table: Any, *where: Any) -> int:
+            return int(self.c.execute(select(func.count()).select_from(table).where(*where)).scalar() or 0)
+        return {
+            "threads": n(threads),
+            "messages": n(messages),
+            "outbox_queued": n(outbox, outbox.c.state.in_(["queued", "sending"])),
+            "outbox_failed": n(outbox, outbox.c.state == "failed"),
+            "queue_open": n(queue_items, queue_items.c.state == "open"),
+        }
+
+
+class Store:
+    def __init__(self, url: str):
+        self.engine: Engine = db.make_engine(url)
+
+    def migrate(self) -> "Store":
+        db.migrate(self.engine)
+        return self
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        try:
+            with self.engine.begin() as conn:
+                yield Tx(conn)
+        except OperationalError as e:
+            raise StoreError(f"database error: {e.orig}") from e
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+__all__ = ["Store", "Tx", "Thread", "StoredMessage", "OutboxRow", "QueueItem", "IntegrityError",
+           "utcnow"]

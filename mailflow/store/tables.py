@@ -1,0 +1,123 @@
+"""The database schema, as SQLAlchemy Core tables. Alembic migrations are written from this.
+
+Raw messages are content-addressed (sha256) and stored once however many threads or queue
+items refer to them, so the original bytes of every message are always there to re-process,
+re-publish or hand to an admin.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (JSON, Boolean, Column, Date, DateTime, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Table, Text, UniqueConstraint)
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+UTC_DT = DateTime(timezone=True)
+
+raw_messages = Table(
+    "raw_messages", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", UTC_DT, nullable=False),
+)
+
+threads = Table(
+    "threads", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False, default="foi"),
+    Column("state", String(32), nullable=False),
+    Column("authority", String(64), nullable=False),
+    Column("law", String(32), nullable=False),
+    Column("title", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("citizen_email", String(320), nullable=False),
+    Column("citizen_name", String(200), nullable=False),
+    Column("request_token", String(40), nullable=False),
+    Column("reply_token", String(40), nullable=False),
+    Column("confirm_token", String(40), nullable=True, unique=True),
+    Column("created_at", UTC_DT, nullable=False),
+    Column("confirmed_at", UTC_DT, nullable=True),
+    Column("sent_at", UTC_DT, nullable=True),
+    Column("due_date", Date, nullable=True),
+    Column("delivery_status", String(16), nullable=False, default="pending"),
+    Column("delivery_detail", Text, nullable=True),
+)
+Index("ix_threads_state", threads.c.state)
+Index("ix_threads_authority", threads.c.authority)
+
+messages = Table(
+    "messages", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=True),
+    Column("direction", String(3), nullable=False),          # "in" | "out"
+    Column("kind", String(24), nullable=False),              # request, confirmation, response, ...
+    Column("message_id", String(998), nullable=True),
+    Column("from_addr", String(320), nullable=False, default=""),
+    Column("from_name", String(200), nullable=False, default=""),
+    Column("to_addrs", JSON, nullable=False, default=list),
+    Column("subject", Text, nullable=False, default=""),
+    Column("date", UTC_DT, nullable=True),
+    Column("text", Text, nullable=False, default=""),
+    Column("raw_sha256", String(64), ForeignKey("raw_messages.sha256"), nullable=False),
+    Column("classification", String(16), nullable=True),
+    Column("classification_reason", Text, nullable=True),
+    Column("match_method", String(32), nullable=True),
+    Column("match_detail", JSON, nullable=True),
+    Column("flags", JSON, nullable=False, default=list),
+    Column("hidden", Boolean, nullable=False, default=False),
+    Column("created_at", UTC_DT, nullable=False),
+)
+Index("ix_messages_thread", messages.c.thread_id)
+Index("ix_messages_message_id", messages.c.message_id)
+
+# One row per (raw message, recipient address of ours) handled: what makes processing
+# idempotent. The same bytes delivered again to the same address change nothing.
+deliveries = Table(
+    "deliveries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("raw_sha256", String(64), ForeignKey("raw_messages.sha256"), nullable=False),
+    Column("rcpt", String(320), nullable=False),
+    Column("envelope", JSON, nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", JSON, nullable=True),
+    Column("processed_at", UTC_DT, nullable=False),
+    UniqueConstraint("raw_sha256", "rcpt", name="uq_deliveries_raw_rcpt"),
+)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_pk", Integer, ForeignKey("messages.id"), nullable=False),
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=True),
+    Column("mail_from", String(320), nullable=False),
+    Column("rcpt", String(320), nullable=False),
+    Column("state", String(16), nullable=False),             # queued, sending, sent, failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTC_DT, nullable=False),
+    Column("claimed_until", UTC_DT, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("result", Text, nullable=True),
+    Column("created_at", UTC_DT, nullable=False),
+    Column("sent_at", UTC_DT, nullable=True),
+)
+Index("ix_outbox_due", outbox.c.state, outbox.c.next_attempt_at)
+
+queue_items = Table(
+    "queue_items", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("reason", String(32), nullable=False),
+    Column("state", String(16), nullable=False, default="open"),   # open | decided
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=True),
+    Column("raw_sha256", String(64), ForeignKey("raw_messages.sha256"), nullable=True),
+    Column("summary", Text, nullable=False, default=""),
+    Column("detail", JSON, nullable=True),
+    Column("created_at", UTC_DT, nullable=False),
+    Column("decided_at", UTC_DT, nullable=True),
+    Column("decision", Text, nullable=True),
+)
+Index("ix_queue_items_state", queue_items.c.state)

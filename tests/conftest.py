@@ -1,0 +1,168 @@
+"""Fixtures: a real site made by `mailflow init`, the real CLI, a real daemon on a free port."""
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate, getaddresses, make_msgid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAILFLOW = [sys.executable, "-m", "mailflow"]
+DOMAIN = "ask.example"
+JANE = "jane.citizen@citizen.example"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose(frm: str, to: str, subject: str, body: str, *, in_reply_to: str | None = None,
+            extra: dict[str, str] | None = None, msgid: str | None = None) -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = frm, to, subject
+    m["Date"] = formatdate()
+    m["Message-ID"] = msgid or make_msgid(domain="sender.example")
+    if in_reply_to:
+        m["In-Reply-To"] = m["References"] = in_reply_to
+    for k, v in (extra or {}).items():
+        m[k] = v
+    m.set_content(body)
+    return m.as_bytes(policy=email.policy.SMTP)
+
+
+def addresses(msg: EmailMessage, *headers: str) -> list[str]:
+    vals = [str(v) for h in headers for v in msg.get_all(h, [])]
+    return [a for _, a in getaddresses(vals) if a]
+
+
+@dataclass
+class Site:
+    dir: Path
+    seen: set[str] = field(default_factory=set)
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.toml"
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*MAILFLOW, "--config", str(self.config), *args], input=input,
+                              capture_output=True, timeout=timeout, cwd=self.dir,
+                              env={**os.environ, **(env or {})})
+
+    def json(self, *args: str):  # type: ignore[no-untyped-def]
+        import json
+        r = self.run(*args, "--json")
+        assert r.returncode == 0, r.stderr.decode()
+        return json.loads(r.stdout)
+
+    def ingest(self, raw: bytes, rcpts: list[str] | None = None, sender: str | None = None) -> int:
+        args = ["ingest"]
+        for a in rcpts or []:
+            args += ["--rcpt", a]
+        if sender is not None:
+            args += ["--sender", sender]
+        r = self.run(*args, input=raw)
+        if r.returncode not in (0, 67):
+            print(r.stderr.decode(), file=sys.stderr)
+        return r.returncode
+
+    def new_mail(self) -> list[tuple[str, EmailMessage, bytes]]:
+        found = []
+        for sub in ("new", "cur"):
+            d = self.dir / "var" / "outbox" / sub
+            if not d.is_dir():
+                continue
+            for f in sorted(d.iterdir(), key=lambda p: p.stat().st_mtime_ns):
+                if f.name in self.seen:
+                    continue
+                self.seen.add(f.name)
+                raw = f.read_bytes()
+                msg = email.message_from_bytes(raw, policy=email.policy.default)
+                found.append((str(msg["Delivered-To"]).lower(), msg, raw))
+        return found
+
+    def mail_to(self, addr: str) -> list[tuple[str, EmailMessage, bytes]]:
+        return [m for m in self.new_mail() if m[0] == addr.lower()]
+
+    def set(self, table: str, key: str, value: str) -> None:
+        text = self.config.read_text()
+        pattern = rf"(?ms)^(\[{re.escape(table)}\]\n)(.*?)(?=^\[|\Z)"
+        m = re.search(pattern, text)
+        assert m, table
+        body = re.sub(rf"(?m)^#?\s*{key} = .*\n", "", m.group(2))
+        text = text[:m.start()] + m.group(1) + f"{key} = {value}\n" + body + text[m.end():]
+        self.config.write_text(text)
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Site:
+    d = tmp_path / "site"
+    r = subprocess.run([*MAILFLOW, "init", str(d), "--domain", DOMAIN], capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    return Site(d)
+
+
+class Daemon:
+    def __init__(self, site: Site):
+        self.site = site
+        self.port = free_port()
+        site.set("smtp", "listen", f'"127.0.0.1:{self.port}"')
+        self.log = site.dir / f"serve-{self.port}.log"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([*MAILFLOW, "--config", str(self.site.config), "serve"],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     cwd=self.site.dir, start_new_session=True)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("daemon did not start: " + self.log.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture()
+def daemon(site: Site):  # type: ignore[no-untyped-def]
+    d = Daemon(site)
+    yield d
+    d.stop()
+
+
+def wait_for(predicate, timeout: float = 20, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll until predicate() is truthy (a deadline for the test, not a speed assertion)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,331 @@
+"""The spool: every state change, crash leftovers, and claims racing across processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailflow.errors import SpoolError
+from mailflow.spool import Envelope, Spool
+
+RAW = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: t\r\n\r\nbody\r\n"
+
+
+def env(**kw: object) -> Envelope:
+    base: dict[str, object] = {"mail_from": "a@example.org", "rcpt_tos": ["b@example.net"]}
+    base.update(kw)
+    return Envelope(**base)  # type: ignore[arg-type]
+
+
+def files(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def test_put_writes_both_files_into_new(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(peer="127.0.0.1:1234", helo="mx"))
+    assert files(tmp_path / "new") == [id + ".eml", id + ".json"]
+    assert files(tmp_path / "tmp") == []
+    assert (tmp_path / "new" / (id + ".eml")).read_bytes() == RAW
+    meta = json.loads((tmp_path / "new" / (id + ".json")).read_text())
+    assert meta["envelope"]["rcpt_tos"] == ["b@example.net"]
+    assert meta["envelope"]["received_at"].endswith("+00:00")
+    assert meta["attempts"] == 0 and meta["errors"] == []
+    assert spool.pending() == [id]
+
+
+def test_put_does_not_modify_callers_envelope(tmp_path: Path) -> None:
+    e = env()
+    Spool(tmp_path).put(RAW, e)
+    assert e.received_at == ""
+
+
+def test_ids_sort_by_arrival_and_claim_takes_oldest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ids = [spool.put(RAW + str(i).encode(), env()) for i in range(5)]
+    assert ids == sorted(ids) == spool.pending()
+    item = spool.claim()
+    assert item is not None and item.id == ids[0]
+    assert item.read() == RAW + b"0"
+
+
+def test_claim_done(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(via="lmtp", peer="10.0.0.1:25", helo="h"))
+    item = spool.claim()
+    assert item is not None
+    assert item.id == id and item.attempts == 0 and item.errors == []
+    assert item.envelope.via == "lmtp" and item.envelope.peer == "10.0.0.1:25"
+    assert item.eml == tmp_path / "work" / (id + ".eml") and item.eml.exists()
+    assert spool.pending() == [] and spool.claim() is None
+    spool.done(item)
+    assert files(tmp_path / "work") == []
+    assert files(tmp_path / "done") == [id + ".eml", id + ".json"]
+    assert item.eml.parent.name == "done" and item.read() == RAW
+
+
+def test_claim_named_id(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    a, b = spool.put(RAW, env()), spool.put(RAW, env())
+    item = spool.claim(b)
+    assert item is not None and item.id == b
+    assert spool.claim(b) is None  # already claimed
+    assert spool.pending() == [a]
+    with pytest.raises(ValueError):
+        spool.claim("../done/x")
+
+
+def test_retry_counts_attempts_and_keeps_errors(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env())
+    item = spool.claim()
+    assert item is not None
+    spool.retry(item, "database down")
+    assert spool.pending() == [id]
+    item = spool.claim()
+    assert item is not None
+    assert item.attempts == 1 and "database down" in item.errors[0]
+    spool.retry(item, "still down")
+    item = spool.claim()
+    assert item is not None and item.attempts == 2 and len(item.errors) == 2
+    assert item.envelope.rcpt_tos == ["b@example.net"]
+
+
+def test_retry_with_delay_is_not_claimed_until_due(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    a = spool.put(RAW, env())
+    b = spool.put(RAW, env())
+    item = spool.claim()
+    assert item is not None and item.id == a
+    spool.retry(item, "later", delay=3600)
+    assert spool.pending() == [a, b]
+    nxt = spool.claim()
+    assert nxt is not None and nxt.id == b
+    assert spool.claim() is None
+    named = spool.claim(a)  # naming it overrides the delay
+    assert named is not None and named.attempts == 1
+
+
+def test_fail_records_error_and_requeue(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env())
+    item = spool.claim()
+    assert item is not None
+    spool.fail(item, "unparseable")
+    assert spool.failed() == [id] and spool.pending() == []
+    meta = json.loads((tmp_path / "failed" / (id + ".json")).read_text())
+    assert "unparseable" in meta["errors"][-1] and meta["failed_at"]
+    assert spool.requeue(id) is True
+    assert spool.failed() == [] and spool.pending() == [id]
+    item = spool.claim()
+    assert item is not None and item.attempts == 0 and "unparseable" in item.errors[-1]
+    assert item.extra.get("failed_at")  # unknown keys survive a round trip
+    assert spool.requeue(id) is False
+
+
+def test_recover_puts_work_back_and_removes_stale_tmp(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ids = [spool.put(RAW, env()) for _ in range(3)]
+    assert spool.claim() is not None and spool.claim() is not None
+    old = time.time() - 7200
+    stale, fresh = tmp_path / "tmp" / "x.eml", tmp_path / "tmp" / "y.eml"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (old, old))
+    # A new Spool object on the same directory, as after a restart.
+    spool2 = Spool(tmp_path)
+    assert spool2.recover() == 2
+    assert files(tmp_path / "work") == []
+    assert spool2.pending() == ids
+    assert files(tmp_path / "tmp") == ["y.eml"]
+    assert spool2.recover() == 0
+
+
+def test_recover_min_age_leaves_live_work(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.put(RAW, env())
+    item = spool.claim()
+    assert item is not None
+    assert spool.recover(min_age_seconds=3600) == 0
+    assert item.eml.exists()
+
+
+def test_recover_reunites_meta_split_by_a_crash(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(rcpt_tos=["x@example.org"]))
+    # Crash inside claim(): .eml already in work/, .json still in new/.
+    os.rename(tmp_path / "new" / (id + ".eml"), tmp_path / "work" / (id + ".eml"))
+    assert spool.recover() == 1
+    item = spool.claim()
+    assert item is not None and item.envelope.rcpt_tos == ["x@example.org"]
+    # Crash inside done(): .eml already in done/, .json still in work/.
+    os.rename(item.eml, tmp_path / "done" / (id + ".eml"))
+    assert spool.recover() == 0
+    assert files(tmp_path / "done") == [id + ".eml", id + ".json"]
+    assert files(tmp_path / "work") == []
+
+
+def test_eml_without_json_gets_default_envelope(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / "new" / "handdropped.eml").write_bytes(RAW)
+    assert spool.pending() == ["handdropped"]
+    item = spool.claim()
+    assert item is not None and item.id == "handdropped"
+    assert item.envelope.via == "unknown" and item.envelope.rcpt_tos == []
+    assert item.envelope.mail_from == ""
+    spool.retry(item, "x")  # writes a json for it
+    assert files(tmp_path / "new") == ["handdropped.eml", "handdropped.json"]
+
+
+def test_corrupt_json_still_gives_the_message(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env())
+    (tmp_path / "new" / (id + ".json")).write_text("{not json")
+    item = spool.claim()
+    assert item is not None and item.read() == RAW
+    assert item.envelope.via == "unknown" and "metadata unreadable" in item.errors[0]
+
+
+def test_json_without_eml_removed_only_when_old(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    young, old = tmp_path / "new" / "young.json", tmp_path / "new" / "old.json"
+    young.write_text("{}")
+    old.write_text("{}")
+    t = time.time() - 7200
+    os.utime(old, (t, t))
+    assert spool.pending() == []
+    assert spool.claim() is None
+    spool.recover()
+    assert files(tmp_path / "new") == ["young.json"]
+
+
+def test_cleanup_done(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for _ in range(2):
+        spool.put(RAW, env())
+    items = [spool.claim(), spool.claim()]
+    for it in items:
+        assert it is not None
+        spool.done(it)
+    t = time.time() - 10 * 86400
+    assert items[0] is not None
+    os.utime(items[0].eml, (t, t))
+    assert spool.cleanup_done(7) == 1
+    assert files(tmp_path / "done") == sorted([items[1].id + ".eml", items[1].id + ".json"])
+
+
+def test_put_failure_raises_spoolerror_and_leaves_no_debris(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    # `new` replaced by a file: the rename fails even for root, after tmp files exist.
+    os.rmdir(tmp_path / "new")
+    (tmp_path / "new").write_bytes(b"")
+    with pytest.raises(SpoolError):
+        spool.put(RAW, env())
+    assert files(tmp_path / "tmp") == []
+
+
+def test_put_failure_when_tmp_unusable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    os.rmdir(tmp_path / "tmp")
+    (tmp_path / "tmp").write_bytes(b"")
+    with pytest.raises(SpoolError):
+        spool.put(RAW, env())
+
+
+def test_envelope_json_round_trip_keeps_odd_addresses() -> None:
+    e = Envelope(mail_from="", rcpt_tos=["ü@例え.jp", "raw\udcff@example.org"], via="lmtp",
+                 peer="[::1]:25", helo=None, received_at="2026-01-01T00:00:00+00:00",
+                 rcpt_from_headers=True)
+    blob = json.dumps(e.to_json())
+    assert Envelope.from_json(json.loads(blob)) == e
+    # Unknown and missing keys are tolerated: a spool outlives versions.
+    assert Envelope.from_json({"rcpt_tos": ["a@b"], "new_field": 1}).via == "unknown"
+
+
+def test_bytes_preserved_exactly(tmp_path: Path) -> None:
+    raw = bytes(range(256)) * 4 + b"\r\n.\r\nbare\nlf\rcr\r\n"
+    spool = Spool(tmp_path)
+    spool.put(raw, env())
+    item = spool.claim()
+    assert item is not None and item.read() == raw
+
+
+BARRIER = r"""
+import os, sys, time
+from pathlib import Path
+# Start together, so the claims really overlap: announce readiness, wait for "go".
+gate = Path(sys.argv[1])
+(gate / f"ready-{os.getpid()}").touch()
+while not (gate / "go").exists():
+    time.sleep(0.005)
+"""
+
+CLAIMER = BARRIER + r"""
+from mailflow.spool import Spool
+spool = Spool(Path(sys.argv[2]))
+got = []
+while True:
+    item = spool.claim()
+    if item is None:
+        break
+    got.append(item.id)
+    spool.done(item)
+print("\n".join(got))
+"""
+
+NAMED_CLAIMER = BARRIER + r"""
+from mailflow.spool import Spool
+spool = Spool(Path(sys.argv[2]))
+print("\n".join(i for i in sys.argv[3:] if spool.claim(i) is not None))
+"""
+
+
+def race(script: str, n: int, gate: Path, *args: str) -> list[list[str]]:
+    """Run n processes of script released at the same moment; each returns its claimed ids."""
+    gate.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    envvars = dict(os.environ, PYTHONPATH=str(root))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(gate), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=envvars)
+             for _ in range(n)]
+    try:
+        while len(list(gate.glob("ready-*"))) < n:
+            if any(p.poll() is not None for p in procs):
+                break  # one died early; its stderr is reported below
+            time.sleep(0.005)
+        (gate / "go").touch()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()
+            results.append(out.decode().split())
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.mark.slow
+def test_processes_racing_never_claim_the_same_item(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    ids = {spool.put(b"m%d\r\n" % i, env()) for i in range(300)}
+    claimed = [i for got in race(CLAIMER, 4, tmp_path / "gate", str(spool.root)) for i in got]
+    assert len(claimed) == len(set(claimed)), "an item was claimed twice"
+    assert set(claimed) == ids
+    assert spool.pending() == [] and files(spool.root / "work") == []
+
+
+@pytest.mark.slow
+def test_processes_racing_on_named_ids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    ids = [spool.put(b"m\r\n", env()) for _ in range(100)]
+    results = race(NAMED_CLAIMER, 3, tmp_path / "gate", str(spool.root), *ids)
+    claimed = [i for got in results for i in got]
+    assert sorted(claimed) == sorted(ids)
