@@ -250,28 +250,35 @@ class Spool:
     def failed(self) -> list[str]:
         return self._ids("failed")
 
-    def claim(self, id: str | None = None) -> SpoolItem | None:
+    def claim(self, id: str | None = None, *, force: bool = False) -> SpoolItem | None:
         """Take one item for processing, oldest first, or the named one.
 
         The rename of the ``.eml`` from ``new/`` to ``work/`` is the claim: exactly one of any
-        number of racing processes succeeds, the others get ENOENT and move on. Items whose
-        due time (``retry(delay=...)``) lies in the future are skipped unless named.
+        number of racing processes succeeds, the others get ENOENT and move on. An item whose
+        due time (``retry(delay=...)``) lies in the future is not claimed, even by name, so a
+        sweep that feeds every id of ``pending()`` to ``claim(id)`` keeps the delay;
+        ``force=True`` takes it anyway (an admin asking for it now).
         """
         if id is not None:
-            return self._try_claim(_check_id(id))
+            _check_id(id)
+            if not force and not self._due(id, time.time()):
+                return None
+            return self._try_claim(id)
         now = time.time()
         for cand in self._ids("new"):
-            try:
-                if os.stat(self._eml("new", cand)).st_mtime > now:
-                    continue  # a delayed retry, not due yet
-            except FileNotFoundError:
-                continue  # claimed by someone else since the listing
-            except OSError as e:
-                raise SpoolError(f"cannot read spool item {cand}: {e}") from e
-            item = self._try_claim(cand)
-            if item is not None:
-                return item
+            if self._due(cand, now):
+                item = self._try_claim(cand)
+                if item is not None:
+                    return item
         return None
+
+    def _due(self, id: str, now: float) -> bool:
+        try:
+            return os.stat(self._eml("new", id)).st_mtime <= now
+        except FileNotFoundError:
+            return False  # claimed by someone else since the listing
+        except OSError as e:
+            raise SpoolError(f"cannot read spool item {id}: {e}") from e
 
     def _try_claim(self, id: str) -> SpoolItem | None:
         work_eml = self._eml("work", id)

@@ -40,5 +40,6 @@ def test_uk_due_date_skips_weekends_and_bank_holidays() -> None:
     # Day and Scotland's 2 January (observed Mon 4th: the Act counts a bank holiday "in any
     # part of the United Kingdom") are skipped along with weekends.
     assert due_date(date(2026, 12, 17), uk) == date(2027, 1, 20)
-    # A plain stretch: 20 working days after Monday 2 November 2026.
-    assert due_date(date(2026, 11, 2), uk) == date(2026, 11, 30)
+    # 20 working days after Monday 2 November 2026 would be Monday 30 November, but that is
+    # St Andrew's Day, a bank holiday in Scotland.
+    assert due_date(date(2026, 11, 2), uk) == date(2026, 12, 1)

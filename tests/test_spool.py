@@ -107,8 +107,9 @@ def test_retry_with_delay_is_not_claimed_until_due(tmp_path: Path) -> None:
     nxt = spool.claim()
     assert nxt is not None and nxt.id == b
     assert spool.claim() is None
-    named = spool.claim(a)  # naming it overrides the delay
-    assert named is not None and named.attempts == 1
+    assert spool.claim(a) is None  # naming it keeps the delay (the daemon's sweep does this)
+    forced = spool.claim(a, force=True)
+    assert forced is not None and forced.attempts == 1
 
 
 def test_fail_records_error_and_requeue(tmp_path: Path) -> None:
