@@ -85,6 +85,8 @@ class Daemon:
     async def run(self) -> None:
         s = self.site.settings
         loop = asyncio.get_running_loop()
+        # aiosmtpd logs every command with its addresses at INFO: citizens' addresses in logs.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.site.store  # migrate before accepting mail  # noqa: B018
@@ -117,6 +119,7 @@ class Daemon:
             log.info("shutting down")
             server.close()
             await server.wait_closed()
+            await handler.drain()  # messages still being written get their 250 and a wake-up
             scheduler.shutdown(wait=False)
             self.wakeup.put_nowait(None)
             try:

@@ -52,6 +52,7 @@ STALE_TMP_SECONDS = 3600.0
 ORPHAN_META_SECONDS = 3600.0
 """A ``.json`` without its ``.eml`` may be mid-move by a live claimer; only this old is it debris."""
 
+_DUE_SLACK_SECONDS = 1.0
 _FILE_MODE = 0o600  # raw mail holds citizens' private addresses
 _DIR_MODE = 0o700
 
@@ -274,7 +275,9 @@ class Spool:
 
     def _due(self, id: str, now: float) -> bool:
         try:
-            return os.stat(self._eml("new", id)).st_mtime <= now
+            # The slack absorbs file-system timestamp granularity and small clock steps, so a
+            # fresh put() is always due; delays are meant in seconds to hours anyway.
+            return os.stat(self._eml("new", id)).st_mtime <= now + _DUE_SLACK_SECONDS
         except FileNotFoundError:
             return False  # claimed by someone else since the listing
         except OSError as e:

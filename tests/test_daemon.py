@@ -1,0 +1,94 @@
+"""`mailflow serve` over real SMTP: refusals at RCPT, size limits, and surviving a crash."""
+from __future__ import annotations
+
+import signal
+import smtplib
+import sqlite3
+
+import pytest
+
+from conftest import DOMAIN, JANE, Daemon, Site, addresses, compose, wait_for
+from test_roundtrip import AUTHORITY, ask
+
+
+def test_round_trip_over_smtp(site: Site, daemon: Daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as s:
+        s.sendmail(JANE, [f"camden@{DOMAIN}"],
+                   compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "Gritting routes", "Which roads?"))
+    conf = wait_for(lambda: site.mail_to(JANE), what="confirmation")[0][1]
+    confirm = addresses(conf, "Reply-To")[0]
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as s:
+        s.sendmail(JANE, [confirm], compose(f"Jane <{JANE}>", confirm, "Re: confirm", "Yes"))
+    req = wait_for(lambda: site.mail_to(AUTHORITY), what="request")[0][1]
+    req_addr = addresses(req, "From")[0]
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as s:
+        s.sendmail(AUTHORITY, [req_addr],
+                   compose(f"FOI <{AUTHORITY}>", req_addr, "RE: gritting", "These roads."))
+    fwd = wait_for(lambda: site.mail_to(JANE), what="forward")[0][1]
+    assert "These roads." in fwd.get_body(("plain",)).get_content()
+
+
+def test_no_open_relay_and_unknown_recipients_refused(site: Site, daemon: Daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as s:
+        s.ehlo("authority.example")
+        s.mail(AUTHORITY)
+        code, text = s.rcpt("victim@gmail.example")
+        assert code == 550 and b"relay" in text.lower()
+        code, text = s.rcpt(f"nobody@{DOMAIN}")
+        assert code == 550 and b"https://ask.example/body/" in text
+        code, _ = s.rcpt(f"postmaster@{DOMAIN}")
+        assert code == 250
+
+
+def test_over_the_size_limit_is_552(site: Site) -> None:
+    site.set("smtp", "max_message_size", "20000")
+    d = Daemon(site)
+    try:
+        big = compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "Big", "x" * 40000)
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+            with pytest.raises(smtplib.SMTPException) as e:
+                s.sendmail(JANE, [f"camden@{DOMAIN}"], big)
+        code = getattr(e.value, "smtp_code", None) or next(iter(e.value.recipients.values()))[0]  # type: ignore[attr-defined]
+        assert code == 552
+    finally:
+        d.stop()
+    assert site.json("thread", "list") == []
+
+
+def test_crash_between_spool_and_store_then_restart(site: Site) -> None:
+    """Killed after its 250 but before the store is written, the daemon finishes the work
+    on restart, once."""
+    t = ask(site)
+    d = Daemon(site)
+    # Hold the database so processing cannot get past the spool.
+    lock = sqlite3.connect(site.dir / "var" / "mailflow.db", timeout=5, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        answer = compose(f"FOI <{AUTHORITY}>", t["address"], "RE: crash", "Answer before the crash.")
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+            s.sendmail(AUTHORITY, [t["address"]], answer)  # 250: it is in the spool
+        spool = site.dir / "var" / "spool"
+        assert list((spool / "new").glob("*.eml")) or list((spool / "work").glob("*.eml"))
+        d.stop(signal.SIGKILL)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert site.mail_to(JANE) == []
+    d.start()
+    try:
+        fwd = wait_for(lambda: site.mail_to(JANE), what="forward after restart")
+        assert len(fwd) == 1 and "before the crash" in fwd[0][1].get_body(("plain",)).get_content()
+        wait_for(lambda: not list((site.dir / "var/spool/work").glob("*")), what="spool settled")
+        assert len([m for m in site.json("thread", "show", str(t["id"]))["messages"]
+                    if m["kind"] == "response"]) == 1
+    finally:
+        d.stop()
+    # A second restart finds nothing left to do and sends nothing again.
+    d.start()
+    d.stop()
+    assert site.mail_to(JANE) == []
+
+
+def test_sigterm_shuts_down_cleanly(site: Site) -> None:
+    d = Daemon(site)
+    assert d.stop(signal.SIGTERM) == 0
