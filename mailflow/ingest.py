@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from mailflow.core.door import check_recipient
+from mailflow.core.message import ParsedMessage
 from mailflow.errors import SpoolError
 from mailflow.mail.parse import ParseError, parse
 from mailflow.outbound.outbox import deliver_due
@@ -22,13 +23,31 @@ log = logging.getLogger("mailflow.ingest")
 EX_OK, EX_NOUSER, EX_TEMPFAIL = 0, 67, 75
 
 
+def _sender_from_headers(pm: ParsedMessage | None) -> str:
+    """No --sender given: the Return-Path an MTA left, else the From address (not the null
+    sender, which would wrongly mark a person's mail as automatic)."""
+    if pm is None:
+        return ""
+    rp = pm.header("Return-Path")
+    if rp is not None:
+        return rp.strip().strip("<>").strip().lower()
+    return pm.from_addr
+
+
 def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -> tuple[int, str]:
     from_headers = not rcpts
-    if from_headers:
+    pm: ParsedMessage | None = None
+    if from_headers or sender is None:
         try:
-            rcpts = recipients_from_headers(parse(raw))
+            pm = parse(raw)
         except ParseError:
-            rcpts = []
+            pm = None
+    if from_headers:
+        rcpts = recipients_from_headers(pm) if pm is not None else []
+    if sender is None:
+        sender = _sender_from_headers(pm)
+    if sender == "<>":
+        sender = ""
     s = site.settings
     accepted = [r for r in rcpts
                 if check_recipient(r, domain=site.domain, slugs=site.rules.slugs,
@@ -37,7 +56,7 @@ def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -
         return EX_NOUSER, "no recipient is one of ours: " + (", ".join(rcpts) or "(none found)")
     if len(raw) > s.smtp.max_message_size:
         return EX_NOUSER, f"message too large ({len(raw)} bytes, limit {s.smtp.max_message_size})"
-    env = Envelope(mail_from=sender or "", rcpt_tos=accepted, via="ingest",
+    env = Envelope(mail_from=sender, rcpt_tos=accepted, via="ingest",
                    rcpt_from_headers=from_headers)
     spool_id = site.spool.put(raw, env)
     item = site.spool.claim(spool_id)

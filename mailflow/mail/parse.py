@@ -52,6 +52,7 @@ class ParseError(Exception):
 _STRUCTURED_MAX = 16 * 1024          # a header value parsed with policy.default's registry
 _FIELD_MAX = 256 * 1024              # any single header field is truncated to this
 _PART_HEADER_MAX = 64 * 1024         # a MIME part's header block
+_MAX_HEADER_FIELDS = 1000            # top-level fields decoded (real mail has < 200)
 _POLICY = email_policy.default
 
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
@@ -68,6 +69,7 @@ _ANGLE_ID = re.compile(r"<([^<>]*)>")
 _ADDRISH = re.compile(r"[^\s<>,;:\"'()\[\]]+@[^\s<>,;:\"'()\[\]]+")
 _RECEIVED_FOR = re.compile(r"\bfor\s+<?\s*([^\s<>;,\"]+@[^\s<>;,\"]+?)\s*>?(?=[\s;,]|$)", re.I)
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+_EW_CHARSET = re.compile(r"=\?([^?\s*]+)((?:\*[^?\s]*)?\?[bBqQ]\?)")
 _EW_GAP = re.compile(r"(\?=)\s+(=\?)")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _FOLD = re.compile(r"[ \t]*(?:\r\n|\r|\n)[ \t]*|\t")
@@ -120,6 +122,13 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
             return data.decode(codec)
         except Exception:
             pass
+        if data.isascii() and codec not in ("ascii", "utf-8"):
+            # 7-bit charsets (ISO-2022-*, UTF-7) with one bad sequence: UTF-8 would "succeed"
+            # and show the escape codes, so keep the declared charset and lose one character.
+            try:
+                return data.decode(codec, errors="replace")
+            except Exception:
+                pass
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -161,6 +170,15 @@ def light_decode(value: str) -> str:
     value = _EW_GAP.sub(r"\1\2", value)
     return _ENCODED_WORD.sub(lambda m: _decode_encoded_word(m.group(1), m.group(2), m.group(3)),
                              value)
+
+
+def _normalise_ew_charsets(value: str) -> str:
+    """Rename charsets in encoded-words to codecs Python has ("iso-8859-8-i", "ks_c_5601-1987"),
+    so the stdlib decodes them instead of leaving U+FFFD."""
+    def fix(m: re.Match[str]) -> str:
+        codec = _codec(m.group(1))
+        return f"=?{codec}{m.group(2)}" if codec else m.group(0)
+    return _EW_CHARSET.sub(fix, value)
 
 
 def _unfold(value: str) -> str:
@@ -275,7 +293,13 @@ def _cap_top_headers(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
     total = 0
     dropped = 0
     changed = False
-    for field in _split_fields(header_lines):
+    fields = _split_fields(header_lines)
+    if len(fields) > _MAX_HEADER_FIELDS:
+        defects.append(f"cap: more than {_MAX_HEADER_FIELDS} header fields, "
+                       f"{len(fields) - _MAX_HEADER_FIELDS} dropped")
+        fields = fields[:_MAX_HEADER_FIELDS]
+        changed = True
+    for field in fields:
         size = sum(map(len, field))
         name = _field_name(field)
         if name.lower().startswith("content-") and size > _STRUCTURED_MAX:
@@ -407,8 +431,10 @@ def _decode_header(name: str, raw_value: str, hint: str | None, defects: list[st
     decoded = None
     if len(value) <= _STRUCTURED_MAX:
         try:
-            obj = _POLICY.header_factory(name, _unfold(value))
+            obj = _POLICY.header_factory(name, _unfold(_normalise_ew_charsets(value)))
             decoded = str(obj)
+            if "=?" in decoded and _ENCODED_WORD.search(decoded):
+                decoded = light_decode(decoded)  # an encoded-word the stdlib gave up on
             defects.extend(type(d).__name__ for d in obj.defects)
         except Exception as exc:  # the registry has had IndexError/AttributeError bugs
             defects.append(f"header-parse: {name[:60]}: {type(exc).__name__}")
@@ -526,19 +552,37 @@ def _part_header(part: Message, name: str, hint: str | None) -> Any:
     return None
 
 
+def _raw_param(part: Message, header: str, param: str, hint: str | None) -> str | None:
+    """A parameter read straight from the header text, for what RFC-strict parsing drops:
+    unquoted names with spaces (`name=This is a test.txt`) and bare encoded-words."""
+    low = header.lower()
+    for k, v in part.raw_items():
+        if k.lower() == low:
+            value, _ = _unsurrogate(v, hint)
+            m = re.search(rf"(?:^|;)\s*{param}\s*=\s*(?:\"([^\"]*)\"|([^;\r\n]+))",
+                          _unfold(value[:_STRUCTURED_MAX]), re.I)
+            if m:
+                return (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+    return None
+
+
 def _filename(part: Message, hint: str | None) -> str | None:
     name = None
     for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
         obj = _part_header(part, header, hint)
         params = getattr(obj, "params", None)
+        value = None
         if params:
             try:
                 value = params.get(param)
             except Exception:
                 value = None
-            if value:
-                name = str(value)
-                break
+        raw = _raw_param(part, header, param, hint)
+        if raw and "''" not in raw and (not value or (raw.startswith(str(value)) and len(raw) > len(str(value)))):
+            value = raw
+        if value:
+            name = str(value)
+            break
     if not name:
         return None
     if "=?" in name:
@@ -617,6 +661,12 @@ def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str]) -
         try:
             defects.extend(type(d).__name__ for d in part.defects)
             ctype = part.get_content_type()
+            if ctype.startswith("multipart/") and not part.is_multipart():
+                # No usable boundary: the stdlib keeps the body as one string. Read it as text
+                # rather than hide it (bounces with broken MIME still say who failed).
+                text = decode_bytes(_payload_bytes(part), None)
+                body.plain.append(_clean(text.replace("\r\n", "\n").replace("\r", "\n")))
+                continue
             if part.is_multipart() and ctype.startswith("multipart/"):
                 if depth >= limits.max_depth:
                     defects.append(f"cap: nesting deeper than {limits.max_depth}")

@@ -20,6 +20,10 @@ from mailflow.core.message import Attachment
 from mailflow.store.repository import utcnow
 
 LOOP_HEADER = "X-Mailflow-Loop"
+# The stdlib folds a header that does not fit 78 columns by moving its whole value to the next
+# line ("Subject:\r\n Freedom of ..."), which readers then show with a leading space. Headers
+# are kept to one line instead (flatten() caps them well under RFC 5322's 998).
+WIRE = policy.SMTP.clone(max_line_length=998)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -61,7 +65,7 @@ def _address(name: str, addr: str) -> Address:
 
 def build(out: Outgoing) -> bytes:
     """The message as it goes on the wire (CRLF line endings), not yet DKIM-signed."""
-    m = EmailMessage(policy=policy.SMTP)
+    m = EmailMessage(policy=WIRE)
     m["From"] = _address(out.from_name, out.from_addr)
     m["To"] = _address(out.to_name, out.to_addr)
     if out.reply_to:
@@ -86,4 +90,4 @@ def build(out: Outgoing) -> bytes:
             maintype, subtype = "application", "octet-stream"
         m.add_attachment(att.data, maintype=maintype, subtype=subtype,
                          filename=flatten(att.filename, 200) or "attachment")
-    return m.as_bytes(policy=policy.SMTP)
+    return m.as_bytes(policy=WIRE)
