@@ -29,6 +29,7 @@ from email import utils as email_utils
 from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
+from collections.abc import Iterator
 from typing import Any
 
 from mailflow.core.message import Attachment, ParsedMessage
@@ -252,7 +253,7 @@ def html_to_text(markup: str) -> str:
 
 # ------------------------------------------------------------------------- pre-parse caps
 
-def _lines(raw: bytes, start: int = 0):
+def _lines(raw: bytes, start: int = 0) -> Iterator[re.Match[bytes]]:
     return _LINE.finditer(raw, start)
 
 
@@ -391,8 +392,12 @@ def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
                 return cut(entity_start, f"cap: nesting deeper than {limits.max_depth}")
             if in_header:
                 entity_start = m.start() if not is_blank else m.end()
+            elif not stack:
+                return raw   # a single-part body: nothing further can nest
             continue
-        if not line.startswith(b"--") or not stack:
+        if not stack:
+            return raw       # epilogue after the outermost closing boundary
+        if not line.startswith(b"--"):
             continue
         stripped = line.rstrip(b" \t\r\n")
         for idx in range(len(stack) - 1, -1, -1):
@@ -697,12 +702,17 @@ def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str]) -
 
 # ---------------------------------------------------------------------------------- parse
 
-def _body_charset_hint(raw_headers: list[tuple[str, str]]) -> str | None:
-    for k, v in raw_headers:
+def _body_charset_hint(raw_items: list[tuple[str, str]], raw: bytes) -> str | None:
+    """The charset to try on raw 8-bit headers: senders that put 8-bit bytes in headers
+    write them in the same charset as the body (the top level's, else the first part's)."""
+    for k, v in raw_items:
         if k.lower() == "content-type":
             m = re.search(r"charset\s*=\s*\"?([A-Za-z0-9_.:+-]+)", v, re.I)
-            return m.group(1) if m else None
-    return None
+            if m:
+                return m.group(1)
+            break
+    m = re.search(rb"charset\s*=\s*\"?([A-Za-z0-9_.:+-]+)", raw[:64 * 1024], re.I)
+    return m.group(1).decode("ascii") if m else None
 
 
 def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMessage:
@@ -748,7 +758,7 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     raw_items = list(msg.raw_items())
     if not raw_items:
         raise ParseError("no header fields found")
-    hint = _body_charset_hint(raw_items)
+    hint = _body_charset_hint(raw_items, raw)
     headers = [_decode_header(k, v, hint, defects) for k, v in raw_items]
 
     def first(name: str) -> _Header | None:
