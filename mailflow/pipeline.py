@@ -19,6 +19,7 @@ from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
 from mailflow.core.deadlines import due_date
 from mailflow.core.message import Classification, Kind, ParsedMessage
+from mailflow.core.rules import Authority
 from mailflow.errors import StoreError
 from mailflow.mail.parse import ParseError, parse
 from mailflow.outbound.compose import Outgoing, new_message_id
@@ -225,7 +226,9 @@ class Pipeline:
         body = pm.text.strip()
         title = " ".join(pm.subject.split())[:200]
         if not body or not title:
-            return self._queue(c, "empty_request", "new request with no title or no text")
+            return self._refuse_request(c, authority, citizen,
+                                        "the email had no subject (the title of the request)"
+                                        if not title else "the email had no text")
         law = self.site.rules.law_for(authority)
         thread_id = c.tx.create_thread(
             kind="foi", state="awaiting_confirmation", authority=authority.slug, law=law.id,
@@ -247,6 +250,23 @@ class Pipeline:
         self._send(c, out, thread_id=thread_id, kind="confirmation",
                    mail_from=self.site.settings.outbound.bounce_address)
         return Outcome(c.addr.address, "new_request", thread_id)
+
+    def _refuse_request(self, c: "_Ctx", authority: Authority, citizen: str,
+                        problem: str) -> Outcome:
+        """Tell the citizen why nothing was started, as Alaveteli's form would."""
+        s = self.site.settings.site
+        text = render(self.site.templates, "mail/request_problem.txt", site_name=s.name,
+                      site_url=s.url, authority=authority, problem=problem,
+                      citizen_name=c.pm.from_name,
+                      authority_address=f"{authority.slug}@{self.domain}")
+        out = Outgoing(from_addr=f"{authority.slug}@{self.domain}", from_name=s.name,
+                       to_addr=citizen, to_name=c.pm.from_name, domain=self.domain,
+                       subject=f"Your request could not be started: {problem}",
+                       text=text, automatic=True, in_reply_to=c.pm.message_id,
+                       references=[c.pm.message_id or ""])
+        self._send(c, out, thread_id=None, kind="request_problem",
+                   mail_from=self.site.settings.outbound.bounce_address)
+        return Outcome(c.addr.address, "refused:empty_request", None, {"problem": problem})
 
     # -- she confirms: the request goes out --------------------------------------------------
     def _confirmation(self, c: "_Ctx") -> Outcome:

@@ -174,14 +174,33 @@ def test_wrong_token_goes_to_the_queue_not_the_thread(site: Site) -> None:
 
 def test_malformed_message_is_kept_for_an_admin(site: Site) -> None:
     t = ask(site)
-    junk = (b"From: FOI <" + AUTHORITY.encode() + b">\r\nTo: " + t["address"].encode() +
-            b"\r\nSubject: =?utf-8?B?broken\r\nContent-Type: multipart/mixed; boundary=\"x\"\r\n\r\n"
-            b"--x\r\nContent-Type: text/plain; charset=bogus-charset\r\n\r\n\xff\xfe body\r\n"
-            b"--x\r\nContent-Type: multipart/alternative\r\n\r\nno boundary here\r\n")
+    junk = b"\x00\x01 no headers at all \xff\xfe\r\n\r\nbody"
     assert site.ingest(junk, [t["address"]]) == 0
-    msgs = site.json("thread", "show", str(t["id"]))["messages"]
-    queue = site.json("queue", "list")
-    assert any(m["direction"] == "in" and m["kind"] == "response" for m in msgs) or queue
+    q = site.json("queue", "list")
+    assert [i["reason"] for i in q] == ["unparseable"]
+    shown = site.json("queue", "show", str(q[0]["id"]))
+    assert "no headers at all" in shown["message"]["raw_start"]
+    assert site.new_mail() == []
+
+
+def test_broken_mime_still_reaches_the_thread(site: Site) -> None:
+    t = ask(site)
+    broken = (b"From: FOI <" + AUTHORITY.encode() + b">\r\nTo: " + t["address"].encode() +
+              b"\r\nSubject: =?utf-8?B?broken\r\nContent-Type: multipart/mixed; boundary=\"x\"\r\n"
+              b"\r\n--x\r\nContent-Type: text/plain; charset=bogus-charset\r\n\r\n"
+              b"Caf\xe9 figures attached\r\n--x\r\nContent-Type: multipart/alternative\r\n\r\n"
+              b"no boundary and no end\r\n")
+    assert site.ingest(broken, [t["address"]]) == 0
+    (rcpt, fwd, _), = site.new_mail()
+    assert rcpt == JANE and "figures attached" in fwd.get_body(("plain",)).get_content()
+
+
+def test_empty_request_is_answered_not_started(site: Site) -> None:
+    raw = compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "", "Please send it.")
+    assert site.ingest(raw, [f"camden@{DOMAIN}"]) == 0
+    (rcpt, msg, _), = site.new_mail()
+    assert rcpt == JANE and "no subject" in str(msg["Subject"])
+    assert site.json("thread", "list") == []
 
 
 def test_auto_reply_to_confirmation_does_not_send_the_request(site: Site) -> None:

@@ -1,0 +1,180 @@
+"""The pipeline and the outbox over both stores: SQLite and a real PostgreSQL on 127.0.0.1:5432.
+
+Also the outbox's retry and failure paths against a real SMTP smarthost (aiosmtpd) that
+answers 4xx, then 250, or 5xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from conftest import DOMAIN, JANE, Site, compose, free_port
+from mailflow.config import OutboundSettings, SmarthostSettings
+from mailflow.outbound.outbox import deliver_due
+from mailflow.outbound.transports import SmtpTransport
+from mailflow.pipeline import Pipeline
+from mailflow.site import Site as MfSite
+from mailflow.spool import Envelope
+from mailflow.store.repository import utcnow
+
+PG_ADMIN = os.environ.get("MAILFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+AUTHORITY = "foi@camden.gov.example"
+
+
+def _pg_database() -> Iterator[str]:
+    import psycopg
+    name = f"mailflow_test_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def mf(request: pytest.FixtureRequest, site: Site) -> Iterator[MfSite]:
+    s = MfSite.open(site.config)
+    if request.param == "postgresql":
+        gen = _pg_database()
+        url = next(gen)
+        s = MfSite(settings=replace(s.settings, database=replace(s.settings.database, url=url)),
+                   rules=s.rules)
+        try:
+            yield s
+        finally:
+            s.close()
+            next(gen, None)
+    else:
+        yield s
+        s.close()
+
+
+def ingest(mf: MfSite, raw: bytes, rcpt: str, sender: str = "someone@example.org") -> list[int]:
+    result = Pipeline(mf).process(raw, Envelope(mail_from=sender, rcpt_tos=[rcpt], via="test"))
+    return result.outbox_ids
+
+
+def start_request(mf: MfSite) -> tuple[int, str]:
+    ids = ingest(mf, compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "Budget", "Send it."),
+                 f"camden@{DOMAIN}", JANE)
+    assert len(ids) == 1
+    with mf.store.tx() as tx:
+        t = tx.threads()[0]
+    confirm = f"confirm-{t.confirm_token}@{DOMAIN}"
+    ids = ingest(mf, compose(f"Jane <{JANE}>", confirm, "Re", "Yes"), confirm, JANE)
+    assert len(ids) == 1
+    return t.id, f"request-{t.id}-{t.request_token}@{DOMAIN}"
+
+
+def test_pipeline_is_idempotent_on_both_stores(mf: MfSite) -> None:
+    tid, req = start_request(mf)
+    answer = compose(f"FOI <{AUTHORITY}>", req, "RE", "The answer.")
+    assert len(ingest(mf, answer, req)) == 1
+    assert ingest(mf, answer, req) == []            # same bytes again: nothing new
+    with mf.store.tx() as tx:
+        kinds = [m.kind for m in tx.messages(tid)]
+        assert kinds.count("response") == 1
+        assert tx.thread(tid).state == "waiting_response"  # type: ignore[union-attr]
+        assert len(tx.outbox_rows()) == 3               # confirmation, request, forward
+
+
+def test_same_message_id_different_body_is_kept_and_flagged(mf: MfSite) -> None:
+    tid, req = start_request(mf)
+    ingest(mf, compose(f"FOI <{AUTHORITY}>", req, "RE", "First.", msgid="<same@gov.example>"), req)
+    ingest(mf, compose(f"FOI <{AUTHORITY}>", req, "RE", "Second.", msgid="<same@gov.example>"), req)
+    with mf.store.tx() as tx:
+        responses = [m for m in tx.messages(tid) if m.kind == "response"]
+    assert len(responses) == 2
+    assert responses[1].flags == ["same_message_id_different_body"]
+
+
+def test_outbox_claim_is_exclusive_and_leases_expire(mf: MfSite) -> None:
+    start_request(mf)
+    now = utcnow()
+    with mf.store.tx() as tx:
+        first = tx.claim_outbox(now, timedelta(minutes=10))
+    with mf.store.tx() as tx:
+        assert tx.claim_outbox(now, timedelta(minutes=10)) == []   # leased
+    with mf.store.tx() as tx:
+        again = tx.claim_outbox(now + timedelta(minutes=11), timedelta(minutes=10))
+    assert {r.id for r in again} == {r.id for r in first}       # a crashed sender's rows return
+
+
+class _Smarthost:
+    """A real SMTP server that answers RCPT with the codes it is given, in turn."""
+
+    def __init__(self, codes: list[str]):
+        self.codes, self.received = codes, []
+
+    async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        code = self.codes.pop(0) if self.codes else "250 OK"
+        if code.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return code
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.received.append(envelope.content)
+        return "250 2.0.0 queued"
+
+
+def smarthost(codes: list[str]) -> tuple[Controller, _Smarthost, SmarthostSettings]:
+    handler = _Smarthost(codes)
+    port = free_port()
+    c = Controller(handler, hostname="127.0.0.1", port=port, server_hostname="smarthost.test")
+    c.start()
+    return c, handler, SmarthostSettings(host="127.0.0.1", port=port, tls="none", user=None,
+                                         password=None, timeout=10)
+
+
+def test_temporary_failure_is_retried_with_backoff(mf: MfSite) -> None:
+    tid, _ = start_request(mf)
+    ctl, host, hs = smarthost(["451 4.3.0 try later", "451 4.3.0 try later"])
+    try:
+        transport = SmtpTransport(hs, local_hostname="ask.example")
+        counts = asyncio.run(deliver_due(mf.store, transport, [60, 300]))
+        assert counts == {"sent": 0, "retry": 2, "failed": 0}
+        with mf.store.tx() as tx:
+            rows = tx.outbox_rows()
+            assert all(r.state == "queued" and r.attempts == 1 for r in rows)
+            assert all(r.next_attempt_at > utcnow() + timedelta(seconds=50) for r in rows)
+            # bring them due again and deliver
+            for r in rows:
+                tx.outbox_retry(r.id, "test", utcnow() - timedelta(seconds=1))
+        counts = asyncio.run(deliver_due(mf.store, transport, [60, 300]))
+        assert counts["sent"] == 2 and len(host.received) == 2
+        with mf.store.tx() as tx:
+            assert tx.thread(tid).delivery_status != "failed"  # type: ignore[union-attr]
+    finally:
+        ctl.stop()
+
+
+def test_permanent_failure_is_recorded_on_the_thread(mf: MfSite) -> None:
+    tid, _ = start_request(mf)
+    with mf.store.tx() as tx:  # the confirmation was delivered already
+        conf = next(r for r in tx.outbox_rows() if r.rcpt == JANE)
+        tx.outbox_sent(conf.id, "test")
+    ctl, host, hs = smarthost(["550 5.1.1 no such user"])
+    try:
+        counts = asyncio.run(deliver_due(mf.store, SmtpTransport(hs, local_hostname="a.example"),
+                                         [60]))
+    finally:
+        ctl.stop()
+    assert counts == {"sent": 0, "retry": 0, "failed": 1}
+    with mf.store.tx() as tx:
+        t = tx.thread(tid)
+        assert t is not None and t.delivery_status == "failed" and "550" in (t.delivery_detail or "")
+        assert [q.reason for q in tx.queue()] == ["delivery_failed"]
