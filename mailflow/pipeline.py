@@ -363,7 +363,7 @@ class Pipeline:
         from_line = f"{pm.from_name} <{pm.from_addr}>" if pm.from_name else pm.from_addr
         text = render(self.site.templates, "mail/forward.txt", **self._context(thread),
                       from_line=from_line, subject=pm.subject,
-                      date=pm.date.strftime("%-d %B %Y %H:%M %Z") if pm.date else "",
+                      date=(pm.date or utcnow()).strftime("%-d %B %Y %H:%M %Z"),
                       text=pm.text.strip(), attachment_count=len(pm.attachments))
         subject = pm.subject if pm.subject else FOI_SUBJECT.format(title=thread.title, id=thread.id)
         out = Outgoing(

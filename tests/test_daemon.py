@@ -92,3 +92,11 @@ def test_crash_between_spool_and_store_then_restart(site: Site) -> None:
 def test_sigterm_shuts_down_cleanly(site: Site) -> None:
     d = Daemon(site)
     assert d.stop(signal.SIGTERM) == 0
+
+
+def test_demo_plays_the_round_trip(site: Site, daemon: Daemon) -> None:
+    r = site.run("demo", timeout=120)
+    assert r.returncode == 0, r.stdout.decode()[-2000:] + r.stderr.decode()[-2000:]
+    assert b"Round trip complete" in r.stdout
+    states = [t["state"] for t in site.json("thread", "list")]
+    assert states == ["waiting_response"]

@@ -25,7 +25,7 @@ _LOCAL_PART = re.compile(r"([^\s<>@\"',;:]+)@", re.I)
 # Local parts only ever used by mail systems (RFC 5321 §4.5.5, RFC 2142 and common MTAs).
 _MTA_LOCALS = frozenset({"mailer-daemon", "mailer_daemon", "mailerdaemon", "mail-daemon",
                          "mail_daemon", "mail.delivery.system", "mdaemon", "mail-delivery",
-                         "maildelivery", "bounce", "bounces"})
+                         "maildelivery"})
 _POSTMASTER_LOCALS = frozenset({"postmaster", "post_master", "post-master", "poostmaster"})
 # Display names only delivery software uses, and ones a person might also hide behind.
 _MTA_NAMES = re.compile(r"\b(mail\s+deliver(y)?\s+(system|subsystem|service)|mailer[-_ ]?daemon)\b",
@@ -48,7 +48,7 @@ _BOUNCE_SUBJECT = re.compile(r"""^\s*(\[[^\]]{1,40}\]\s*)?(\*\*\s*)?(
     | delivery\s+status\s+notification(?!\s*\((success|relay|delivered)\))
     | delivery\s+notification:\s*delivery\s+has\s+failed
     | delivery\s+report\s*\((failure|delay)
-    | delivery\s+status(\s+notification)?\s*(:|$|\()
+    | delivery\s+status\s*$
     | delayed\s+mail
     | returned\s+mail
     | failure\s+(notice|delivery)
@@ -61,7 +61,6 @@ _BOUNCE_SUBJECT = re.compile(r"""^\s*(\[[^\]]{1,40}\]\s*)?(\*\*\s*)?(
     | (mail|message)\s+could\s+not\s+be\s+delivered
     | message\s+delivery\s+has\s+failed
     | warning:\s+(could\s+not\s+send\s+message|message\s+\S+\s+delayed)
-    | returned\s+mail\s*[-:]
     | there\s+was\s+an\s+error\s+sending\s+your\s+mail
     | e-?mail\s+bounce\s+notification
     | message\s+you\s+sent\s+blocked
@@ -77,7 +76,7 @@ _BOUNCE_SUBJECT = re.compile(r"""^\s*(\[[^\]]{1,40}\]\s*)?(\*\*\s*)?(
     | メールエラー | 配信できません | 配送エラー | 送信できませんでした
     | 邮件传输失败 | 退信 | 无法投递 | 未能送达
 )""", re.I | re.X)
-# Warnings about delay, read to decide that a bounce is temporary.
+# Bounce wording that may follow other text in a subject; counts only with body evidence.
 _BOUNCE_SUBJECT_ANYWHERE = re.compile(
     r"(delivery\s+status\s+notification\s*\((failure|delay)\)|mail\s+delivery\s+failed|"
     r"undelivered\s+mail\s+returned\s+to\s+sender|\(delivery\s+failure\)|non\s+remis)", re.I)
@@ -106,6 +105,7 @@ _SMTP_CODE = re.compile(r"(?m)(?:^|[\s:(\[])([45])\d\d(?=[\s-])")
 _MAILBOX_FULL = re.compile(
     r"(mailbox\s+(is\s+)?full|over\s*quota|quota\s+exceeded|exceeded\s+(the\s+)?(storage|quota)|"
     r"insufficient\s+(system\s+)?storage|mailbox\s+size\s+limit|disk\s+quota|"
+    r"mailbox\s+exceeds|exceeds\s+(the\s+)?allowed\s+size|"
     r"メールボックスが一杯|\b[45]\.2\.2\b)", re.I)
 _DELAY = re.compile(
     r"(\bdelayed\b|will\s+(continue\s+to\s+)?(re)?try|still\s+(being\s+)?(re)?tr(y|ied|ying)|"
@@ -116,7 +116,9 @@ _PERMANENT = re.compile(
     r"(permanent(ly)?\s+(fatal\s+)?(error|failure|failed)|this\s+is\s+a\s+permanent|"
     r"user\s+unknown|unknown\s+user|no\s+such\s+(user|mailbox|recipient)|does\s+not\s+exist|"
     r"recipient\s+address\s+rejected|address\s+rejected|unrouteable|not\s+listed\s+in|"
-    r"host\s+unknown|invalid\s+(user|recipient|address))", re.I)
+    r"host\s+unknown|invalid\s+(user|recipient|address)|unknown\s+recipient|"
+    r"recipient\s+name\s+is\s+not\s+recognized|no\s+matches\s+to\s+nameserver|"
+    r"account\s+(has\s+been\s+)?(disabled|deactivated|closed))", re.I)
 
 _OOF_SUBJECT = re.compile(r"""(
       out\s+of\s+(the\s+)?office | \bOOO\b | \bOOF\b | auto(matic|mated)?[-\s]?(reply|response|respons|answer)
@@ -182,10 +184,10 @@ def _recipient(value: str) -> str:
 def _failed_from_text(text: str) -> list[str]:
     """Recipients named in common non-DSN bounce layouts (qmail, Postfix, Exim)."""
     found = re.findall(r"(?m)^\s*<([^<>\s]+@[^<>\s]+)>\s*:", text)
-    m = re.search(r"following\s+address(?:\(es\)|es)?\s+failed:?\s*\n((?:[ \t]*\S*\n?){1,12})", text,
-                  re.I)
-    if m:
-        found += [a for a in _ADDRESS.findall(m.group(1))]
+    m = re.search(r"following\s+address(?:\(es\)|es)?\s+failed:?", text, re.I)
+    if m:  # Exim lists them, indented, on the next lines
+        for line in text[m.end():].split("\n")[:12]:
+            found += _ADDRESS.findall(line)
     return found
 
 
@@ -267,23 +269,25 @@ def _bounce(msg: ParsedMessage, null_sender: bool, null_why: str) -> Classificat
     # 1. RFC 3464 delivery status notification.
     if blocks or (is_report and report_type == "delivery-status"):
         recipients = [b for b in blocks if "final-recipient" in b or "original-recipient" in b]
-        actions = {b.get("action", "").lower().split()[0] for b in recipients if b.get("action")}
+        actions = {a.split()[0].lower() for b in recipients if (a := b.get("action", "").strip())}
         statuses = " ".join(b.get("status", "") for b in recipients)
-        diag = " ".join(b.get("diagnostic-code", "") for b in recipients)
         failed = _dedupe(_recipient(b.get("final-recipient") or b.get("original-recipient", ""))
                          for b in recipients
                          if b.get("action", "failed").lower().startswith(("failed", "delayed")))
         if actions and actions <= {"delivered", "relayed", "expanded"}:
             return Classification(Kind.AUTO_REPLY,
                                    f"delivery status notification: {', '.join(sorted(actions))}")
-        if "delayed" in actions and "failed" not in actions:
-            permanent: bool | None = False
-        elif statuses.strip():
-            permanent = _permanence(statuses + " " + diag)
-            if permanent is True and _MAILBOX_FULL.search(diag):
-                permanent = False
+        # One recipient gone for good makes the report permanent, even if another's mailbox
+        # is merely full.
+        each = [False if b.get("action", "").lower().startswith("delayed")
+                else _permanence(b.get("status", "") + " " + b.get("diagnostic-code", ""))
+                for b in recipients]
+        if True in each:
+            permanent: bool | None = True
+        elif False in each:
+            permanent = False
         else:
-            permanent = _permanence(diag + "\n" + text)
+            permanent = _permanence(text)
         why = "multipart/report; report-type=delivery-status" if is_report else \
               "message/delivery-status part"
         detail = f" (Action: {', '.join(sorted(actions))}; Status: {statuses.strip()})" \
