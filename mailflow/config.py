@@ -79,6 +79,12 @@ class DkimSettings:
 
 
 @dataclass(frozen=True)
+class ClassifySettings:
+    spam_header: str | None
+    spam_threshold: float
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     site: SiteSettings
@@ -87,6 +93,7 @@ class Settings:
     smtp: SmtpSettings
     outbound: OutboundSettings
     dkim: DkimSettings
+    classify: ClassifySettings = ClassifySettings(None, 5.0)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -138,6 +145,10 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "password": (str, ""),
         "password_env": (str, ""),
         "timeout": ((int, float), 30),
+    },
+    "classify": {
+        "spam_header": (str, ""),
+        "spam_threshold": ((int, float), 5.0),
     },
     "dkim": {
         "selector": (str, "mailflow"),
@@ -247,6 +258,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     out = _check_table(path, "outbound", data.get("outbound"))
     host = _check_table(path, "outbound.smtp", (data.get("outbound") or {}).get("smtp"))
     dkim = _check_table(path, "dkim", data.get("dkim"))
+    cls = _check_table(path, "classify", data.get("classify"))
 
     domain = site["domain"].strip().lower().rstrip(".")
     if not domain or "@" in domain or " " in domain or "." not in domain:
@@ -303,5 +315,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
                 timeout=float(host["timeout"]))),
         dkim=DkimSettings(selector=dkim["selector"], domain=(dkim["domain"] or domain).lower(),
                           key_file=_resolve(base, dkim["key_file"])),
+        classify=ClassifySettings(spam_header=cls["spam_header"] or None,
+                                  spam_threshold=float(cls["spam_threshold"])),
         raw=data,
     )

@@ -16,7 +16,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from mailflow.core.door import check_recipient
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.outbound.outbox import deliver_due
-from mailflow.pipeline import Pipeline
+from mailflow.pipeline import Gatekeeper, Pipeline
 from mailflow.site import Site
 
 log = logging.getLogger("mailflow.daemon")
@@ -26,14 +26,19 @@ class Daemon:
     def __init__(self, site: Site):
         self.site = site
         self.pipeline = Pipeline(site)
+        self.gatekeeper = Gatekeeper(site)
         self.wakeup: asyncio.Queue[str | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self._outbox_lock = asyncio.Lock()
 
     # -- the door ----------------------------------------------------------------------------
-    def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
+    async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
         d = check_recipient(rcpt, domain=self.site.domain, slugs=self.site.rules.slugs,
                             site_url=self.site.settings.site.url)
+        if d.accept and d.address is not None and d.address.thread_id is not None:
+            refusal = await asyncio.to_thread(self.gatekeeper.refusal, d.address, mail_from)
+            if refusal is not None:
+                return RcptDecision(False, refusal)
         return RcptDecision(d.accept, d.reply)
 
     def on_spooled(self, spool_id: str) -> None:

@@ -18,6 +18,7 @@ from mailflow.core import addresses as A
 from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
 from mailflow.core.deadlines import due_date
+from mailflow.core.door import gate
 from mailflow.core.message import Classification, Kind, ParsedMessage
 from mailflow.core.rules import Authority
 from mailflow.errors import StoreError
@@ -26,6 +27,7 @@ from mailflow.outbound.compose import Outgoing, new_message_id
 from mailflow.outbound.outbox import queue_message
 from mailflow.site import Site
 from mailflow.spool import Envelope, Spool, SpoolItem
+from mailflow.store.lookup import StoreLookup
 from mailflow.store.repository import Thread, Tx, utcnow
 from mailflow.templating import render
 
@@ -444,6 +446,25 @@ class Pipeline:
                                 (thread.citizen_email, "[requester's email address]")):
             text = re.sub(re.escape(secret), instead, text, flags=re.I)
         return text
+
+
+class Gatekeeper:
+    """Applies each thread's "who may still write" policy at the door (SMTP RCPT)."""
+
+    def __init__(self, site: Site):
+        self.site = site
+
+    def refusal(self, addr: OurAddress, sender: str) -> str | None:
+        with self.site.store.tx() as tx:
+            thread = tx.thread(addr.thread_id or 0)
+            if thread is None:
+                return None  # accepted, and the queue will say why it matched nothing
+            token = thread.request_token if addr.kind is AddressKind.REQUEST else thread.reply_token
+            if not A.token_matches(addr.token, token):
+                return None
+            known = StoreLookup(tx, self.site.rules).known_senders(thread.authority)
+        return gate(thread.allow, authority_side=addr.kind is AddressKind.REQUEST,
+                    sender=sender, known_senders=known)
 
 
 @dataclass

@@ -372,14 +372,39 @@ def _auto_reply(msg: ParsedMessage, null_sender: bool, null_why: str) -> Classif
     return None
 
 
+_SCORE = re.compile(r"[-+]?\d+(?:[.,]\d+)?")
+
+
+def _spam(msg: ParsedMessage, header: str | None, threshold: float | None) -> Classification | None:
+    """An upstream filter's score (SpamAssassin's X-Spam-Score, rspamd's X-Spamd-Score...).
+
+    Only a header the site configured is trusted: anyone can write any header, so the site's
+    own MTA must be the one that sets (and strips incoming copies of) it.
+    """
+    if not header or threshold is None:
+        return None
+    for value in msg.header_all(header):
+        m = _SCORE.search(value)
+        if m is None:
+            continue
+        score = float(m.group(0).replace(",", "."))
+        if score >= threshold:
+            return Classification(Kind.SPAM, f"{header}: {score:g} (threshold {threshold:g})")
+    return None
+
+
 def classify(msg: ParsedMessage, envelope_sender: str | None, *, our_domain: str,
-             loop_header: str = "X-Mailflow-Loop") -> Classification:
+             loop_header: str = "X-Mailflow-Loop", spam_header: str | None = None,
+             spam_threshold: float | None = None) -> Classification:
     """What this message is. `envelope_sender` is the SMTP MAIL FROM ("" for the null
     sender, None when unknown, e.g. a message read from a file or IMAP); when unknown, a
     `Return-Path: <>` header stands in for it."""
     loop = _loop(msg, our_domain, loop_header)
     if loop is not None:
         return loop
+    spam = _spam(msg, spam_header, spam_threshold)
+    if spam is not None:
+        return spam
 
     if envelope_sender is not None:
         null_sender = envelope_sender.strip() in ("", "<>")

@@ -29,3 +29,24 @@ def check_recipient(rcpt: str, *, domain: str, slugs: frozenset[str], site_url: 
         return DoorDecision(False, f"550 5.1.1 <{rcpt}>: no such authority or request here; "
                                    f"the list of authorities is at {where}")
     return DoorDecision(False, f"550 5.7.1 <{rcpt}>: relay access denied")
+
+
+ALLOW_POLICIES = ("anybody", "authority", "nobody")
+
+
+def gate(allow: str, *, authority_side: bool, sender: str, known_senders: frozenset[str]) -> str | None:
+    """Who may still write to a thread. None: let it in; else the SMTP refusal to give.
+
+    `allow` is the thread's policy: "anybody", "authority" (only the authority's known
+    senders, and delivery reports about our own mail, which come from the null sender) or
+    "nobody" (closed). The citizen's side is only ever closed, never narrowed: who the
+    citizen is, is checked once the message is read.
+    """
+    if allow == "nobody":
+        return "550 5.7.1 This request is closed to new correspondence"
+    if allow == "authority" and authority_side:
+        if sender == "" or sender.lower() in known_senders:
+            return None
+        return ("550 5.7.1 This request only accepts mail from the authority's known "
+                "addresses")
+    return None

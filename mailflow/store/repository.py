@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
-from mailflow.store.tables import (deliveries, messages, outbox, queue_items, raw_messages,
-                                   threads)
+from mailflow.store.tables import (authority_senders, deliveries, messages, outbox, queue_items,
+                                   raw_messages, threads)
 
 
 def utcnow() -> datetime:
@@ -52,6 +52,7 @@ class Thread:
     due_date: date | None
     delivery_status: str
     delivery_detail: str | None
+    allow: str = "anybody"
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,47 @@ class Tx:
              .order_by(messages.c.id.desc()).limit(1))
         row = self.c.execute(q).first()
         return _message(row) if row else None
+
+    def threads_for_message_ids(self, message_ids: list[str]) -> dict[str, int]:
+        """Our own sent Message-IDs among these, and the thread each belongs to."""
+        if not message_ids:
+            return {}
+        q = select(messages.c.message_id, messages.c.thread_id).where(
+            messages.c.direction == "out", messages.c.thread_id.is_not(None),
+            messages.c.message_id.in_(message_ids[:200]))
+        return {mid: tid for mid, tid in self.c.execute(q)}
+
+    def open_threads(self, authorities: set[str] | None = None) -> list[Thread]:
+        """Threads that were sent and that someone may still write to."""
+        q = select(threads).where(threads.c.sent_at.is_not(None), threads.c.allow != "nobody")
+        if authorities is not None:
+            q = q.where(threads.c.authority.in_(sorted(authorities)))
+        return [_thread(r) for r in self.c.execute(q.order_by(threads.c.id))]
+
+    # -- the directory of authority senders ----------------------------------------------
+    def learned_senders(self, authority: str | None = None) -> list[tuple[str, str, bool]]:
+        """(authority, address, learned from Reply-To) for every learned sender."""
+        q = select(authority_senders.c.authority, authority_senders.c.address,
+                   authority_senders.c.reply_to)
+        if authority is not None:
+            q = q.where(authority_senders.c.authority == authority)
+        return [(a, addr, bool(rt)) for a, addr, rt in self.c.execute(q)]
+
+    def learn_sender(self, authority: str, address: str, *, reply_to: bool,
+                     thread_id: int | None) -> bool:
+        """Record an address as a known sender for the authority; True if it is new."""
+        now = utcnow()
+        found = self.c.execute(select(authority_senders.c.id).where(
+            authority_senders.c.authority == authority,
+            authority_senders.c.address == address)).first()
+        if found:
+            self.c.execute(update(authority_senders).where(authority_senders.c.id == found[0])
+                           .values(last_seen=now))
+            return False
+        self.c.execute(insert(authority_senders).values(
+            authority=authority, address=address, reply_to=reply_to, thread_id=thread_id,
+            first_seen=now, last_seen=now))
+        return True
 
     # -- outbox -------------------------------------------------------------------------
     def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str) -> int:

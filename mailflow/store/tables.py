@@ -46,6 +46,9 @@ threads = Table(
     Column("due_date", Date, nullable=True),
     Column("delivery_status", String(16), nullable=False, default="pending"),
     Column("delivery_detail", Text, nullable=True),
+    # Who may still write to the thread: "anybody", "authority" (its known senders only) or
+    # "nobody" (closed). Enforced at RCPT time over SMTP, by the queue for ingest and IMAP.
+    Column("allow", String(16), nullable=False, default="anybody", server_default="anybody"),
 )
 Index("ix_threads_state", threads.c.state)
 Index("ix_threads_authority", threads.c.authority)
@@ -106,6 +109,20 @@ outbox = Table(
     Column("sent_at", UTC_DT, nullable=True),
 )
 Index("ix_outbox_due", outbox.c.state, outbox.c.next_attempt_at)
+
+# The directory mailflow learns: addresses that wrote for an authority on one of its threads.
+# `rules/authorities.toml` stays the source of truth for contacts; these are known senders.
+authority_senders = Table(
+    "authority_senders", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("authority", String(64), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("reply_to", Boolean, nullable=False, default=False),   # learned from a Reply-To
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=True),  # where first seen
+    Column("first_seen", UTC_DT, nullable=False),
+    Column("last_seen", UTC_DT, nullable=False),
+    UniqueConstraint("authority", "address", name="uq_authority_senders_authority_address"),
+)
 
 queue_items = Table(
     "queue_items", metadata,
