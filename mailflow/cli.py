@@ -164,6 +164,35 @@ def ingest(ctx: Ctx, rcpts: tuple[str, ...], sender: str | None) -> None:
     sys.exit(code)
 
 
+@cli.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--rcpt", "rcpts", multiple=True, metavar="ADDR",
+              help="Envelope recipient (repeatable). Without it: from the message's headers.")
+@click.option("--sender", default=None, metavar="ADDR", help="Envelope sender ('' for <>).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def explain(ctx: Ctx, file: Any, rcpts: tuple[str, ...], sender: str | None, as_json: bool) -> None:
+    """Say what would happen to a message, and why, without storing or sending anything."""
+    from mailflow.explain import explain_bytes
+    data = explain_bytes(ctx.site, file.read(), list(rcpts), sender)
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]{data['decision']}[/]"
+                  + (f" → thread {', '.join(map(str, data['threads']))}" if data["threads"] else "")
+                  + (f" (queue: {data['queue_reason']})" if data.get("queue_reason") else ""))
+    console.print(f"classification: {data['classification']} ({data['classification_reason']})",
+                  highlight=False)
+    for r in data["reasons"]:
+        console.print(f"  - {r}", highlight=False)
+    for e in data["evidence"]:
+        mark = "✓" if e["verified"] else "✗"
+        console.print(f"  {mark} {e['method']} in {e['source']}: {e['detail']}", highlight=False)
+    for sug in data["suggestions"]:
+        console.print(f"  ? thread {sug['thread_id']} ({sug['score']:.2f}): {sug['reason']}",
+                      highlight=False)
+
+
 # -- dkim --------------------------------------------------------------------------------------
 @cli.group()
 def dkim() -> None:
@@ -209,6 +238,7 @@ def thread_json(site: Any, tx: Any, thread: Any, with_messages: bool = True) -> 
         "authority": thread.authority, "law": thread.law, "title": thread.title,
         "created_at": thread.created_at, "sent_at": thread.sent_at,
         "due_date": thread.due_date, "delivery_status": thread.delivery_status,
+        "allow": thread.allow,
         "citizen": {"name": thread.citizen_name, "email": thread.citizen_email},
     }
     if with_messages:
@@ -274,6 +304,44 @@ def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
         arrow = "→" if m["direction"] == "out" else "←"
         console.print(f" {arrow} {m['date']:%Y-%m-%d %H:%M} {m['kind']:<13} {m['from']}: "
                       f"{m['subject']}{how}", highlight=False)
+
+
+def _set_allow(ctx: Ctx, thread_id: int, policy: str) -> None:
+    with ctx.site.store.tx() as tx:
+        if tx.thread(thread_id) is None:
+            raise NotFound(f"no thread {thread_id}")
+        tx.update_thread(thread_id, allow=policy)
+    console.print(f"thread {thread_id}: {_ALLOW_WORDS[policy]}")
+
+
+_ALLOW_WORDS = {"anybody": "anybody may write to it",
+                "authority": "only the authority's known addresses may write to it",
+                "nobody": "closed: nobody may write to it"}
+
+
+@thread.command("allow")
+@click.argument("thread_id", type=int)
+@click.argument("policy", type=click.Choice(list(_ALLOW_WORDS)))
+@pass_ctx
+def thread_allow(ctx: Ctx, thread_id: int, policy: str) -> None:
+    """Who may still write to a thread: anybody, the authority only, or nobody."""
+    _set_allow(ctx, thread_id, policy)
+
+
+@thread.command("close")
+@click.argument("thread_id", type=int)
+@pass_ctx
+def thread_close(ctx: Ctx, thread_id: int) -> None:
+    """Refuse all further mail to the thread (at RCPT over SMTP; queued from ingest)."""
+    _set_allow(ctx, thread_id, "nobody")
+
+
+@thread.command("reopen")
+@click.argument("thread_id", type=int)
+@pass_ctx
+def thread_reopen(ctx: Ctx, thread_id: int) -> None:
+    """Let anybody write to the thread again."""
+    _set_allow(ctx, thread_id, "anybody")
 
 
 # -- queue ------------------------------------------------------------------------------------------

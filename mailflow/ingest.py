@@ -52,6 +52,8 @@ def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -
     accepted = [r for r in rcpts
                 if check_recipient(r, domain=site.domain, slugs=site.rules.slugs,
                                    site_url=s.site.url).accept]
+    if not accepted and from_headers and pm is not None and Pipeline(site).names_us(pm):
+        accepted = rcpts  # a catch-all mailbox: our Message-ID or a retyped address names us
     if not accepted:
         return EX_NOUSER, "no recipient is one of ours: " + (", ".join(rcpts) or "(none found)")
     if len(raw) > s.smtp.max_message_size:

@@ -17,6 +17,7 @@ from typing import Any
 from mailflow.core import addresses as A
 from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
+from mailflow.core.matching import Decision, match
 from mailflow.core.deadlines import due_date
 from mailflow.core.door import gate
 from mailflow.core.message import Classification, Kind, ParsedMessage
@@ -102,45 +103,130 @@ class Pipeline:
     # -- the message side ----------------------------------------------------------------
     def process(self, raw: bytes, envelope: Envelope) -> Result:
         result = Result()
-        ours = self.our_recipients(envelope.rcpt_tos)
         try:
             pm: ParsedMessage | None = parse(raw)
+            parse_error = ""
         except ParseError as e:
-            pm = None
-            parse_error = str(e)
+            pm, parse_error = None, str(e)
         with self.site.store.tx() as tx:
             sha = tx.put_raw(raw)
             if pm is None:
-                for addr in ours or [None]:
-                    key = addr.address if addr else "(none)"
-                    if tx.delivery_seen(sha, key):
-                        continue
+                if not tx.delivery_seen(sha, "unparseable"):
                     tx.add_queue_item("unparseable", f"unparseable message: {parse_error}"[:500],
                                       raw_sha256=sha,
                                       detail={"envelope": envelope.to_json(), "error": parse_error})
-                    tx.record_delivery(sha, key, envelope.to_json(), "queued:unparseable")
-                    result.outcomes.append(Outcome(key, "queued:unparseable"))
+                    tx.record_delivery(sha, "unparseable", envelope.to_json(), "queued:unparseable")
+                result.outcomes.append(Outcome("(unparseable)", "queued:unparseable"))
                 return result
-            cls = classify(pm, envelope.mail_from, our_domain=self.domain)
-            if not ours:
-                tx.add_queue_item("no_recipient", f"no address of ours among {envelope.rcpt_tos}",
-                                  raw_sha256=sha, detail={"envelope": envelope.to_json()})
-                result.outcomes.append(Outcome("(none)", "queued:no_recipient"))
-                return result
-            for addr in ours:
-                if tx.delivery_seen(sha, addr.address):
-                    result.outcomes.append(Outcome(addr.address, "duplicate"))
+            plan = self.plan(tx, pm, envelope)
+            for step in plan.steps:
+                if tx.delivery_seen(sha, step.key):
+                    result.outcomes.append(Outcome(step.key, "duplicate", step.thread_id))
                     continue
-                ctx = _Ctx(tx=tx, pm=pm, cls=cls, addr=addr, sha=sha, envelope=envelope,
-                           result=result)
-                outcome = self._dispatch(ctx)
-                tx.record_delivery(sha, addr.address, envelope.to_json(), outcome.outcome,
+                c = _Ctx(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
+                         envelope=envelope, result=result, step=step)
+                outcome = self._execute(c)
+                tx.record_delivery(sha, step.key, envelope.to_json(), outcome.outcome,
                                    {"thread_id": outcome.thread_id, **outcome.detail,
-                                    "classification": cls.kind.value, "reason": cls.reason})
+                                    "classification": plan.classification.kind.value,
+                                    "reason": plan.classification.reason})
                 result.outcomes.append(outcome)
                 log.info("%s -> %s: %s (thread %s; %s)", pm.from_addr or envelope.mail_from,
-                         addr.address, outcome.outcome, outcome.thread_id, cls.reason)
+                         step.key, outcome.outcome, outcome.thread_id, plan.classification.reason)
         return result
+
+    # -- deciding, without writing anything (also what `mailflow explain` shows) ------------
+    def classify(self, pm: ParsedMessage, envelope: Envelope) -> Classification:
+        c = self.site.settings.classify
+        sender = None if envelope.via in ("imap", "unknown", "explain") else envelope.mail_from
+        return classify(pm, sender, our_domain=self.domain, spam_header=c.spam_header,
+                        spam_threshold=c.spam_threshold)
+
+    def plan(self, tx: Tx, pm: ParsedMessage, envelope: Envelope) -> "Plan":
+        """What should happen to this message, step by step, with the reasons. Reads only."""
+        cls = self.classify(pm, envelope)
+        rcpts = envelope.rcpt_tos if not envelope.rcpt_from_headers else recipients_from_headers(pm)
+        ours = self.our_recipients(rcpts)
+        plan = Plan(classification=cls, recipients=[a.address for a in ours])
+        if cls.kind is Kind.LOOP:
+            plan.add(Step("loop", "queue", queue_reason="loop",
+                          why=f"our own mail came back: {cls.reason}"))
+            return plan
+        threadish = [a for a in ours if a.kind in (AddressKind.REQUEST, AddressKind.REPLY)]
+        for a in ours:
+            if a not in threadish:
+                plan.add(Step(a.address, a.kind.value, addr=a))
+        if threadish or (envelope.rcpt_from_headers and not plan.steps):
+            envelope_rcpts = () if envelope.rcpt_from_headers else tuple(envelope.rcpt_tos)
+            decision = match(pm, StoreLookup(tx, self.site.rules), domain=self.domain,
+                             envelope_rcpts=envelope_rcpts)
+            plan.decision = decision
+            plan.reasons.extend(decision.reasons)
+            if decision.action == "thread":
+                for tid, kind in decision.threads:
+                    self._thread_step(tx, plan, pm, envelope, tid, kind, decision)
+            elif decision.action == "queue":
+                plan.add(Step("matcher", "queue", queue_reason=decision.queue_reason or "unmatched",
+                              why="; ".join(decision.reasons[-2:]) or "no thread could be decided",
+                              thread_id=None, decision=decision))
+            elif threadish:
+                plan.add(Step("matcher", "queue", queue_reason="no_evidence",
+                              why="addressed to a thread address that names no thread",
+                              decision=decision))
+        if not plan.steps and not envelope.rcpt_from_headers:
+            plan.add(Step("(none)", "queue", queue_reason="no_recipient",
+                          why=f"no address of ours among {envelope.rcpt_tos}"))
+        return plan
+
+    def names_us(self, pm: ParsedMessage) -> bool:
+        """Without an envelope: does any of our addresses, Message-IDs or tags name this?"""
+        with self.site.store.tx() as tx:
+            return match(pm, StoreLookup(tx, self.site.rules), domain=self.domain).names_us
+
+    def _thread_step(self, tx: Tx, plan: "Plan", pm: ParsedMessage, envelope: Envelope,
+                     tid: int, kind: AddressKind, decision: Decision) -> None:
+        thread = tx.thread(tid)
+        assert thread is not None  # the matcher only names threads that exist
+        strongest = next((e for e in decision.evidence if e.thread_id == tid and e.strong), None)
+        method = strongest.method if strongest else "reply_address"
+        detail = {
+            "source": strongest.source if strongest else "",
+            "detail": strongest.detail if strongest else "",
+            "evidence": [{"method": e.method, "source": e.source, "thread_id": e.thread_id,
+                          "verified": e.verified, "strong": e.strong, "detail": e.detail}
+                         for e in decision.evidence][:20],
+        }
+        side = "authority_mail" if kind is AddressKind.REQUEST else "citizen_mail"
+        key = f"{kind.value}-{tid}"
+        sender = envelope.mail_from if envelope.via not in ("imap", "unknown") else pm.from_addr
+        refusal = gate(thread.allow, authority_side=kind is AddressKind.REQUEST,
+                       sender=sender if sender is not None else pm.from_addr,
+                       known_senders=StoreLookup(tx, self.site.rules).known_senders(thread.authority))
+        if refusal is not None:
+            plan.reasons.append(f"thread {tid} refuses this sender: {refusal[10:]}")
+            plan.add(Step(key, "queue", queue_reason="gatekeeper", why=refusal[10:],
+                          thread_id=tid))
+            return
+        plan.add(Step(key, side, thread_id=tid, match_method=method, match_detail=detail))
+
+    def _execute(self, c: "_Ctx") -> Outcome:
+        step = c.step
+        if step.action == "queue":
+            suggestions = ([{"thread_id": s.thread_id, "score": round(s.score, 2),
+                             "reason": s.reason} for s in step.decision.suggestions]
+                           if step.decision else [])
+            return self._queue(c, step.queue_reason or "unmatched", step.why,
+                               thread_id=step.thread_id, suggestions=suggestions,
+                               reasons=list(step.decision.reasons) if step.decision else [])
+        handler = {
+            "authority": self._new_request,       # <slug>@: a citizen starts a request
+            "confirm": self._confirmation,
+            "authority_mail": self._authority_mail,
+            "citizen_mail": self._citizen_mail,
+        }.get(step.action)
+        if handler is None:  # postmaster@, abuse@, bounces@: a person reads them
+            return self._queue(c, step.action, f"mail to {step.key}")
+        return handler(c)
 
     def our_recipients(self, rcpts: list[str]) -> list[OurAddress]:
         found: dict[str, OurAddress] = {}
@@ -150,29 +236,16 @@ class Pipeline:
                 found[a.address] = a
         return list(found.values())
 
-    def _dispatch(self, c: "_Ctx") -> Outcome:
-        if c.cls.kind is Kind.LOOP:
-            return self._queue(c, "loop", f"our own mail came back: {c.cls.reason}")
-        handler = {
-            AddressKind.AUTHORITY: self._new_request,
-            AddressKind.CONFIRM: self._confirmation,
-            AddressKind.REQUEST: self._authority_mail,
-            AddressKind.REPLY: self._citizen_mail,
-        }.get(c.addr.kind)
-        if handler is None:  # postmaster@, abuse@, bounces@: a person reads them
-            return self._queue(c, c.addr.kind.value, f"mail to {c.addr.address}")
-        return handler(c)
-
     # -- helpers ---------------------------------------------------------------------------
     def _queue(self, c: "_Ctx", reason: str, why: str, thread_id: int | None = None,
                **detail: Any) -> Outcome:
         summary = f"{why} — from {c.pm.from_addr or c.envelope.mail_from or '<>'}: {c.pm.subject}"
         c.tx.add_queue_item(reason, summary[:500], raw_sha256=c.sha, thread_id=thread_id,
-                            detail={"why": why, "rcpt": c.addr.address,
+                            detail={"why": why, "rcpt": c.step.key,
                                     "envelope": c.envelope.to_json(),
                                     "classification": c.cls.kind.value,
                                     "classification_reason": c.cls.reason, **detail})
-        return Outcome(c.addr.address, f"queued:{reason}", thread_id, {"why": why})
+        return Outcome(c.step.key, f"queued:{reason}", thread_id, {"why": why})
 
     def _store_in(self, c: "_Ctx", thread_id: int | None, kind: str, method: str | None,
                   detail: dict[str, Any] | None, flags: list[str] | None = None) -> int:
@@ -211,17 +284,13 @@ class Pipeline:
     def reply_address(self, thread: Thread) -> str:
         return A.thread_address(AddressKind.REPLY, thread.id, thread.reply_token, self.domain)
 
-    def _match_detail(self, c: "_Ctx") -> dict[str, Any]:
-        source = ("envelope recipient" if not c.envelope.rcpt_from_headers
-                  else "message headers (no envelope)")
-        return {"address": c.addr.address, "source": source, "token": "verified"}
-
     # -- a citizen starts a request ----------------------------------------------------------
     def _new_request(self, c: "_Ctx") -> Outcome:
         pm = c.pm
+        assert c.addr is not None
         authority = self.site.rules.authorities[c.addr.slug or ""]
         if not self._may_answer(c):
-            return self._queue(c, "automatic", f"automatic mail to {c.addr.address} ({c.cls.reason})")
+            return self._queue(c, "automatic", f"automatic mail to {c.step.key} ({c.cls.reason})")
         citizen = pm.reply_to[0] if pm.reply_to else pm.from_addr
         if not citizen or A.is_our_domain(citizen, self.domain):
             return self._queue(c, "no_sender", "new request without a usable sender address")
@@ -240,7 +309,7 @@ class Pipeline:
         thread = c.tx.thread(thread_id)
         assert thread is not None and thread.confirm_token
         self._store_in(c, thread_id, "draft", "authority_address",
-                       {"address": c.addr.address, "authority": authority.slug})
+                       {"address": c.step.key, "authority": authority.slug})
         confirm = A.confirm_address(thread.confirm_token, self.domain)
         out = Outgoing(
             from_addr=confirm, from_name=self.site.settings.site.name, reply_to=confirm,
@@ -251,7 +320,7 @@ class Pipeline:
             message_id=new_message_id(self.domain, f"confirm{thread_id}"))
         self._send(c, out, thread_id=thread_id, kind="confirmation",
                    mail_from=self.site.settings.outbound.bounce_address)
-        return Outcome(c.addr.address, "new_request", thread_id)
+        return Outcome(c.step.key, "new_request", thread_id)
 
     def _refuse_request(self, c: "_Ctx", authority: Authority, citizen: str,
                         problem: str) -> Outcome:
@@ -268,10 +337,11 @@ class Pipeline:
                        references=[c.pm.message_id or ""])
         self._send(c, out, thread_id=None, kind="request_problem",
                    mail_from=self.site.settings.outbound.bounce_address)
-        return Outcome(c.addr.address, "refused:empty_request", None, {"problem": problem})
+        return Outcome(c.step.key, "refused:empty_request", None, {"problem": problem})
 
     # -- she confirms: the request goes out --------------------------------------------------
     def _confirmation(self, c: "_Ctx") -> Outcome:
+        assert c.addr is not None
         thread = c.tx.thread_by_confirm_token(c.addr.token or "")
         if thread is None or not A.token_matches(c.addr.token, thread.confirm_token or ""):
             return self._queue(c, "unknown_confirmation",
@@ -279,9 +349,9 @@ class Pipeline:
         if c.cls.automatic:
             # An out-of-office must never confirm a request on the citizen's behalf.
             self._store_in(c, thread.id, c.cls.kind.value, "confirm_address",
-                           self._match_detail(c))
-            return Outcome(c.addr.address, f"ignored:{c.cls.kind.value}", thread.id)
-        self._store_in(c, thread.id, "confirmation", "confirm_address", self._match_detail(c))
+                           {"address": c.step.key})
+            return Outcome(c.step.key, f"ignored:{c.cls.kind.value}", thread.id)
+        self._store_in(c, thread.id, "confirmation", "confirm_address", {"address": c.step.key})
         return self._send_request(c, thread)
 
     def _send_request(self, c: "_Ctx", thread: Thread) -> Outcome:
@@ -307,16 +377,9 @@ class Pipeline:
             text=render(self.site.templates, "mail/request.txt", **self._context(thread)),
             message_id=new_message_id(self.domain, f"foi{thread.id}"))
         self._send(c, out, thread_id=thread.id, kind="request", mail_from=req_addr)
-        return Outcome(c.addr.address, "request_sent", thread.id)
+        return Outcome(c.step.key, "request_sent", thread.id)
 
     # -- the authority writes --------------------------------------------------------------
-    def _thread_for(self, c: "_Ctx", secret: str) -> Thread | None:
-        thread = c.tx.thread(c.addr.thread_id or 0)
-        if thread is None:
-            return None
-        token = thread.request_token if secret == "request" else thread.reply_token
-        return thread if A.token_matches(c.addr.token, token) else None
-
     def _duplicate_flags(self, c: "_Ctx", thread_id: int) -> list[str] | None:
         """None: this very message is already on the thread; else flags to store it with."""
         if not c.pm.message_id:
@@ -327,35 +390,54 @@ class Pipeline:
         return ["same_message_id_different_body"] if same else []
 
     def _authority_mail(self, c: "_Ctx") -> Outcome:
-        thread = self._thread_for(c, "request")
-        if thread is None:
-            return self._queue(c, "bad_token",
-                               "request address with an unknown thread or a wrong token",
-                               thread_id=None, claimed_thread=c.addr.thread_id)
+        thread = c.tx.thread(c.step.thread_id or 0)
+        assert thread is not None
+        key = c.step.key
         if thread.state == "awaiting_confirmation":
             return self._queue(c, "not_sent", "mail to a request that has not been sent yet",
                                thread_id=thread.id)
         flags = self._duplicate_flags(c, thread.id)
         if flags is None:
-            return Outcome(c.addr.address, "duplicate", thread.id)
-        detail = self._match_detail(c)
+            return Outcome(key, "duplicate", thread.id)
+        method, detail = c.step.match_method, c.step.match_detail
         kind = c.cls.kind
         if kind is Kind.BOUNCE:
-            self._store_in(c, thread.id, "bounce", "reply_address", detail, flags)
+            self._store_in(c, thread.id, "bounce", method, detail, flags)
             if c.cls.permanent:
                 c.tx.update_thread(thread.id, delivery_status="failed",
                                    delivery_detail=c.cls.reason)
                 return self._queue(c, "bounce", f"permanent bounce of a request: {c.cls.reason}",
                                    thread_id=thread.id)
-            return Outcome(c.addr.address, "bounce", thread.id)
+            return Outcome(key, "bounce", thread.id)
         if kind is Kind.AUTO_REPLY:
-            self._store_in(c, thread.id, "auto_reply", "reply_address", detail, flags)
-            return Outcome(c.addr.address, "auto_reply", thread.id)
+            self._store_in(c, thread.id, "auto_reply", method, detail, flags)
+            return Outcome(key, "auto_reply", thread.id)
         if kind is Kind.SPAM:
             return self._queue(c, "spam", c.cls.reason, thread_id=thread.id)
-        self._store_in(c, thread.id, "response", "reply_address", detail, flags)
+        self._store_in(c, thread.id, "response", method, detail, flags)
+        learned = self._learn_senders(c, thread)
         self._forward(c, thread)
-        return Outcome(c.addr.address, "response", thread.id)
+        return Outcome(key, "response", thread.id, {"learned": learned} if learned else {})
+
+    def _learn_senders(self, c: "_Ctx", thread: Thread) -> list[str]:
+        """Remember who answers for the authority, so later mail from them is recognised.
+
+        Only addresses at a domain the authority already writes from are learned (an
+        officer's new address, a case-work Reply-To), never a no-reply address, and only
+        from a person's reply matched by strong evidence.
+        """
+        if self.site.rules.authorities.get(thread.authority) is None:
+            return []
+        known = StoreLookup(c.tx, self.site.rules).known_senders(thread.authority)
+        domains = {a.rpartition("@")[2] for a in known}
+        learned = []
+        for addr, is_reply_to in [(c.pm.from_addr, False), *[(r, True) for r in c.pm.reply_to]]:
+            if (not addr or NO_REPLY.match(addr) or A.is_our_domain(addr, self.domain)
+                    or (domains and addr.rpartition("@")[2] not in domains)):
+                continue
+            if c.tx.learn_sender(thread.authority, addr, reply_to=is_reply_to, thread_id=thread.id):
+                learned.append(addr)
+        return learned
 
     def _forward(self, c: "_Ctx", thread: Thread) -> None:
         pm = c.pm
@@ -379,19 +461,17 @@ class Pipeline:
 
     # -- the citizen writes back ---------------------------------------------------------------
     def _citizen_mail(self, c: "_Ctx") -> Outcome:
-        thread = self._thread_for(c, "reply")
-        if thread is None:
-            return self._queue(c, "bad_token",
-                               "citizen reply address with an unknown thread or a wrong token",
-                               claimed_thread=c.addr.thread_id)
+        thread = c.tx.thread(c.step.thread_id or 0)
+        assert thread is not None
+        key = c.step.key
         flags = self._duplicate_flags(c, thread.id)
         if flags is None:
-            return Outcome(c.addr.address, "duplicate", thread.id)
+            return Outcome(key, "duplicate", thread.id)
+        method, detail = c.step.match_method, c.step.match_detail
         if c.cls.automatic:
             # The citizen's own out-of-office must never reach the authority.
-            self._store_in(c, thread.id, f"citizen_{c.cls.kind.value}", "reply_address",
-                           self._match_detail(c), flags)
-            return Outcome(c.addr.address, f"ignored:{c.cls.kind.value}", thread.id)
+            self._store_in(c, thread.id, f"citizen_{c.cls.kind.value}", method, detail, flags)
+            return Outcome(key, f"ignored:{c.cls.kind.value}", thread.id)
         senders = {c.pm.from_addr, *c.pm.reply_to}
         if thread.citizen_email not in senders:
             return self._queue(c, "citizen_mismatch",
@@ -400,9 +480,9 @@ class Pipeline:
         if thread.state in ("awaiting_confirmation", "awaiting_address"):
             return self._queue(c, "not_sent", "follow-up to a request that has not been sent",
                                thread_id=thread.id)
-        self._store_in(c, thread.id, "followup_in", "reply_address", self._match_detail(c), flags)
+        self._store_in(c, thread.id, "followup_in", method, detail, flags)
         self._followup(c, thread)
-        return Outcome(c.addr.address, "followup", thread.id)
+        return Outcome(key, "followup", thread.id)
 
     def _followup(self, c: "_Ctx", thread: Thread) -> None:
         authority = self.site.rules.authorities.get(thread.authority)
@@ -468,11 +548,38 @@ class Gatekeeper:
 
 
 @dataclass
+class Step:
+    """One thing to do with a message: its idempotency key, the action and why."""
+    key: str                   # the (raw bytes, key) pair is done at most once
+    action: str                # authority | confirm | authority_mail | citizen_mail | queue | role...
+    addr: OurAddress | None = None
+    thread_id: int | None = None
+    match_method: str | None = None
+    match_detail: dict[str, Any] | None = None
+    queue_reason: str | None = None
+    why: str = ""
+    decision: Decision | None = None
+
+
+@dataclass
+class Plan:
+    classification: Classification
+    recipients: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    decision: Decision | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, step: Step) -> None:
+        self.steps.append(step)
+
+
+@dataclass
 class _Ctx:
     tx: Tx
     pm: ParsedMessage
     cls: Classification
-    addr: OurAddress
+    addr: OurAddress | None
     sha: str
     envelope: Envelope
     result: Result
+    step: Step

@@ -108,7 +108,7 @@ def test_round_trip(site: Site) -> None:
     response = [m for m in t["messages"] if m["kind"] == "response"]
     assert len(response) == 1
     assert response[0]["match"]["method"] == "reply_address"
-    assert response[0]["match"]["detail"]["address"] == req_addr
+    assert response[0]["match"]["detail"]["source"] == "envelope recipient"
 
     # 4. Jane follows up, quoting the forward; the authority sees neither of her addresses.
     quoted = (f"Could you break that down by ward?\n\nOn Monday, Camden via mailflow <{reply_addr}> "
