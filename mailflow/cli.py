@@ -268,7 +268,7 @@ def thread() -> None:
 def thread_list(ctx: Ctx, state: str | None, authority_slug: str | None, as_json: bool) -> None:
     """List threads, newest last."""
     site = ctx.site
-    with site.store.tx() as tx:
+    with site.store.read() as tx:
         rows = [thread_json(site, tx, t, with_messages=False)
                 for t in tx.threads(state=state, authority=authority_slug)]
     if as_json:
@@ -287,7 +287,7 @@ def thread_list(ctx: Ctx, state: str | None, authority_slug: str | None, as_json
 def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
     """Show one thread and every message on it, with how each was matched."""
     site = ctx.site
-    with site.store.tx() as tx:
+    with site.store.read() as tx:
         t = tx.thread(thread_id)
         if t is None:
             raise NotFound(f"no thread {thread_id}")
@@ -363,7 +363,7 @@ def _queue_json(q: Any) -> dict[str, Any]:
 @pass_ctx
 def queue_list(ctx: Ctx, reason: str | None, include_all: bool, as_json: bool) -> None:
     """List open items (with --all, decided ones too)."""
-    with ctx.site.store.tx() as tx:
+    with ctx.site.store.read() as tx:
         rows = [_queue_json(q) for q in tx.queue(include_decided=include_all, reason=reason)]
     if as_json:
         print_json(rows)
@@ -382,7 +382,7 @@ def queue_list(ctx: Ctx, reason: str | None, include_all: bool, as_json: bool) -
 def queue_show(ctx: Ctx, item: int, as_json: bool) -> None:
     """Show one item: why it is here, and the message's headers and text."""
     from mailflow.mail.parse import ParseError, parse
-    with ctx.site.store.tx() as tx:
+    with ctx.site.store.read() as tx:
         found = [q for q in tx.queue(include_decided=True) if q.id == item]
         if not found:
             raise NotFound(f"no queue item {item}")
@@ -422,7 +422,7 @@ def outbox() -> None:
 @pass_ctx
 def outbox_list(ctx: Ctx, state: str | None, as_json: bool) -> None:
     """List outgoing deliveries."""
-    with ctx.site.store.tx() as tx:
+    with ctx.site.store.read() as tx:
         rows = [{"id": r.id, "thread_id": r.thread_id, "rcpt": r.rcpt, "state": r.state,
                  "attempts": r.attempts, "next_attempt_at": r.next_attempt_at,
                  "last_error": r.last_error} for r in tx.outbox_rows(state)]
@@ -455,7 +455,7 @@ def outbox_flush(ctx: Ctx) -> None:
 def status(ctx: Ctx, as_json: bool) -> None:
     """Counts that say whether the site is healthy: spool, outbox, queue."""
     site = ctx.site
-    with site.store.tx() as tx:
+    with site.store.read() as tx:
         data: dict[str, Any] = tx.counts()
     data["spool_pending"] = len(site.spool.pending())
     data["spool_failed"] = len(site.spool.failed())

@@ -48,7 +48,7 @@ def explain_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) 
         out["reasons"].append("no recipient is one of ours: the message would be refused "
                               "(550 over SMTP, exit 67 from ingest)")
         return out
-    with site.store.tx() as tx:
+    with site.store.read() as tx:
         plan = pipeline.plan(tx, pm, envelope)
     out["reasons"].extend(plan.reasons)
     if plan.decision is not None:

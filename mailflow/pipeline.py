@@ -19,7 +19,7 @@ from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
 from mailflow.core.matching import Decision, match
 from mailflow.core.deadlines import due_date
-from mailflow.core.door import gate
+from mailflow.core.door import check_recipient, gate
 from mailflow.core.message import Classification, Kind, ParsedMessage
 from mailflow.core.rules import Authority
 from mailflow.errors import StoreError
@@ -180,7 +180,7 @@ class Pipeline:
 
     def names_us(self, pm: ParsedMessage) -> bool:
         """Without an envelope: does any of our addresses, Message-IDs or tags name this?"""
-        with self.site.store.tx() as tx:
+        with self.site.store.read() as tx:
             return match(pm, StoreLookup(tx, self.site.rules), domain=self.domain).names_us
 
     def _thread_step(self, tx: Tx, plan: "Plan", pm: ParsedMessage, envelope: Envelope,
@@ -231,7 +231,8 @@ class Pipeline:
     def our_recipients(self, rcpts: list[str]) -> list[OurAddress]:
         found: dict[str, OurAddress] = {}
         for r in rcpts:
-            a = A.parse_ours(r, self.domain, self.site.rules.slugs)
+            a = check_recipient(r, domain=self.domain, slugs=self.site.rules.slugs,
+                                site_url=self.site.settings.site.url).address
             if a is not None and a.address not in found:
                 found[a.address] = a
         return list(found.values())
@@ -535,7 +536,18 @@ class Gatekeeper:
         self.site = site
 
     def refusal(self, addr: OurAddress, sender: str) -> str | None:
-        with self.site.store.tx() as tx:
+        """A refusal, or None to accept. Fails open: when the store cannot answer, the mail
+        is accepted into the spool, and the pipeline applies the same policy (by queueing)
+        once the store is back. Losing mail would be worse than queueing it."""
+        try:
+            return self._refusal(addr, sender)
+        except Exception:  # noqa: BLE001
+            log.warning("gatekeeper could not read the store; accepting %s", addr.address,
+                        exc_info=True)
+            return None
+
+    def _refusal(self, addr: OurAddress, sender: str) -> str | None:
+        with self.site.store.read() as tx:
             thread = tx.thread(addr.thread_id or 0)
             if thread is None:
                 return None  # accepted, and the queue will say why it matched nothing

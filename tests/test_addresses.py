@@ -71,3 +71,9 @@ def test_made_addresses_parse_back(thread_id: int, token: str, upper: bool) -> N
 def test_arbitrary_text_never_raises(s: str) -> None:
     A.parse_ours(s, D, SLUGS)
     check_recipient(s, domain=D, slugs=SLUGS, site_url="x")
+
+
+def test_door_accepts_retyped_thread_addresses() -> None:
+    d = check_recipient("request12abcdefghjkmn@ask.example", domain=D, slugs=SLUGS, site_url="x")
+    assert d.accept and d.address is not None and d.address.thread_id == 12
+    assert d.address.kind is AddressKind.REQUEST

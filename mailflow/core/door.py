@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailflow.core.addresses import OurAddress, is_our_domain, parse_ours, split_address
+from mailflow.core.addresses import (OurAddress, find_thread_addresses, is_our_domain, parse_ours,
+                                     split_address)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,12 @@ def check_recipient(rcpt: str, *, domain: str, slugs: frozenset[str], site_url: 
     if ours is not None:
         return DoorDecision(True, "250 2.1.5 Ok", ours)
     if is_our_domain(rcpt, domain):
+        # A retyped thread address (missing hyphen, other prefix, confusable characters):
+        # accept it; the matcher checks its token and queues it if it names no thread.
+        for cand in find_thread_addresses(rcpt, domain):
+            return DoorDecision(True, "250 2.1.5 Ok", OurAddress(
+                cand.kind, rcpt.strip().strip("<>").lower(), thread_id=cand.thread_id,
+                token=cand.token))
         where = site_url.rstrip("/") + "/body/"
         return DoorDecision(False, f"550 5.1.1 <{rcpt}>: no such authority or request here; "
                                    f"the list of authorities is at {where}")

@@ -358,6 +358,17 @@ class Store:
         except OperationalError as e:
             raise StoreError(f"database error: {e.orig}") from e
 
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A transaction that only reads: on SQLite it does not take the write lock, so
+        readers (RCPT checks, admin commands) never wait behind the pipeline."""
+        try:
+            with self.engine.connect().execution_options(mailflow_readonly=True) as conn:
+                with conn.begin():
+                    yield Tx(conn)
+        except OperationalError as e:
+            raise StoreError(f"database error: {e.orig}") from e
+
     def close(self) -> None:
         self.engine.dispose()
 
