@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SITE   ?= site
 DOMAIN ?= ask.example
 
-.PHONY: run test setup demo check clean
+.PHONY: run test setup demo check clean corpus-report
 
 $(BIN)/mailflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(BIN)/mailflow
 ## test: the whole suite
 test: $(BIN)/mailflow
 	$(BIN)/python -m pytest -q
+
+## corpus-report: classification accuracy over tests/corpus, written to tests/corpus-report.md
+corpus-report: $(BIN)/mailflow
+	$(BIN)/python tests/corpus_report.py
 
 ## check: the shared acceptance check
 check: $(BIN)/mailflow

@@ -402,6 +402,12 @@ def queue_show(ctx: Ctx, item: int, as_json: bool) -> None:
         print_json(data)
         return
     console.print(f"[bold]Item {q.id}[/]: {q.reason} ({q.state})\n{q.summary}", highlight=False)
+    detail = q.detail or {}
+    for r in detail.get("reasons") or []:
+        console.print(f"  - {r}", highlight=False)
+    for sug in detail.get("suggestions") or []:
+        console.print(f"  [cyan]suggests thread {sug['thread_id']}[/] ({sug['score']:.2f}): "
+                      f"{sug['reason']}", highlight=False)
     if "message" in data:
         m = data["message"]
         for k in ("from", "to", "subject", "date"):
