@@ -193,6 +193,73 @@ def explain(ctx: Ctx, file: Any, rcpts: tuple[str, ...], sender: str | None, as_
                       highlight=False)
 
 
+# -- reminders ----------------------------------------------------------------------------
+def _now(value: str | None) -> datetime:
+    from datetime import timezone
+    if value is None:
+        return datetime.now(timezone.utc)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO date or time such as 2026-12-01T09:30, "
+                                 f"got {value!r}", param_hint="--now") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+@cli.group()
+def reminders() -> None:
+    """Reminders and automatic follow-ups: what is due, and sending it."""
+
+
+@reminders.command("due")
+@click.option("--now", "now_s", default=None, metavar="ISO", help="As of this time (default: now).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def reminders_due(ctx: Ctx, now_s: str | None, as_json: bool) -> None:
+    """List the reminders a sweep would send (or skip, and why) as of --now."""
+    from mailflow.reminders import Reminders
+    rows = Reminders(ctx.site).due(_now(now_s))
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("id", "thread", "kind", "due at", "action", "why")
+    for r in rows:
+        t.add_row(str(r["id"]), str(r["thread_id"]), r["kind"], f"{r['due_at']:%Y-%m-%d %H:%M}",
+                  r["action"], r["why"])
+    console.print(t)
+
+
+@reminders.command("run")
+@click.option("--now", "now_s", default=None, metavar="ISO", help="As of this time (default: now).")
+@click.option("--dry-run", is_flag=True, help="Say what would be sent; send nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def reminders_run(ctx: Ctx, now_s: str | None, dry_run: bool, as_json: bool) -> None:
+    """Send every reminder due as of --now, each once; then one delivery attempt."""
+    from mailflow.outbound.outbox import deliver_due
+    from mailflow.reminders import Reminders
+    site = ctx.site
+    result = Reminders(site).run(_now(now_s), dry_run=dry_run)
+    if result.outbox_ids:
+        asyncio.run(deliver_due(site.store, site.transport, site.settings.outbound.retry_schedule,
+                                ids=result.outbox_ids))
+    if as_json:
+        print_json({"sent": result.sent, "skipped": result.skipped,
+                    "recomputed": result.recomputed, "dry_run": dry_run})
+        return
+    verb = "would send" if dry_run else "sent"
+    for r in result.sent:
+        console.print(f"{verb} {r['kind']} for thread {r['thread_id']} ({r['why']})", highlight=False)
+    for r in result.skipped:
+        console.print(f"[dim]skipped {r['kind']} for thread {r['thread_id']}: {r['why']}[/]",
+                      highlight=False)
+    for r in result.recomputed:
+        console.print(f"thread {r['thread_id']}: due date moved {r['old_due']} → {r['due']}",
+                      highlight=False)
+    if not (result.sent or result.skipped or result.recomputed):
+        console.print("nothing due")
+
+
 # -- dkim --------------------------------------------------------------------------------------
 @cli.group()
 def dkim() -> None:

@@ -13,7 +13,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mailflow.core.reminders import ReminderPolicy
 from mailflow.errors import ConfigError
 
 DEFAULT_CONFIG = "config.toml"
@@ -85,6 +87,16 @@ class ClassifySettings:
 
 
 @dataclass(frozen=True)
+class ReminderSettings:
+    sweep_seconds: int
+    default: "ReminderPolicy"
+    per_law: dict[str, "ReminderPolicy"]
+
+    def policy(self, law: str) -> "ReminderPolicy":
+        return self.per_law.get(law, self.default)
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     site: SiteSettings
@@ -94,6 +106,8 @@ class Settings:
     outbound: OutboundSettings
     dkim: DkimSettings
     classify: ClassifySettings = ClassifySettings(None, 5.0)
+    reminders: ReminderSettings = field(default_factory=lambda: ReminderSettings(
+        300, ReminderPolicy(), {}))
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -149,6 +163,18 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "classify": {
         "spam_header": (str, ""),
         "spam_threshold": ((int, float), 5.0),
+    },
+    "reminders": {
+        "sweep_seconds": (int, 300),
+        "timezone": (str, "UTC"),
+        "hour": (int, 9),
+        "citizen_due": (bool, True),
+        "citizen_late": (bool, True),
+        "authority_followup": (bool, True),
+        "followup_every": (int, 10),
+        "followup_max": (int, 2),
+        "very_late": (bool, True),
+        "describe_after_days": (int, 7),
     },
     "dkim": {
         "selector": (str, "mailflow"),
@@ -244,6 +270,40 @@ def _choice(path: Path, table: str, key: str, value: str, choices: tuple[str, ..
     return value
 
 
+def _policy(path: Path, table: str, values: dict[str, Any]) -> ReminderPolicy:
+    try:
+        ZoneInfo(values["timezone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{_where(path, table, 'timezone')}: expected a time zone such as "
+                          f"\"Europe/London\", got {values['timezone']!r}") from None
+    if not 0 <= values["hour"] <= 23:
+        raise ConfigError(f"{_where(path, table, 'hour')}: expected 0 to 23")
+    for key in ("followup_every", "describe_after_days"):
+        if values[key] < 1:
+            raise ConfigError(f"{_where(path, table, key)}: expected at least 1")
+    return ReminderPolicy(**{k: v for k, v in values.items() if k != "sweep_seconds"})
+
+
+def _reminders(path: Path, given: Any) -> ReminderSettings:
+    """[reminders] for the site, and [reminders.law.<id>] tables that override it per law."""
+    given = dict(given or {})
+    per_law_raw = given.pop("law", {}) or {}
+    base = _check_table(path, "reminders", given)
+    if base["sweep_seconds"] < 1:
+        raise ConfigError(f"{_where(path, 'reminders', 'sweep_seconds')}: expected at least 1")
+    default = _policy(path, "reminders", base)
+    per_law = {}
+    for law, overrides in per_law_raw.items():
+        table = f"reminders.law.{law}"
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{_where(path, table)}: expected a table")
+        if "sweep_seconds" in overrides:
+            raise ConfigError(f"{_where(path, table, 'sweep_seconds')}: set it in [reminders]")
+        merged = _check_table(path, "reminders", {**given, **overrides})
+        per_law[law] = _policy(path, table, merged)
+    return ReminderSettings(base["sweep_seconds"], default, per_law)
+
+
 def from_dict(data: dict[str, Any], path: Path) -> Settings:
     base = path.parent
     for table in data:
@@ -259,6 +319,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     host = _check_table(path, "outbound.smtp", (data.get("outbound") or {}).get("smtp"))
     dkim = _check_table(path, "dkim", data.get("dkim"))
     cls = _check_table(path, "classify", data.get("classify"))
+    reminders = _reminders(path, data.get("reminders"))
 
     domain = site["domain"].strip().lower().rstrip(".")
     if not domain or "@" in domain or " " in domain or "." not in domain:
@@ -317,5 +378,6 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
                           key_file=_resolve(base, dkim["key_file"])),
         classify=ClassifySettings(spam_header=cls["spam_header"] or None,
                                   spam_threshold=float(cls["spam_threshold"])),
+        reminders=reminders,
         raw=data,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -17,6 +18,7 @@ from mailflow.core.door import check_recipient
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.outbound.outbox import deliver_due
 from mailflow.pipeline import Gatekeeper, Pipeline
+from mailflow.reminders import Reminders
 from mailflow.site import Site
 
 log = logging.getLogger("mailflow.daemon")
@@ -27,6 +29,7 @@ class Daemon:
         self.site = site
         self.pipeline = Pipeline(site)
         self.gatekeeper = Gatekeeper(site)
+        self.reminders = Reminders(site)
         self.wakeup: asyncio.Queue[str | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self._outbox_lock = asyncio.Lock()
@@ -80,6 +83,19 @@ class Daemon:
         if any(counts.values()):
             log.info("outbox: %s", counts)
 
+    async def sweep_reminders(self) -> None:
+        """Send what is due; a missed window (the daemon was down) sends late, never not."""
+        try:
+            result = await asyncio.to_thread(self.reminders.run, datetime.now(timezone.utc))
+        except Exception:  # noqa: BLE001 - the next sweep tries again; nothing was half-sent
+            log.exception("reminder sweep failed")
+            return
+        if result.outbox_ids:
+            await self.flush_outbox(result.outbox_ids)
+        if result.sent or result.recomputed:
+            log.info("reminders: %d sent, %d skipped, %d due dates moved", len(result.sent),
+                     len(result.skipped), len(result.recomputed))
+
     async def cleanup(self) -> None:
         n = await asyncio.to_thread(self.site.spool.cleanup_done,
                                     self.site.settings.spool.keep_done_days)
@@ -111,11 +127,14 @@ class Daemon:
                           max_instances=1, coalesce=True)
         scheduler.add_job(self.flush_outbox, "interval", seconds=30, id="outbox",
                           max_instances=1, coalesce=True)
+        scheduler.add_job(self.sweep_reminders, "interval", seconds=s.reminders.sweep_seconds,
+                          id="reminders", max_instances=1, coalesce=True)
         scheduler.add_job(self.cleanup, "interval", hours=6, id="cleanup",
                           max_instances=1, coalesce=True)
         scheduler.start()
         await self.sweep_spool()
         await self.flush_outbox()
+        await self.sweep_reminders()
         log.info("mailflow for %s listening on %s:%d (%s)", self.site.domain, s.smtp.listen_host,
                  s.smtp.listen_port, "LMTP" if s.smtp.lmtp else "SMTP")
         try:

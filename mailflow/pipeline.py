@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Any
 
+from mailflow.clock import Clock
 from mailflow.core import addresses as A
+from mailflow.core.commands import STATE_WORDS, parse_command
 from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
 from mailflow.core.matching import Decision, match
-from mailflow.core.deadlines import due_date
 from mailflow.core.door import check_recipient, gate
 from mailflow.core.message import Classification, Kind, ParsedMessage
 from mailflow.core.rules import Authority
@@ -66,6 +67,7 @@ class Pipeline:
     def __init__(self, site: Site):
         self.site = site
         self.domain = site.domain
+        self.clock = Clock(site.settings, site.rules)
 
     # -- the spool side ------------------------------------------------------------------
     def process_item(self, spool: Spool, item: SpoolItem) -> Result:
@@ -364,12 +366,10 @@ class Pipeline:
             return self._queue(c, "authority_without_address",
                                f"confirmed request to {thread.authority}, which has no address",
                                thread_id=thread.id)
-        law = self.site.rules.laws[thread.law]
-        due = due_date(now.date(), law)
         c.tx.update_thread(thread.id, state="waiting_response", confirm_token=None,
-                           confirmed_at=now, sent_at=now, due_date=due, delivery_status="queued")
-        thread = c.tx.thread(thread.id)
-        assert thread is not None
+                           confirmed_at=now, sent_at=now, delivery_status="queued")
+        thread = self.clock.start(c.tx, thread.id, now.date(), actor="citizen",
+                                  why="the request was sent")
         req_addr = self.request_address(thread)
         out = Outgoing(
             from_addr=req_addr, from_name=thread.citizen_name, to_addr=authority.contact,
@@ -415,7 +415,8 @@ class Pipeline:
             return Outcome(key, "auto_reply", thread.id)
         if kind is Kind.SPAM:
             return self._queue(c, "spam", c.cls.reason, thread_id=thread.id)
-        self._store_in(c, thread.id, "response", method, detail, flags)
+        pk = self._store_in(c, thread.id, "response", method, detail, flags)
+        self.clock.response_arrived(c.tx, thread, pk, utcnow().date())
         learned = self._learn_senders(c, thread)
         self._forward(c, thread)
         return Outcome(key, "response", thread.id, {"learned": learned} if learned else {})
@@ -481,9 +482,82 @@ class Pipeline:
         if thread.state in ("awaiting_confirmation", "awaiting_address"):
             return self._queue(c, "not_sent", "follow-up to a request that has not been sent",
                                thread_id=thread.id)
+        command = parse_command(c.pm.text)
+        if command is not None:
+            self._store_in(c, thread.id, "citizen_command", method, detail, flags)
+            return self._command(c, thread, command)
         self._store_in(c, thread.id, "followup_in", method, detail, flags)
         self._followup(c, thread)
+        if thread.state == "waiting_clarification":
+            # The clarification the authority asked for: the clock starts again from today.
+            c.tx.update_thread(thread.id, state="waiting_response")
+            self.clock.start(c.tx, thread.id, utcnow().date(), actor="citizen",
+                             why="the citizen gave the clarification asked for")
         return Outcome(key, "followup", thread.id)
+
+    def _command(self, c: "_Ctx", thread: Thread, command: str) -> Outcome:
+        """A citizen's one-line command: say how it ended, pause or move the clock, review."""
+        tx, today = c.tx, utcnow().date()
+        law = self.site.rules.laws[thread.law]
+        note = ""
+        if command == "withdraw":
+            tx.update_thread(thread.id, state="user_withdrawn", awaiting_description=False)
+            self._letter(c, thread, "mail/withdrawal.txt", "Withdrawn: ")
+        elif command == "clarification":
+            tx.update_thread(thread.id, state="waiting_clarification")
+            note = "The clock stops until you send your clarification by replying."
+        elif command == "extension":
+            ext = law.extensions[0] if law.extensions else None
+            if ext is None or thread.state not in ("waiting_response", "internal_review"):
+                note = f"{law.name} allows no extension here, so the due date stays."
+            else:
+                self.clock.start(tx, thread.id, thread.clock_start or today, actor="citizen",
+                                 why=f"the authority claimed an extension: {ext.description}",
+                                 extension=ext.id)
+        elif command == "internal_review":
+            tx.update_thread(thread.id, state="internal_review", awaiting_description=False)
+            self.clock.start(tx, thread.id, today, actor="citizen",
+                             why="the citizen asked for an internal review")
+            self._letter(c, thread, "mail/internal_review.txt", "Internal review of ",
+                         text="\n".join(_after_first_line(c.pm.text)))
+        else:
+            tx.update_thread(thread.id, state=command, awaiting_description=False)
+        tx.add_event(thread.id, "citizen", "state", {"command": command})
+        thread = tx.thread(thread.id)
+        assert thread is not None
+        self._ack(c, thread, note)
+        return Outcome(c.step.key, f"command:{command}", thread.id)
+
+    def _letter(self, c: "_Ctx", thread: Thread, template: str, prefix: str,
+                text: str = "") -> None:
+        """A templated letter from the citizen to the authority, from the request address."""
+        authority = self.site.rules.authorities.get(thread.authority)
+        if authority is None or authority.contact is None:
+            return
+        thread = c.tx.thread(thread.id) or thread
+        req = self.request_address(thread)
+        out = Outgoing(from_addr=req, from_name=thread.citizen_name, to_addr=authority.contact,
+                       to_name=authority.name, domain=self.domain,
+                       subject=prefix + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+                       text=render(self.site.templates, template, **self._context(thread),
+                                   text=text),
+                       message_id=new_message_id(self.domain, f"foi{thread.id}"))
+        self._send(c, out, thread_id=thread.id, kind="followup", mail_from=req)
+
+    def _ack(self, c: "_Ctx", thread: Thread, note: str) -> None:
+        words = STATE_WORDS.get(thread.state, thread.state)
+        text = render(self.site.templates, "mail/state_changed.txt", **self._context(thread),
+                      state=thread.state, state_words=words)
+        if note:
+            text = text.replace("\n-- \n", f"\n{note}\n\n-- \n", 1)
+        reply = self.reply_address(thread)
+        out = Outgoing(from_addr=reply, from_name=self.site.settings.site.name, reply_to=reply,
+                       to_addr=thread.citizen_email, to_name=thread.citizen_name,
+                       domain=self.domain, automatic=True, in_reply_to=c.pm.message_id,
+                       subject=f"Your request is now {words}: {thread.title}", text=text,
+                       message_id=new_message_id(self.domain, f"ack{thread.id}"))
+        self._send(c, out, thread_id=thread.id, kind="state_changed",
+                   mail_from=self.site.settings.outbound.bounce_address)
 
     def _followup(self, c: "_Ctx", thread: Thread) -> None:
         authority = self.site.rules.authorities.get(thread.authority)
@@ -527,6 +601,11 @@ class Pipeline:
                                 (thread.citizen_email, "[requester's email address]")):
             text = re.sub(re.escape(secret), instead, text, flags=re.I)
         return text
+
+
+def _after_first_line(text: str) -> list[str]:
+    from mailflow.core.commands import own_text
+    return own_text(text)[1:]
 
 
 class Gatekeeper:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
 from mailflow.store.tables import (authority_senders, deliveries, messages, outbox, queue_items,
-                                   raw_messages, threads)
+                                   raw_messages, reminders, thread_events, threads)
 
 
 def utcnow() -> datetime:
@@ -53,6 +53,10 @@ class Thread:
     delivery_status: str
     delivery_detail: str | None
     allow: str = "anybody"
+    clock_start: date | None = None
+    extension: str | None = None
+    very_late_date: date | None = None
+    awaiting_description: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,18 @@ class OutboxRow:
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class Reminder:
+    id: int
+    thread_id: int
+    kind: str
+    event: str
+    due_at: datetime
+    state: str
+    done_at: datetime | None
+    note: str | None
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,13 @@ def _queue(row: Any) -> QueueItem:
     m = dict(row._mapping)
     m["created_at"], m["decided_at"] = _aware(m["created_at"]), _aware(m["decided_at"])
     return QueueItem(**m)
+
+
+def _reminder(row: Any) -> Reminder:
+    m = row._mapping
+    return Reminder(id=m["id"], thread_id=m["thread_id"], kind=m["kind"], event=m["event"],
+                    due_at=_aware(m["due_at"]), state=m["state"],  # type: ignore[arg-type]
+                    done_at=_aware(m["done_at"]), note=m["note"])
 
 
 class Tx:
@@ -313,6 +336,61 @@ class Tx:
     def next_outbox_due(self) -> datetime | None:
         q = select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == "queued")
         return _aware(self.c.execute(q).scalar())
+
+    # -- reminders and thread events -------------------------------------------------------
+    def add_reminder(self, thread_id: int, kind: str, event: str, due_at: datetime) -> bool:
+        """Plan a reminder unless one for the same (thread, kind, event) exists; True if new."""
+        q = select(reminders.c.id).where(reminders.c.thread_id == thread_id,
+                                         reminders.c.kind == kind, reminders.c.event == event)
+        if self.c.execute(q).first() is not None:
+            return False
+        try:
+            with self.c.begin_nested():
+                self.c.execute(insert(reminders).values(
+                    thread_id=thread_id, kind=kind, event=event, due_at=due_at,
+                    state="pending", created_at=utcnow()))
+        except IntegrityError:  # another daemon planned it at the same moment
+            return False
+        return True
+
+    def due_reminders(self, now: datetime, limit: int = 500) -> list[Reminder]:
+        q = (select(reminders).where(reminders.c.state == "pending", reminders.c.due_at <= now)
+             .order_by(reminders.c.due_at, reminders.c.id).limit(limit))
+        if self.c.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        return [_reminder(r) for r in self.c.execute(q)]
+
+    def settle_reminder(self, reminder_id: int, state: str, note: str) -> bool:
+        """Move a pending reminder to sent/skipped; False if someone else already did."""
+        res = self.c.execute(update(reminders).where(reminders.c.id == reminder_id,
+                                                     reminders.c.state == "pending")
+                             .values(state=state, done_at=utcnow(), note=note))
+        return res.rowcount == 1
+
+    def reminders(self, thread_id: int | None = None, state: str | None = None) -> list[Reminder]:
+        q = select(reminders).order_by(reminders.c.due_at, reminders.c.id)
+        if thread_id is not None:
+            q = q.where(reminders.c.thread_id == thread_id)
+        if state is not None:
+            q = q.where(reminders.c.state == state)
+        return [_reminder(r) for r in self.c.execute(q)]
+
+    def add_event(self, thread_id: int, actor: str, kind: str,
+                  detail: dict[str, Any] | None = None) -> None:
+        self.c.execute(insert(thread_events).values(thread_id=thread_id, at=utcnow(),
+                                                    actor=actor, kind=kind, detail=detail))
+
+    def events(self, thread_id: int) -> list[dict[str, Any]]:
+        q = (select(thread_events).where(thread_events.c.thread_id == thread_id)
+             .order_by(thread_events.c.id))
+        return [{"at": _aware(r.at), "actor": r.actor, "kind": r.kind, "detail": r.detail}
+                for r in self.c.execute(q)]
+
+    def clock_threads(self) -> list[Thread]:
+        """Threads whose clock runs (for recomputing due dates when the calendar changes)."""
+        q = select(threads).where(threads.c.clock_start.is_not(None),
+                                  threads.c.state.in_(["waiting_response", "internal_review"]))
+        return [_thread(r) for r in self.c.execute(q.order_by(threads.c.id))]
 
     # -- the admin queue ------------------------------------------------------------------
     def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,

@@ -6,7 +6,7 @@ re-publish or hand to an admin.
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, Boolean, Column, Date, DateTime, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, false, Boolean, Column, Date, DateTime, ForeignKey, Index, Integer,
                         LargeBinary, MetaData, String, Table, Text, UniqueConstraint)
 
 metadata = MetaData(naming_convention={
@@ -49,6 +49,14 @@ threads = Table(
     # Who may still write to the thread: "anybody", "authority" (its known senders only) or
     # "nobody" (closed). Enforced at RCPT time over SMTP, by the queue for ingest and IMAP.
     Column("allow", String(16), nullable=False, default="anybody", server_default="anybody"),
+    # The clock: it runs from `clock_start` (when the request went out, or when a requested
+    # clarification was given), plus a claimed extension; `very_late_date` follows the law.
+    Column("clock_start", Date, nullable=True),
+    Column("extension", String(32), nullable=True),
+    Column("very_late_date", Date, nullable=True),
+    # A response arrived and the citizen has not yet said how the request ended.
+    Column("awaiting_description", Boolean, nullable=False, default=False,
+           server_default=false()),
 )
 Index("ix_threads_state", threads.c.state)
 Index("ix_threads_authority", threads.c.authority)
@@ -123,6 +131,35 @@ authority_senders = Table(
     Column("last_seen", UTC_DT, nullable=False),
     UniqueConstraint("authority", "address", name="uq_authority_senders_authority_address"),
 )
+
+# Reminders and automatic follow-ups: one row per (thread, kind, event), so each is sent once
+# however often the sweep runs, from however many daemons.
+reminders = Table(
+    "reminders", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("due_at", UTC_DT, nullable=False),
+    Column("state", String(16), nullable=False, default="pending"),  # pending|sent|skipped
+    Column("created_at", UTC_DT, nullable=False),
+    Column("done_at", UTC_DT, nullable=True),
+    Column("note", Text, nullable=True),
+    UniqueConstraint("thread_id", "kind", "event", name="uq_reminders_thread_kind_event"),
+)
+Index("ix_reminders_due", reminders.c.state, reminders.c.due_at)
+
+# What happened to a thread and who did it: state changes, clock changes, admin actions.
+thread_events = Table(
+    "thread_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=False),
+    Column("at", UTC_DT, nullable=False),
+    Column("actor", String(64), nullable=False),     # citizen | authority | admin:<name> | mailflow
+    Column("kind", String(32), nullable=False),
+    Column("detail", JSON, nullable=True),
+)
+Index("ix_thread_events_thread", thread_events.c.thread_id)
 
 queue_items = Table(
     "queue_items", metadata,

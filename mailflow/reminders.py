@@ -1,0 +1,153 @@
+"""The reminder sweep: send what is due, each exactly once, late rather than never.
+
+Each due reminder is settled in its own transaction together with the mail it causes: the
+conditional UPDATE (pending → sent) succeeds for exactly one sweeper, however many daemons or
+`reminders run` commands race, and the outbox row is committed with it. A reminder whose
+window was missed (the daemon was down) is still due, so it goes out at the next sweep; one
+that no longer applies (the answer came, the due date moved) is skipped with the reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from mailflow.clock import Clock
+from mailflow.core import reminders as R
+from mailflow.core.addresses import AddressKind, thread_address
+from mailflow.core.deadlines import add_days
+from mailflow.outbound.compose import Outgoing, new_message_id
+from mailflow.outbound.outbox import queue_message
+from mailflow.site import Site
+from mailflow.store.repository import Reminder, Thread, Tx
+from mailflow.templating import render
+
+log = logging.getLogger("mailflow.reminders")
+FOI_SUBJECT = "Freedom of Information request - {title} [FOI #{id}]"
+
+
+@dataclass
+class SweepResult:
+    sent: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    recomputed: list[dict[str, Any]]
+    outbox_ids: list[int]
+
+
+def _row(r: Reminder, why: str) -> dict[str, Any]:
+    return {"id": r.id, "thread_id": r.thread_id, "kind": r.kind, "event": r.event,
+            "due_at": r.due_at, "why": why}
+
+
+class Reminders:
+    def __init__(self, site: Site):
+        self.site = site
+        self.clock = Clock(site.settings, site.rules)
+
+    # -- what is due ------------------------------------------------------------------------
+    def due(self, now: datetime) -> list[dict[str, Any]]:
+        """What a sweep at `now` would do, without doing it."""
+        out = []
+        with self.site.store.read() as tx:
+            for r in tx.due_reminders(now):
+                thread = tx.thread(r.thread_id)
+                ok, why = self._applies(r, thread, now)
+                out.append({**_row(r, why), "action": "send" if ok else "skip"})
+        return out
+
+    def _applies(self, r: Reminder, thread: Thread | None, now: datetime) -> tuple[bool, str]:
+        if thread is None:
+            return False, "no such thread"
+        return R.applies(r.kind, r.event, state=thread.state, due=thread.due_date,
+                         very_late=thread.very_late_date,
+                         awaiting_description=thread.awaiting_description, today=now.date())
+
+    # -- the sweep ---------------------------------------------------------------------------
+    def run(self, now: datetime, *, dry_run: bool = False) -> SweepResult:
+        result = SweepResult([], [], [], [])
+        if dry_run:
+            for row in self.due(now):
+                (result.sent if row["action"] == "send" else result.skipped).append(row)
+            return result
+        with self.site.store.tx() as tx:
+            for thread in tx.clock_threads():
+                change = self.clock.recompute(tx, thread)
+                if change:
+                    result.recomputed.append({"thread_id": thread.id, **change})
+        with self.site.store.read() as tx:
+            due = tx.due_reminders(now)
+        for r in due:
+            with self.site.store.tx() as tx:
+                thread = tx.thread(r.thread_id)
+                ok, why = self._applies(r, thread, now)
+                if not tx.settle_reminder(r.id, "sent" if ok else "skipped", why):
+                    continue  # another sweeper took it
+                if not ok or thread is None:
+                    result.skipped.append(_row(r, why))
+                    continue
+                result.outbox_ids.extend(self._send(tx, r, thread, now))
+                tx.add_event(thread.id, "mailflow", f"reminder:{r.kind}", {"event": r.event})
+                result.sent.append(_row(r, why))
+                log.info("reminder %s for thread %s sent (%s)", r.kind, thread.id, why)
+        return result
+
+    # -- the mail ----------------------------------------------------------------------------
+    def _context(self, thread: Thread) -> dict[str, Any]:
+        s = self.site.settings.site
+        return {"site_name": s.name, "site_url": s.url, "title": thread.title,
+                "authority": self.site.rules.authorities.get(thread.authority),
+                "law": self.site.rules.laws.get(thread.law), "thread_id": thread.id,
+                "citizen_name": thread.citizen_name, "due_date": thread.due_date,
+                "very_late_date": thread.very_late_date, "state": thread.state,
+                "request_address": self._address(AddressKind.REQUEST, thread)}
+
+    def _address(self, kind: AddressKind, thread: Thread) -> str:
+        token = thread.request_token if kind is AddressKind.REQUEST else thread.reply_token
+        return thread_address(kind, thread.id, token, self.site.domain)
+
+    def _send(self, tx: Tx, r: Reminder, thread: Thread, now: datetime) -> list[int]:
+        ctx = self._context(thread)
+        domain, s = self.site.domain, self.site.settings
+        authority = ctx["authority"]
+        if r.kind == "authority_followup":
+            if authority is None or authority.contact is None:
+                return []
+            n = int(r.event.rpartition(":")[2])
+            req = self._address(AddressKind.REQUEST, thread)
+            sent = [m for m in tx.messages(thread.id) if m.direction == "out"
+                    and m.kind in ("request", "followup") and m.message_id]
+            out = Outgoing(
+                from_addr=req, from_name=thread.citizen_name, to_addr=authority.contact,
+                to_name=authority.name, domain=domain, automatic=True,
+                subject="Re: " + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+                text=render(self.site.templates, "mail/reminder_authority_followup.txt",
+                            **ctx, number=n),
+                in_reply_to=sent[-1].message_id if sent else None,
+                references=[m.message_id for m in sent if m.message_id],
+                message_id=new_message_id(domain, f"foi{thread.id}"))
+            _, row = queue_message(tx, self.site.signer, out, thread_id=thread.id,
+                                   kind="followup", mail_from=req)
+            law = self.site.rules.laws[thread.law]
+            nxt = R.next_followup(r.event, now.date(), self.clock.policy(thread),
+                                  lambda d, k: add_days(law, d, k)[0])
+            if nxt is not None:
+                tx.add_reminder(thread.id, nxt.kind, nxt.event,
+                                R.due_at(nxt.on, self.clock.policy(thread)))
+            return [row]
+        subjects = {
+            "citizen_due": f"Your request is due an answer today: {thread.title}",
+            "citizen_late": f"Your request is late: {thread.title}",
+            "very_late": f"Your request is very late: {thread.title}",
+            "describe": f"How did your request end? {thread.title}",
+        }
+        reply = self._address(AddressKind.REPLY, thread)
+        out = Outgoing(
+            from_addr=reply, from_name=s.site.name, reply_to=reply, to_addr=thread.citizen_email,
+            to_name=thread.citizen_name, domain=domain, automatic=True,
+            subject=subjects[r.kind],
+            text=render(self.site.templates, f"mail/reminder_{r.kind}.txt", **ctx),
+            message_id=new_message_id(domain, f"rem{thread.id}"))
+        _, row = queue_message(tx, self.site.signer, out, thread_id=thread.id,
+                               kind=f"reminder_{r.kind}", mail_from=s.outbound.bounce_address)
+        return [row]
