@@ -236,13 +236,12 @@ def reminders_due(ctx: Ctx, now_s: str | None, as_json: bool) -> None:
 @pass_ctx
 def reminders_run(ctx: Ctx, now_s: str | None, dry_run: bool, as_json: bool) -> None:
     """Send every reminder due as of --now, each once; then one delivery attempt."""
-    from mailflow.outbound.outbox import deliver_due
+    from mailflow.delivery import deliver
     from mailflow.reminders import Reminders
     site = ctx.site
     result = Reminders(site).run(_now(now_s), dry_run=dry_run)
     if result.outbox_ids:
-        asyncio.run(deliver_due(site.store, site.transport, site.settings.outbound.retry_schedule,
-                                ids=result.outbox_ids))
+        asyncio.run(deliver(site, result.outbox_ids))
     if as_json:
         print_json({"sent": result.sent, "skipped": result.skipped,
                     "recomputed": result.recomputed, "dry_run": dry_run})
@@ -258,6 +257,66 @@ def reminders_run(ctx: Ctx, now_s: str | None, dry_run: bool, as_json: bool) -> 
                       highlight=False)
     if not (result.sent or result.skipped or result.recomputed):
         console.print("nothing due")
+
+
+# -- deadline ----------------------------------------------------------------------------------
+@cli.command("deadline")
+@click.option("--law", "law_id", required=True, metavar="ID", help="The law's id in rules/laws.toml.")
+@click.option("--sent", required=True, metavar="DATE",
+              help="When the request went out (was received), as YYYY-MM-DD.")
+@click.option("--extension", "extension_id", default=None, metavar="EXT_ID",
+              help="An extension the authority claimed, by its id in the law.")
+@click.option("--extra-days", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Further days claimed, counted the law's way (an extension of no fixed length).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def deadline_cmd(ctx: Ctx, law_id: str, sent: str, extension_id: str | None, extra_days: int,
+                 as_json: bool) -> None:
+    """When an answer is due under a law, and the working: every day skipped, and why."""
+    from rich.markup import escape
+
+    from mailflow.core.deadlines import deadline, long_date
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", sent.strip()):
+        raise MailflowError(f"--sent {sent!r} is not a date as YYYY-MM-DD (e.g. 2026-12-17)")
+    try:
+        sent_on = date.fromisoformat(sent.strip())
+    except ValueError:
+        raise MailflowError(f"--sent {sent!r} is not a date as YYYY-MM-DD (e.g. 2026-12-17)") from None
+    laws = ctx.site.rules.laws
+    law = laws.get(law_id)
+    if law is None:
+        raise MailflowError(f"unknown law {law_id!r}; known: {', '.join(sorted(laws))}")
+    extension = law.extension(extension_id) if extension_id is not None else None
+    if extension_id is not None and extension is None:
+        known = ", ".join(e.id for e in law.extensions) or "none (use --extra-days)"
+        raise MailflowError(f"{law.id} has no extension {extension_id!r}; known: {known}")
+    d = deadline(law, sent_on, extra_days=(extension.days if extension else 0) + extra_days)
+    if as_json:
+        print_json({
+            "law": law.id, "law_name": law.name, "days": d.days, "working_days": d.working_days,
+            "extension": extension.id if extension else None, "extra_days": d.extra_days,
+            "sent": d.sent, "day_one": d.day_one, "due": d.due, "very_late": d.very_late,
+            "skipped": [{"date": s.date, "reason": s.reason} for s in d.skipped],
+            "moved": [{"date": m.date, "reason": m.reason} for m in d.moved],
+            "working": d.working()})
+        return
+    unit = "working days" if law.working_days else "days"
+    claimed = f" + {d.extra_days} claimed" if d.extra_days else ""
+    console.print(f"[bold]{escape(law.name)}[/] ({law.id}): {law.days} {unit}{claimed}",
+                  highlight=False)
+    summary = Table.grid(padding=(0, 2))
+    for label, day in (("sent", d.sent), ("day one", d.day_one), ("due", d.due),
+                       ("very late after", d.very_late)):
+        summary.add_row(label, f"[bold]{long_date(day)}[/]" if label == "due" else long_date(day))
+    console.print(summary)
+    n = len(d.skipped)
+    t = Table("not counted", "why", title=f"{n} day{'s' if n != 1 else ''} not counted",
+              title_justify="left")
+    for s in d.skipped:
+        t.add_row(long_date(s.date), escape(s.reason))
+    console.print(t)
+    for m in d.moved:
+        console.print(f"moved off {long_date(m.date)}: {escape(m.reason)}", highlight=False)
 
 
 # -- dkim --------------------------------------------------------------------------------------
@@ -514,10 +573,9 @@ def outbox_list(ctx: Ctx, state: str | None, as_json: bool) -> None:
 @pass_ctx
 def outbox_flush(ctx: Ctx) -> None:
     """Make one delivery attempt for everything that is due now."""
-    from mailflow.outbound.outbox import deliver_due
+    from mailflow.delivery import deliver
     site = ctx.site
-    counts = asyncio.run(deliver_due(site.store, site.transport,
-                                     site.settings.outbound.retry_schedule))
+    counts = asyncio.run(deliver(site))
     console.print(f"sent {counts['sent']}, to retry {counts['retry']}, failed {counts['failed']}")
 
 

@@ -16,7 +16,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from mailflow.core.door import check_recipient
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
-from mailflow.outbound.outbox import deliver_due
+from mailflow.delivery import deliver
 from mailflow.pipeline import Gatekeeper, Pipeline
 from mailflow.reminders import Reminders
 from mailflow.site import Site
@@ -75,8 +75,7 @@ class Daemon:
     async def flush_outbox(self, ids: list[int] | None = None) -> None:
         async with self._outbox_lock:
             try:
-                counts = await deliver_due(self.site.store, self.site.transport,
-                                           self.site.settings.outbound.retry_schedule, ids=ids)
+                counts = await deliver(self.site, ids)
             except Exception:  # noqa: BLE001 - the rows stay queued; the next sweep retries
                 log.exception("outbox delivery failed")
                 return

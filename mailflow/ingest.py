@@ -14,7 +14,7 @@ from mailflow.core.door import check_recipient
 from mailflow.core.message import ParsedMessage
 from mailflow.errors import SpoolError
 from mailflow.mail.parse import ParseError, parse
-from mailflow.outbound.outbox import deliver_due
+from mailflow.delivery import deliver
 from mailflow.pipeline import Pipeline, recipients_from_headers
 from mailflow.site import Site
 from mailflow.spool import Envelope
@@ -72,7 +72,6 @@ def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -
             return EX_OK, f"kept for an admin: {e}"
         raise SpoolError(f"processing failed, will retry: {e}") from e
     if result.outbox_ids:
-        counts = asyncio.run(deliver_due(site.store, site.transport, s.outbound.retry_schedule,
-                                         ids=result.outbox_ids))
+        counts = asyncio.run(deliver(site, result.outbox_ids))
         log.info("delivery: %s", counts)
     return EX_OK, ""

@@ -520,6 +520,8 @@ class Pipeline:
                              why="the citizen asked for an internal review")
             self._letter(c, thread, "mail/internal_review.txt", "Internal review of ",
                          text="\n".join(_after_first_line(c.pm.text)))
+        elif command == "waiting_response" and thread.state == "internal_review":
+            tx.update_thread(thread.id, awaiting_description=False)   # the review clock runs on
         else:
             tx.update_thread(thread.id, state=command, awaiting_description=False)
         tx.add_event(thread.id, "citizen", "state", {"command": command})

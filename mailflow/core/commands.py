@@ -21,6 +21,9 @@ COMMANDS = {
     "internal review": "internal_review",
     "clarification": "clarification",
     "extension": "extension",
+    "waiting": "waiting_response",
+    "still waiting": "waiting_response",
+    "waiting response": "waiting_response",
 }
 STATE_WORDS = {
     "waiting_response": "awaiting a response",

@@ -89,6 +89,10 @@ def applies(kind: str, event: str, *, state: str, due: date | None, very_late: d
         return True, "a response came and the citizen has not said how it ended"
     if state not in CLOCK_RUNNING:
         return False, f"the clock is not running ({state})"
+    if awaiting_description:
+        # As Alaveteli does: an authority that has answered is not chased until the citizen
+        # says the answer was not the end of it ("waiting").
+        return False, "a response came; the citizen has not yet said how the request stands"
     if kind == "very_late":
         if very_late is None or event != f"very_late:{very_late}":
             return False, "the very-late date has moved"

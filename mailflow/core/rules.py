@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import date
+from functools import cache
 from typing import Any
 
 from mailflow.core.addresses import valid_slug
@@ -17,8 +19,43 @@ from mailflow.errors import RulesError
 _EMAIL_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 
 
+DAY_ONE_RULES = ("next_working_day", "next_day", "same_day")
+SHIFT_RULES = ("next_working_day", "previous_working_day", "none")
+_MONTH_DAY_RE = re.compile(r"^(\d\d)-(\d\d)$")
+
+
+@dataclass(frozen=True)
+class ExcludedPeriod:
+    """Days of every year on which the clock does not run, e.g. New Zealand's 25 December to
+    15 January. Inclusive at both ends; `start` after `end` means the period wraps the year end."""
+    start: tuple[int, int]    # (month, day)
+    end: tuple[int, int]
+    reason: str               # shown to people, e.g. "25 December to 15 January (OIA s 2)"
+
+    def contains(self, d: date) -> bool:
+        md = (d.month, d.day)
+        if self.start <= self.end:
+            return self.start <= md <= self.end
+        return md >= self.start or md <= self.end
+
+
+@dataclass(frozen=True)
+class Extension:
+    """More time the law lets an authority claim, counted the law's way after the due date."""
+    id: str                   # how a claimed extension is named: "public-interest"
+    days: int                 # further days, counted like the law's own days
+    description: str          # where it comes from and when it applies
+
+
 @dataclass(frozen=True)
 class Law:
+    """A Freedom of Information law's clock, as data (see rules/laws.toml for every field).
+
+    In laws.toml only id, name, days and country are required, so a short entry stays a valid
+    law. Two defaults depend on other fields and are filled in at construction: `day_one` is the next
+    working day for working-day laws and the next day for calendar-day laws, and
+    `very_late_days` is as many again as `days`.
+    """
     id: str
     name: str                 # as used in letters: "the Freedom of Information Act 2000"
     short_name: str           # "FOI"
@@ -26,6 +63,44 @@ class Law:
     working_days: bool        # counted in working days (else calendar days)
     country: str              # ISO 3166 code for the `holidays` package
     subdivisions: tuple[str, ...] = ()   # holidays of any of these count (the union)
+    day_one: str = ""         # one of DAY_ONE_RULES; "" → the usual for the counting (above)
+    shift_if_non_working: str = "none"   # one of SHIFT_RULES, for calendar-day deadlines
+    excluded_periods: tuple[ExcludedPeriod, ...] = ()
+    very_late_days: int = 0   # further days after `due` until "very late"; 0 → `days`
+    extensions: tuple[Extension, ...] = ()
+    internal_review_days: int | None = None   # None: the law has no internal review
+
+    def __post_init__(self) -> None:
+        # A frozen dataclass fills its derived defaults through object.__setattr__.
+        if not self.day_one:
+            object.__setattr__(self, "day_one",
+                               "next_working_day" if self.working_days else "next_day")
+        if not self.very_late_days:
+            object.__setattr__(self, "very_late_days", self.days)
+        if self.day_one not in DAY_ONE_RULES:
+            raise ValueError(f"day_one must be one of {', '.join(DAY_ONE_RULES)}, "
+                             f"got {self.day_one!r}")
+        if self.shift_if_non_working not in SHIFT_RULES:
+            raise ValueError(f"shift_if_non_working must be one of {', '.join(SHIFT_RULES)}, "
+                             f"got {self.shift_if_non_working!r}")
+        if self.days <= 0:
+            raise ValueError(f"days must be positive, got {self.days}")
+        if self.very_late_days < 0:
+            raise ValueError(f"very_late_days must be positive, got {self.very_late_days}")
+        if self.internal_review_days is not None and self.internal_review_days <= 0:
+            raise ValueError("internal_review_days must be positive (leave it out where the "
+                             f"law has no internal review), got {self.internal_review_days}")
+        seen: set[str] = set()
+        for ext in self.extensions:
+            if ext.days <= 0:
+                raise ValueError(f"extension {ext.id!r}: days must be positive, got {ext.days}")
+            if ext.id in seen:
+                raise ValueError(f"duplicate extension id {ext.id!r}")
+            seen.add(ext.id)
+
+    def extension(self, ext_id: str) -> Extension | None:
+        """The extension the law calls `ext_id`, if it allows one by that name."""
+        return next((e for e in self.extensions if e.id == ext_id), None)
 
 
 @dataclass(frozen=True)
@@ -80,24 +155,97 @@ def _unknown(entry: dict[str, Any], known: set[str], where: str) -> None:
                          f"known: {', '.join(sorted(known))}")
 
 
+_LAW_KEYS = {"id", "name", "short_name", "days", "working_days", "country", "subdivisions",
+             "day_one", "shift_if_non_working", "excluded_periods", "very_late_days",
+             "extensions", "internal_review_days"}
+
+
+@cache
+def _supported_calendars() -> dict[str, frozenset[str]]:
+    """Country code → its subdivision codes, as the installed `holidays` package knows them."""
+    import holidays
+    return {c: frozenset(subs) for c, subs in holidays.list_supported_countries().items()}
+
+
+def _check_calendar(country: str, subdivisions: tuple[str, ...], where: str) -> None:
+    """A misspelt country or region would silently drop holidays: refuse it at load time."""
+    calendars = _supported_calendars()
+    if country not in calendars:
+        raise RulesError(f"{where}: country {country!r} is not a country the `holidays` "
+                         "package knows (ISO 3166 alpha-2, e.g. GB, NZ)")
+    for sub in subdivisions:
+        if not isinstance(sub, str) or sub not in calendars[country]:
+            raise RulesError(f"{where}: subdivision {sub!r} is not one of {country}'s in the "
+                             f"`holidays` package: {', '.join(sorted(calendars[country])) or 'none'}")
+
+
+def _month_day(value: Any, key: str, where: str) -> tuple[int, int]:
+    m = _MONTH_DAY_RE.match(value) if isinstance(value, str) else None
+    if m:
+        month, day = int(m.group(1)), int(m.group(2))
+        try:
+            date(2000, month, day)  # a leap year, so 02-29 is allowed
+            return month, day
+        except ValueError:
+            pass
+    raise RulesError(f'{where}: {key} must be a day of the year as "MM-DD", got {value!r}')
+
+
+def _excluded_periods(e: dict[str, Any], where: str) -> tuple[ExcludedPeriod, ...]:
+    out = []
+    for j, p in enumerate(_get(e, "excluded_periods", list, where, []), 1):
+        here = f"{where}: excluded_periods #{j}"
+        if not isinstance(p, dict):
+            raise RulesError(f"{here}: expected a table {{from, to, reason}}, got {p!r}")
+        _unknown(p, {"from", "to", "reason"}, here)
+        out.append(ExcludedPeriod(start=_month_day(_get(p, "from", str, here), "from", here),
+                                  end=_month_day(_get(p, "to", str, here), "to", here),
+                                  reason=_get(p, "reason", str, here)))
+    return tuple(out)
+
+
+def _extensions(e: dict[str, Any], where: str) -> tuple[Extension, ...]:
+    out = []
+    for j, x in enumerate(_get(e, "extensions", list, where, []), 1):
+        here = f"{where}: extensions #{j}"
+        if not isinstance(x, dict):
+            raise RulesError(f"{here}: expected a table {{id, days, description}}, got {x!r}")
+        _unknown(x, {"id", "days", "description"}, here)
+        out.append(Extension(id=_get(x, "id", str, here), days=_get(x, "days", int, here),
+                             description=_get(x, "description", str, here)))
+    return tuple(out)
+
+
 def parse_laws(text: str, source: str = "laws.toml") -> dict[str, Law]:
+    """Every [[law]] in the text. A wrong entry is a RulesError naming the file and the law."""
     data = _toml(text, source)
     entries = data.get("law", [])
     if not isinstance(entries, list):
         raise RulesError(f"{source}: expected [[law]] tables")
     laws: dict[str, Law] = {}
-    known = {"id", "name", "short_name", "days", "working_days", "country", "subdivisions"}
     for i, e in enumerate(entries, 1):
         where = f"{source}: law #{i}" + (f" ({e.get('id')})" if isinstance(e.get("id"), str) else "")
-        _unknown(e, known, where)
-        law = Law(id=_get(e, "id", str, where), name=_get(e, "name", str, where),
-                  short_name=_get(e, "short_name", str, where, "FOI"),
-                  days=_get(e, "days", int, where),
-                  working_days=_get(e, "working_days", bool, where, True),
-                  country=_get(e, "country", str, where),
-                  subdivisions=tuple(_get(e, "subdivisions", list, where, [])))
-        if law.days <= 0:
-            raise RulesError(f"{where}: days must be positive")
+        _unknown(e, _LAW_KEYS, where)
+        country = _get(e, "country", str, where)
+        subdivisions = tuple(_get(e, "subdivisions", list, where, []))
+        _check_calendar(country, subdivisions, where)
+        try:
+            law = Law(id=_get(e, "id", str, where), name=_get(e, "name", str, where),
+                      short_name=_get(e, "short_name", str, where, "FOI"),
+                      days=_get(e, "days", int, where),
+                      working_days=_get(e, "working_days", bool, where, True),
+                      country=country, subdivisions=subdivisions,
+                      day_one=_get(e, "day_one", str, where, ""),
+                      shift_if_non_working=_get(e, "shift_if_non_working", str, where, "none"),
+                      excluded_periods=_excluded_periods(e, where),
+                      very_late_days=_get(e, "very_late_days", int, where, 0),
+                      extensions=_extensions(e, where),
+                      internal_review_days=_get(e, "internal_review_days", int,
+                                                                where, None))
+        except ValueError as err:
+            raise RulesError(f"{where}: {err}") from None
+        if "very_late_days" in e and law.very_late_days <= 0:
+            raise RulesError(f"{where}: very_late_days must be positive")
         if law.id in laws:
             raise RulesError(f"{where}: duplicate law id {law.id!r}")
         laws[law.id] = law

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from mailflow.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -38,8 +38,11 @@ def queue_message(tx: Tx, signer: Signer | None, out: Outgoing, *, thread_id: in
     return pk, row
 
 
+OnSent = Callable[[Tx, OutboxRow], None]
+
+
 async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequence[int],
-                      ids: list[int] | None = None) -> dict[str, int]:
+                      ids: list[int] | None = None, on_sent: OnSent | None = None) -> dict[str, int]:
     """Make one delivery attempt for each due row (or the named rows); returns counts."""
     counts = {"sent": 0, "retry": 0, "failed": 0}
 
@@ -69,15 +72,19 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
                 log.info("outbox %s to %s: temporary failure, retry at %s: %s",
                          row.id, row.rcpt, at.isoformat(timespec="seconds"), e)
         else:
-            await asyncio.to_thread(_sent, store, row.id, result)
+            await asyncio.to_thread(_sent, store, row, result, on_sent)
             counts["sent"] += 1
             log.info("outbox %s delivered to %s: %s", row.id, row.rcpt, result)
     return counts
 
 
-def _sent(store: Store, row_id: int, result: str) -> None:
+def _sent(store: Store, row: OutboxRow, result: str, on_sent: OnSent | None) -> None:
+    """Record the delivery, and let the caller react in the same transaction (the clock of a
+    request runs from when it actually went out)."""
     with store.tx() as tx:
-        tx.outbox_sent(row_id, result)
+        tx.outbox_sent(row.id, result)
+        if on_sent is not None:
+            on_sent(tx, row)
 
 
 def _retry(store: Store, row_id: int, error: str, at) -> None:  # type: ignore[no-untyped-def]
