@@ -261,7 +261,8 @@ def reminders_run(ctx: Ctx, now_s: str | None, dry_run: bool, as_json: bool) -> 
 
 # -- deadline ----------------------------------------------------------------------------------
 @cli.command("deadline")
-@click.option("--law", "law_id", required=True, metavar="ID", help="The law's id in rules/laws.toml.")
+@click.option("--law", "law_id", required=True, metavar="ID",
+              help="The law's id in rules/laws.toml.")
 @click.option("--sent", required=True, metavar="DATE",
               help="When the request went out (was received), as YYYY-MM-DD.")
 @click.option("--extension", "extension_id", default=None, metavar="EXT_ID",
@@ -276,12 +277,13 @@ def deadline_cmd(ctx: Ctx, law_id: str, sent: str, extension_id: str | None, ext
     from rich.markup import escape
 
     from mailflow.core.deadlines import deadline, long_date
+    bad_date = MailflowError(f"--sent {sent!r} is not a date as YYYY-MM-DD (e.g. 2026-12-17)")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", sent.strip()):
-        raise MailflowError(f"--sent {sent!r} is not a date as YYYY-MM-DD (e.g. 2026-12-17)")
+        raise bad_date
     try:
         sent_on = date.fromisoformat(sent.strip())
     except ValueError:
-        raise MailflowError(f"--sent {sent!r} is not a date as YYYY-MM-DD (e.g. 2026-12-17)") from None
+        raise bad_date from None
     laws = ctx.site.rules.laws
     law = laws.get(law_id)
     if law is None:
@@ -364,7 +366,9 @@ def thread_json(site: Any, tx: Any, thread: Any, with_messages: bool = True) -> 
         "authority": thread.authority, "law": thread.law, "title": thread.title,
         "created_at": thread.created_at, "sent_at": thread.sent_at,
         "due_date": thread.due_date, "delivery_status": thread.delivery_status,
-        "allow": thread.allow,
+        "allow": thread.allow, "clock_start": thread.clock_start,
+        "very_late_date": thread.very_late_date, "extension": thread.extension,
+        "awaiting_description": thread.awaiting_description,
         "citizen": {"name": thread.citizen_name, "email": thread.citizen_email},
     }
     if with_messages:
@@ -378,6 +382,9 @@ def thread_json(site: Any, tx: Any, thread: Any, with_messages: bool = True) -> 
                       if m.direction == "in" and m.match_method else None),
             "flags": m.flags,
         } for m in tx.messages(thread.id)]
+        d["events"] = tx.events(thread.id)
+        d["reminders"] = [{"kind": r.kind, "event": r.event, "due_at": r.due_at,
+                           "state": r.state, "note": r.note} for r in tx.reminders(thread.id)]
     return d
 
 

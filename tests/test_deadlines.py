@@ -371,7 +371,8 @@ def test_is_counted_and_is_working_day_give_reasons() -> None:
     assert is_counted(uk, date(2026, 12, 1)) == (True, None)
     # A calendar-day law counts weekends and holidays; they are still not working days.
     assert is_counted(au, date(2026, 4, 4)) == (True, None)
-    assert is_working_day(au, date(2026, 4, 4)) == (False, "Saturday; Easter Saturday (holiday in AU-ACT)")
+    assert is_working_day(au, date(2026, 4, 4)) == (
+        False, "Saturday; Easter Saturday (holiday in AU-ACT)")
 
 
 def test_count_days() -> None:
@@ -421,8 +422,9 @@ def test_day_one_rules_and_previous_working_day() -> None:
     assert d.due == date(2026, 12, 4)
     assert [m.date for m in d.moved][:1] == [date(2026, 12, 5)]
     # Defaults: next_day for calendar-day laws, next_working_day for working-day laws.
+    working = {**base, "working_days": True}
     assert Law(days=1, **base).day_one == "next_day"  # type: ignore[arg-type]
-    assert Law(days=1, **{**base, "working_days": True}).day_one == "next_working_day"  # type: ignore[arg-type]
+    assert Law(days=1, **working).day_one == "next_working_day"  # type: ignore[arg-type]
     assert Law(days=7, **base).very_late_days == 7  # type: ignore[arg-type]
 
 

@@ -51,7 +51,8 @@ LAW = 'id = "x-foi"\nname = "the X Act"\ndays = 20\ncountry = "GB"\n'
     ('shift_if_non_working = "sideways"', r"shift_if_non_working must be one of"),
     ('very_late_days = -5', r"very_late_days must be positive"),
     ('internal_review_days = 0', r"internal_review_days must be positive"),
-    ('extensions = [{ id = "e", days = -1, description = "d" }]', r"extension 'e': days must be positive"),
+    ('extensions = [{ id = "e", days = -1, description = "d" }]',
+     r"extension 'e': days must be positive"),
     ('extensions = [{ id = "e", days = 5 }]', r"extensions #1: missing key 'description'"),
 ])
 def test_broken_law_entries_name_the_file_and_the_law(extra: str, message: str) -> None:

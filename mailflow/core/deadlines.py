@@ -62,7 +62,8 @@ class Deadline:
     working_days: bool
     days: int                        # the law's days, without any extension
     extra_days: int = 0              # an extension claimed, counted the law's way
-    moved: tuple[Skipped, ...] = ()  # days a calendar-day deadline moved off (counted days)
+    moved: tuple[Skipped, ...] = ()  # days the due or very-late date of a calendar-day law
+                                     # moved off: counted days, so not in `skipped`
     working_lines: tuple[str, ...] = ()
 
     def working(self) -> list[str]:
@@ -294,7 +295,9 @@ def deadline(law: Law, sent: date, *, extra_days: int = 0) -> Deadline:
     due, moved = _move(law, nominal, floor=day_one)
     for m in moved:
         lines.append(f"  {long_date(m.date)} is not a working day — {m.reason}: the deadline moves")
-    how = f"the {_ordinal(total)} {unit}" + (f", with {extra_days} extra" if extra_days else "")
+    how = f"the {_ordinal(total)} {unit}"
+    if extra_days:
+        how += f", with {extra_days} {unit}s of extension"
     if due != nominal:
         how += f"; moved from {long_date(nominal)}"
     lines.append(f"Due: {long_date(due)} ({how})")

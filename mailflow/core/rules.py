@@ -52,8 +52,8 @@ class Law:
     """A Freedom of Information law's clock, as data (see rules/laws.toml for every field).
 
     In laws.toml only id, name, days and country are required, so a short entry stays a valid
-    law. Two defaults depend on other fields and are filled in at construction: `day_one` is the next
-    working day for working-day laws and the next day for calendar-day laws, and
+    law. Two defaults depend on other fields and are filled in at construction: `day_one` is
+    the next working day for working-day laws and the next day for calendar-day laws, and
     `very_late_days` is as many again as `days`.
     """
     id: str
@@ -175,8 +175,9 @@ def _check_calendar(country: str, subdivisions: tuple[str, ...], where: str) -> 
                          "package knows (ISO 3166 alpha-2, e.g. GB, NZ)")
     for sub in subdivisions:
         if not isinstance(sub, str) or sub not in calendars[country]:
+            known = ", ".join(sorted(calendars[country])) or "none"
             raise RulesError(f"{where}: subdivision {sub!r} is not one of {country}'s in the "
-                             f"`holidays` package: {', '.join(sorted(calendars[country])) or 'none'}")
+                             f"`holidays` package: {known}")
 
 
 def _month_day(value: Any, key: str, where: str) -> tuple[int, int]:
