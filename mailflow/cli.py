@@ -477,6 +477,35 @@ def thread_reopen(ctx: Ctx, thread_id: int) -> None:
     _set_allow(ctx, thread_id, "anybody")
 
 
+@thread.command("extend")
+@click.argument("thread_id", type=int)
+@click.option("--extension", "ext_id", default=None,
+              help="Which of the law's extensions (default: its first).")
+@pass_ctx
+def thread_extend(ctx: Ctx, thread_id: int, ext_id: str | None) -> None:
+    """Record that the authority claimed an extension the law allows; moves the due date."""
+    from mailflow.clock import Clock
+    site = ctx.site
+    with site.store.tx() as tx:
+        t = tx.thread(thread_id)
+        if t is None:
+            raise NotFound(f"no thread {thread_id}")
+        law = site.rules.laws[t.law]
+        exts = {e.id: e for e in law.extensions}
+        if not exts:
+            raise MailflowError(f"{law.name} ({law.id}) allows no extension")
+        ext = exts.get(ext_id) if ext_id else next(iter(exts.values()))
+        if ext is None:
+            raise MailflowError(f"{law.id} has no extension {ext_id!r}; it has: {', '.join(exts)}")
+        if t.clock_start is None or t.state not in ("waiting_response", "internal_review"):
+            raise MailflowError(f"thread {thread_id} is {t.state}: its clock is not running")
+        t = Clock(site.settings, site.rules).start(
+            tx, thread_id, t.clock_start, actor="admin", extension=ext.id,
+            why=f"the authority claimed an extension: {ext.description}")
+    console.print(f"thread {thread_id}: extended ({ext.id}); now due {t.due_date}, "
+                  f"very late from {t.very_late_date}")
+
+
 # -- queue ------------------------------------------------------------------------------------------
 @cli.group()
 def queue() -> None:

@@ -222,3 +222,16 @@ def test_still_waiting_after_an_acknowledgement_resumes_the_reminders(mf: MfSite
     ingest(mf, compose(f"Jane <{JANE}>", reply, "Re", "still waiting"), reply, JANE)
     assert sweep_days(mf, START, 33) == {date(2027, 4, 1): ["citizen_due"],
                                          date(2027, 4, 2): ["authority_followup", "citizen_late"]}
+
+
+def test_admin_records_an_extension_and_the_due_date_moves(site: Site) -> None:
+    mf = MfSite.open(site.config)
+    tid = request_sent_on(mf, START)
+    mf.close()
+    r = site.run("thread", "extend", str(tid))
+    assert r.returncode == 0, r.stderr.decode()
+    t = site.json("thread", "show", str(tid))
+    assert t["extension"] and t["due_date"] > "2027-04-01"
+    assert [e["kind"] for e in t["events"]].count("clock") == 3
+    bad = site.run("thread", "extend", str(tid), "--extension", "nonsense")
+    assert bad.returncode == 1 and b"has no extension" in bad.stderr
