@@ -72,7 +72,8 @@ def test_three_months_of_reminders_for_an_unanswered_uk_request(mf: MfSite) -> N
     # Ireland: the Act counts a bank holiday in any part of the UK), Good Friday 26 March and
     # Easter Monday 29 March 2027 -> the 20th working day is Thursday 1 April.
     assert t is not None and t.due_date == date(2027, 4, 1)
-    # 20 more working days (WhatDoTheyKnow's "very late"): Thursday 29 April.
+    # 20 more working days (WhatDoTheyKnow's "very late"): late until Thursday 29 April,
+    # very late from Friday 30 April.
     assert t.very_late_date == date(2027, 4, 29)
     sent = sweep_days(mf, START, 92)
     assert sent == {
@@ -80,7 +81,7 @@ def test_three_months_of_reminders_for_an_unanswered_uk_request(mf: MfSite) -> N
         date(2027, 4, 2): ["authority_followup", "citizen_late"],
         # the second follow-up 10 working days after the first (Fri 2 April + 10)
         date(2027, 4, 16): ["authority_followup"],
-        date(2027, 4, 29): ["very_late"],
+        date(2027, 4, 30): ["very_late"],
     }
     # Running the whole period again sends nothing more.
     assert sweep_days(mf, START, 92) == {}

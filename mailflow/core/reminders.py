@@ -59,7 +59,9 @@ def for_deadline(due: date, very_late: date, policy: ReminderPolicy,
     if policy.authority_followup and policy.followup_max > 0:
         out.append(ReminderSpec("authority_followup", f"due:{due}:1", add_days(due, 1)))
     if policy.very_late:
-        out.append(ReminderSpec("very_late", f"very_late:{very_late}", very_late))
+        # `very_late` is the last day that is merely late: the notice goes the day after.
+        out.append(ReminderSpec("very_late", f"very_late:{very_late}",
+                                very_late + timedelta(days=1)))
     return out
 
 
