@@ -30,6 +30,7 @@ class SiteSettings:
     rules: Path
     templates: Path | None
     default_law: str
+    language: str = "en"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "rules": (str, "rules"),
         "templates": (str, ""),
         "default_law": (str, "uk-foia"),
+        "language": (str, "en"),
     },
     "database": {"url": (str, "sqlite:///var/mailflow.db")},
     "spool": {
@@ -353,7 +355,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
             domain=domain, name=site["name"], url=url, secret=secret,
             rules=_resolve(base, site["rules"]),
             templates=_resolve(base, site["templates"]) if site["templates"] else None,
-            default_law=site["default_law"]),
+            default_law=site["default_law"], language=site["language"]),
         database=DatabaseSettings(url=db_url),
         spool=SpoolSettings(dir=_resolve(base, spool["dir"]),
                             keep_done_days=spool["keep_done_days"],

@@ -37,7 +37,6 @@ log = logging.getLogger("mailflow.pipeline")
 
 NO_REPLY = re.compile(r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|noreply|mailer-daemon|postmaster)"
                       r"([-+.@]|$)", re.I)
-FOI_SUBJECT = "Freedom of Information request - {title} [FOI #{id}]"
 
 
 @dataclass
@@ -281,6 +280,12 @@ class Pipeline:
                 "thread_id": thread.id, "due_date": thread.due_date,
                 "request_address": self.request_address(thread)}
 
+    def foi_subject(self, thread: Thread) -> str:
+        """The contract's subject, `Freedom of Information request - <title> [FOI #<id>]`,
+        in the site's language (the tag stays as it is: matching relies on it)."""
+        return self.site._("Freedom of Information request - {title}", title=thread.title) \
+            + f" [FOI #{thread.id}]"
+
     def request_address(self, thread: Thread) -> str:
         return A.thread_address(AddressKind.REQUEST, thread.id, thread.request_token, self.domain)
 
@@ -300,9 +305,9 @@ class Pipeline:
         body = pm.text.strip()
         title = " ".join(pm.subject.split())[:200]
         if not body or not title:
-            return self._refuse_request(c, authority, citizen,
-                                        "the email had no subject (the title of the request)"
-                                        if not title else "the email had no text")
+            return self._refuse_request(c, authority, citizen, self.site._(
+                "the email had no subject (the title of the request)" if not title
+                else "the email had no text"))
         law = self.site.rules.law_for(authority)
         thread_id = c.tx.create_thread(
             kind="foi", state="awaiting_confirmation", authority=authority.slug, law=law.id,
@@ -317,7 +322,7 @@ class Pipeline:
         out = Outgoing(
             from_addr=confirm, from_name=self.site.settings.site.name, reply_to=confirm,
             to_addr=citizen, to_name=thread.citizen_name, domain=self.domain,
-            subject=f"Please confirm your request: {title}",
+            subject=self.site._("Please confirm your request: {title}", title=title),
             text=render(self.site.templates, "mail/confirm.txt", **self._context(thread)),
             in_reply_to=pm.message_id, references=[pm.message_id or ""], automatic=True,
             message_id=new_message_id(self.domain, f"confirm{thread_id}"))
@@ -335,7 +340,8 @@ class Pipeline:
                       authority_address=f"{authority.slug}@{self.domain}")
         out = Outgoing(from_addr=f"{authority.slug}@{self.domain}", from_name=s.name,
                        to_addr=citizen, to_name=c.pm.from_name, domain=self.domain,
-                       subject=f"Your request could not be started: {problem}",
+                       subject=self.site._("Your request could not be started: {problem}",
+                                           problem=problem),
                        text=text, automatic=True, in_reply_to=c.pm.message_id,
                        references=[c.pm.message_id or ""])
         self._send(c, out, thread_id=None, kind="request_problem",
@@ -374,7 +380,7 @@ class Pipeline:
         out = Outgoing(
             from_addr=req_addr, from_name=thread.citizen_name, to_addr=authority.contact,
             to_name=authority.name, domain=self.domain,
-            subject=FOI_SUBJECT.format(title=thread.title, id=thread.id),
+            subject=self.foi_subject(thread),
             text=render(self.site.templates, "mail/request.txt", **self._context(thread)),
             message_id=new_message_id(self.domain, f"foi{thread.id}"))
         self._send(c, out, thread_id=thread.id, kind="request", mail_from=req_addr)
@@ -451,7 +457,7 @@ class Pipeline:
                       from_line=from_line, subject=pm.subject,
                       date=(pm.date or utcnow()).strftime("%-d %B %Y %H:%M %Z"),
                       text=pm.text.strip(), attachment_count=len(pm.attachments))
-        subject = pm.subject if pm.subject else FOI_SUBJECT.format(title=thread.title, id=thread.id)
+        subject = pm.subject if pm.subject else self.foi_subject(thread)
         out = Outgoing(
             from_addr=reply, from_name=f"{name} via {self.site.settings.site.name}",
             reply_to=reply, to_addr=thread.citizen_email, to_name=thread.citizen_name,
@@ -540,14 +546,14 @@ class Pipeline:
         req = self.request_address(thread)
         out = Outgoing(from_addr=req, from_name=thread.citizen_name, to_addr=authority.contact,
                        to_name=authority.name, domain=self.domain,
-                       subject=prefix + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+                       subject=self.site._(prefix) + self.foi_subject(thread),
                        text=render(self.site.templates, template, **self._context(thread),
                                    text=text),
                        message_id=new_message_id(self.domain, f"foi{thread.id}"))
         self._send(c, out, thread_id=thread.id, kind="followup", mail_from=req)
 
     def _ack(self, c: "_Ctx", thread: Thread, note: str) -> None:
-        words = STATE_WORDS.get(thread.state, thread.state)
+        words = self.site._(STATE_WORDS.get(thread.state, thread.state))
         text = render(self.site.templates, "mail/state_changed.txt", **self._context(thread),
                       state=thread.state, state_words=words)
         if note:
@@ -556,7 +562,8 @@ class Pipeline:
         out = Outgoing(from_addr=reply, from_name=self.site.settings.site.name, reply_to=reply,
                        to_addr=thread.citizen_email, to_name=thread.citizen_name,
                        domain=self.domain, automatic=True, in_reply_to=c.pm.message_id,
-                       subject=f"Your request is now {words}: {thread.title}", text=text,
+                       subject=self.site._("Your request is now {state}: {title}", state=words,
+                                           title=thread.title), text=text,
                        message_id=new_message_id(self.domain, f"ack{thread.id}"))
         self._send(c, out, thread_id=thread.id, kind="state_changed",
                    mail_from=self.site.settings.outbound.bounce_address)
@@ -584,7 +591,7 @@ class Pipeline:
         out = Outgoing(
             from_addr=req_addr, from_name=thread.citizen_name, to_addr=to,
             to_name=authority.name if authority else "", domain=self.domain,
-            subject="Re: " + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+            subject="Re: " + self.foi_subject(thread),
             text=render(self.site.templates, "mail/followup.txt", **self._context(thread),
                         text=text),
             in_reply_to=refs[-1] if refs else None, references=refs,

@@ -24,7 +24,6 @@ from mailflow.store.repository import Reminder, Thread, Tx
 from mailflow.templating import render
 
 log = logging.getLogger("mailflow.reminders")
-FOI_SUBJECT = "Freedom of Information request - {title} [FOI #{id}]"
 
 
 @dataclass
@@ -120,7 +119,8 @@ class Reminders:
             out = Outgoing(
                 from_addr=req, from_name=thread.citizen_name, to_addr=authority.contact,
                 to_name=authority.name, domain=domain, automatic=True,
-                subject="Re: " + FOI_SUBJECT.format(title=thread.title, id=thread.id),
+                subject="Re: " + self.site._("Freedom of Information request - {title}",
+                                             title=thread.title) + f" [FOI #{thread.id}]",
                 text=render(self.site.templates, "mail/reminder_authority_followup.txt",
                             **ctx, number=n),
                 in_reply_to=sent[-1].message_id if sent else None,
@@ -135,11 +135,12 @@ class Reminders:
                 tx.add_reminder(thread.id, nxt.kind, nxt.event,
                                 R.due_at(nxt.on, self.clock.policy(thread)))
             return [row]
+        _ = self.site._
         subjects = {
-            "citizen_due": f"Your request is due an answer today: {thread.title}",
-            "citizen_late": f"Your request is late: {thread.title}",
-            "very_late": f"Your request is very late: {thread.title}",
-            "describe": f"How did your request end? {thread.title}",
+            "citizen_due": _("Your request is due an answer today: {title}", title=thread.title),
+            "citizen_late": _("Your request is late: {title}", title=thread.title),
+            "very_late": _("Your request is very late: {title}", title=thread.title),
+            "describe": _("How did your request end? {title}", title=thread.title),
         }
         reply = self._address(AddressKind.REPLY, thread)
         out = Outgoing(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mailflow.core.redaction import RedactionRule, load_redactions
 from mailflow.core.rules import Rules, parse_authorities, parse_laws
 from mailflow.errors import RulesError
 
@@ -24,6 +25,18 @@ def load_rules(folder: Path, default_law: str) -> Rules:
     authorities = parse_authorities(_read(folder / "authorities.toml"), laws, default_law,
                                     str(folder / "authorities.toml"))
     return Rules(laws=laws, authorities=authorities)
+
+
+def load_redactions_file(folder: Path) -> list[RedactionRule]:
+    """rules/redactions.toml, or no rules when the site has none (it is optional)."""
+    path = folder / "redactions.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise RulesError(f"{path}: cannot read: {e}") from None
+    return load_redactions(text, str(path))
 
 
 def packaged_dir(name: str) -> Path:

@@ -19,6 +19,7 @@ from mailflow.outbound.transports import Transport, make_transport
 from mailflow.rulesdir import load_rules
 from mailflow.spool import Spool
 from mailflow.store.repository import Store
+from mailflow.i18n import translations
 from mailflow.templating import make_environment
 
 
@@ -52,7 +53,12 @@ class Site:
 
     @cached_property
     def templates(self) -> Environment:
-        return make_environment(self.settings.site.templates)
+        return make_environment(self.settings.site.templates, self.settings.site.language)
+
+    def _(self, message: str, **values: object) -> str:
+        """Translate a string of code (a subject line) into the site's language."""
+        text = translations(self.settings.site.language).gettext(message)
+        return text.format(**values) if values else text
 
     @cached_property
     def transport(self) -> Transport:

@@ -25,15 +25,20 @@ COMMANDS = {
     "still waiting": "waiting_response",
     "waiting response": "waiting_response",
 }
+def N_(message: str) -> str:
+    """Marks a string for translation; it is translated where it is shown."""
+    return message
+
+
 STATE_WORDS = {
-    "waiting_response": "awaiting a response",
-    "waiting_clarification": "waiting for you to clarify",
-    "internal_review": "under internal review",
-    "successful": "successful",
-    "partially_successful": "partially successful",
-    "rejected": "refused",
-    "not_held": "information not held",
-    "user_withdrawn": "withdrawn",
+    "waiting_response": N_("awaiting a response"),
+    "waiting_clarification": N_("waiting for you to clarify"),
+    "internal_review": N_("under internal review"),
+    "successful": N_("successful"),
+    "partially_successful": N_("partially successful"),
+    "rejected": N_("refused"),
+    "not_held": N_("information not held"),
+    "user_withdrawn": N_("withdrawn"),
 }
 _QUOTE_START = re.compile(
     r"^(>|on .{0,200}wrote:?$|-----\s*original message|from:\s|sent from my|-- ?$|_{5,}|le .{0,200}a écrit)",

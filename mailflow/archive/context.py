@@ -1,0 +1,461 @@
+"""The public view of the site: what the archive may show, already redacted, as plain values.
+
+Everything private is decided here, once, before any page is rendered: which threads are
+public (sent ones), which messages (the letters to the authority and its answers, never the
+citizen's own copies, confirmations or reminders), what a hidden or `X-No-Archive` message
+leaves behind (a placeholder, so the thread still reads in order), and the redacted form of
+every title, name, subject, body, HTML part and attachment. Templates then only format these
+values; they never see a `Thread` row, so they cannot print a citizen's address by mistake.
+
+Attachment bytes are returned beside the view (`ThreadFiles`) rather than kept in it, so the
+builder can stage them and let them go: a site's attachments need not fit in memory at once.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+from mailflow.archive.attachments import PublicAttachment, Withheld, publish_attachment
+from mailflow.core.deadlines import deadline
+from mailflow.core.redaction import Redactor
+from mailflow.core.rules import Authority, Law
+from mailflow.mail.parse import ParseError, parse
+from mailflow.mail.sanitise import sanitise_html
+from mailflow.store.repository import StoredMessage, Thread
+
+# Message kinds the public sees: the letters that went to the authority and what came back.
+# Not shown: `followup_in` (the citizen's own copy: the outgoing `followup` is the public
+# one), `draft`, confirmations, forwards, commands, acknowledgements and reminders.
+SHOWN = {("out", "request"), ("out", "followup"),
+         ("in", "response"), ("in", "auto_reply"), ("in", "bounce")}
+COLLAPSED = {"auto_reply", "bounce"}
+KIND_WORDS = {"request": "Request", "followup": "Follow-up", "response": "Response",
+              "auto_reply": "Automatic reply", "bounce": "Delivery failure report"}
+HIDDEN_NOTE = "This message has been hidden by the site's moderators."
+NO_ARCHIVE_NOTE = "This message is not published: its sender asked for it not to be archived."
+
+# The lists by state: URL slug → words. "overdue" and "very-overdue" are derived from the
+# due dates, as Alaveteli's waiting_response_(very_)overdue are.
+LIST_STATES: dict[str, str] = {
+    "waiting-response": "awaiting a response",
+    "overdue": "overdue",
+    "very-overdue": "long overdue",
+    "waiting-clarification": "waiting for the requester to clarify",
+    "internal-review": "under internal review",
+    "successful": "successful",
+    "partially-successful": "partially successful",
+    "refused": "refused",
+    "not-held": "information not held",
+    "withdrawn": "withdrawn by the requester",
+}
+_STATE_SLUGS = {"waiting_response": "waiting-response", "waiting_clarification":
+                "waiting-clarification", "internal_review": "internal-review",
+                "successful": "successful", "partially_successful": "partially-successful",
+                "rejected": "refused", "not_held": "not-held", "user_withdrawn": "withdrawn"}
+_NOT_PUBLIC_STATES = ("awaiting_confirmation", "awaiting_address")
+
+Verifier = Callable[[str, bytes], tuple[bool, str | None]]   # (raw sha256, raw) → (ok, d=)
+
+
+@dataclass(frozen=True)
+class AttachmentView:
+    n: int
+    filename: str
+    content_type: str
+    size: int
+    path: str | None            # under the output folder; None when withheld
+    withheld: str | None = None  # the reason, when withheld
+
+
+@dataclass(frozen=True)
+class Dkim:
+    verified: bool
+    domain: str | None
+
+    @property
+    def words(self) -> str:
+        if self.verified:
+            return f"DKIM signature verified: sent through {self.domain}"
+        if self.domain:
+            return f"DKIM signature for {self.domain} did not verify"
+        return "No DKIM signature: the sender cannot be confirmed"
+
+
+@dataclass(frozen=True)
+class MessageView:
+    pk: int
+    kind: str
+    direction: str
+    sender: str
+    at: datetime
+    subject: str = ""
+    text: str = ""                     # what the sender wrote
+    folded: str = ""                   # quoted text and signature, shown folded
+    html: str | None = None            # sanitised HTML, only when there is no text part
+    attachments: tuple[AttachmentView, ...] = ()
+    dkim: Dkim | None = None
+    placeholder: str | None = None     # hidden / not archived: nothing else is set
+
+    @property
+    def kind_words(self) -> str:
+        return KIND_WORDS.get(self.kind, self.kind)
+
+    @property
+    def collapsed(self) -> bool:
+        return self.kind in COLLAPSED
+
+
+@dataclass(frozen=True)
+class ThreadView:
+    id: int
+    slug: str
+    title: str
+    authority: str
+    authority_name: str
+    law_id: str
+    law_name: str
+    state: str                         # as stored
+    list_state: str                    # a key of LIST_STATES
+    requester: str                     # the citizen's name (public, as on Alaveteli)
+    sent: date
+    due: date | None
+    very_late: date | None
+    working: tuple[str, ...]
+    clock_start: date | None
+    messages: tuple[MessageView, ...]
+    first_response: date | None
+    answered_in_time: str | None       # "on_time" | "late" | "very_late" | None (no answer)
+
+    @property
+    def path(self) -> str:
+        return f"request/{self.id}-{self.slug}/"
+
+    @property
+    def state_words(self) -> str:
+        return LIST_STATES.get(self.list_state, self.state.replace("_", " "))
+
+    @property
+    def last_activity(self) -> datetime:
+        return max((m.at for m in self.messages),
+                   default=datetime(self.sent.year, self.sent.month, self.sent.day,
+                                    tzinfo=timezone.utc))
+
+    @property
+    def days_to_answer(self) -> int | None:
+        return (self.first_response - self.sent).days if self.first_response else None
+
+
+@dataclass(frozen=True)
+class Record:
+    """An authority's record, the statistics journalists quote."""
+    on_time: int = 0
+    late: int = 0
+    very_late: int = 0
+    no_answer: int = 0
+    median_days: float | None = None
+
+    @property
+    def total(self) -> int:
+        return self.on_time + self.late + self.very_late + self.no_answer
+
+    def words(self) -> str:
+        if not self.total:
+            return "No requests have been sent to this authority through this site yet."
+        parts = [f"Of {_n(self.total, 'request')}, {self.on_time} answered on time, "
+                 f"{self.late} late, {self.very_late} very late, and {self.no_answer} "
+                 "not answered yet."]
+        if self.median_days is not None:
+            parts.append(f"The median time to a first response was "
+                         f"{_n(self.median_days, 'day')}.")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class AuthorityView:
+    slug: str
+    name: str
+    url: str
+    emails: tuple[str, ...]
+    law_name: str
+    tags: tuple[str, ...]
+    threads: tuple[ThreadView, ...]    # newest first
+    record: Record
+
+    @property
+    def path(self) -> str:
+        return f"body/{self.slug}/"
+
+
+@dataclass(frozen=True)
+class SiteView:
+    name: str
+    base_url: str
+    today: date
+    threads: tuple[ThreadView, ...]    # newest first
+    authorities: tuple[AuthorityView, ...]
+
+    def by_state(self, state: str) -> list[ThreadView]:
+        return [t for t in self.threads if t.list_state == state]
+
+    def recent(self, n: int = 20) -> list[tuple[ThreadView, MessageView]]:
+        pairs = [(t, m) for t in self.threads for m in t.messages if m.placeholder is None]
+        return sorted(pairs, key=lambda p: (p[1].at, p[1].pk), reverse=True)[:n]
+
+
+@dataclass
+class ThreadFiles:
+    """Files that belong to one thread page: (path under the output folder, bytes)."""
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _n(value: float, word: str) -> str:
+    shown = f"{value:g}"
+    return f"{shown} {word}" + ("" if shown == "1" else "s")
+
+
+def is_public(thread: Thread) -> bool:
+    """Only a request that went out is public; a draft awaiting confirmation never is."""
+    return thread.sent_at is not None and thread.state not in _NOT_PUBLIC_STATES
+
+
+def slugify(text: str, limit: int = 60) -> str:
+    """ASCII words joined by hyphens, for URLs: 'Gritting in Camden?' → 'gritting-in-camden'."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    slug = ""
+    for w in words:
+        if len(slug) + len(w) + 1 > limit:
+            break
+        slug = f"{slug}-{w}" if slug else w
+    return slug or "request"
+
+
+_SAFE_EXT = {"pdf", "txt", "csv", "tsv", "png", "jpg", "jpeg", "gif", "webp", "doc", "docx",
+             "xls", "xlsx", "ppt", "pptx", "odt", "ods", "odp", "rtf", "json", "md"}
+
+
+def safe_filename(name: str, content_type: str) -> str:
+    """A file name that is safe on any disk and any web server.
+
+    ASCII only, no path, and an extension a static server maps to an inert type: an HTML,
+    SVG or JavaScript attachment served from the archive's own origin would run as part of
+    the site, so anything not on the allow-list gets `.txt` (text) or `.bin` (other) added.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-_")[:80] or "attachment"
+    stem, dot, ext = base.rpartition(".")
+    if not dot or ext.lower() not in _SAFE_EXT:
+        base += ".txt" if content_type.lower().startswith("text/") else ".bin"
+    return base
+
+
+_QUOTE_START = re.compile(
+    r"^(>|on\b.{0,300}\bwrote:\s*$|-{2,}\s*original message|-{5,}\s*$|_{5,}\s*$|-- ?$"
+    r"|from:\s.*$|sent from my|le .{0,300} a écrit|am .{0,300} schrieb)", re.I)
+_WROTE_NEXT = re.compile(r"^on\b.{0,300}$", re.I)
+
+
+def fold(text: str) -> tuple[str, str]:
+    """Split a body into what the sender wrote and what to fold away: the quoted message
+    and the signature, from the first line that starts them. Nothing is folded when that
+    would leave nothing to show (a reply written below its quote)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    for i, line in enumerate(lines):
+        s = line.strip()
+        starts = bool(_QUOTE_START.match(s))
+        if not starts and _WROTE_NEXT.match(s) and i + 1 < len(lines) \
+                and lines[i + 1].strip().lower().endswith("wrote:"):
+            starts = True          # "On Tue, 1 Mar 2027 at 10:00, Jane Citizen\n<...> wrote:"
+        if starts:
+            main, rest = "\n".join(lines[:i]).rstrip(), "\n".join(lines[i:]).strip("\n")
+            if main.strip():
+                return main.strip("\n"), rest
+            break
+    return text.strip("\n"), ""
+
+
+# -- building -----------------------------------------------------------------------------------
+@dataclass
+class ThreadInput:
+    """What the store holds about one thread, gathered by the builder in one transaction."""
+    thread: Thread
+    messages: list[StoredMessage]
+    events: list[dict[str, Any]]
+    raw: Callable[[str], bytes]
+
+
+def _sender(m: StoredMessage, t: Thread, authority_name: str, red: Redactor) -> str:
+    if m.direction == "out":
+        return red.text(t.citizen_name)
+    if m.kind == "bounce":
+        return "Mail delivery system"
+    name = m.from_name.strip()
+    if name and "@" not in name:
+        return red.text(f"{name} ({authority_name})" if authority_name.lower() not in name.lower()
+                        else name)
+    return authority_name
+
+
+def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor,
+                 files: ThreadFiles) -> tuple[AttachmentView, ...]:
+    views = []
+    used: set[str] = set()
+    for n, att in enumerate(pm_attachments, 1):
+        result = publish_attachment(att, red)
+        if isinstance(result, Withheld):
+            views.append(AttachmentView(n, red.filename(result.filename) or "attachment",
+                                        att.content_type, att.size, None, result.reason))
+            continue
+        assert isinstance(result, PublicAttachment)
+        shown = red.filename(result.filename) or "attachment"
+        name = f"{n}-{safe_filename(shown, result.content_type)}"
+        while name in used:
+            name = f"{n}-{name}"
+        used.add(name)
+        path = f"{base}attachments/{m.id}/{name}"
+        files.files.append((path, result.data))
+        views.append(AttachmentView(n, shown, result.content_type, result.size, path))
+    return tuple(views)
+
+
+def message_view(m: StoredMessage, t: Thread, raw: bytes, *, authority_name: str,
+                 red: Redactor, verify: Verifier, base: str, files: ThreadFiles) -> MessageView:
+    at = m.created_at
+    sender = _sender(m, t, authority_name, red)
+    if m.hidden:
+        return MessageView(m.id, m.kind, m.direction, sender, at, placeholder=HIDDEN_NOTE)
+    try:
+        pm = parse(raw)
+    except ParseError:
+        pm = None
+    if pm is not None and (pm.header("X-No-Archive") or "").strip().lower() == "yes":
+        return MessageView(m.id, m.kind, m.direction, sender, at, placeholder=NO_ARCHIVE_NOTE)
+    text = m.text if m.direction == "out" else (pm.text if pm is not None else m.text)
+    html_part = pm.html if pm is not None else None
+    shown_html = None
+    if html_part and not (pm is not None and _has_text_part(pm, text)):
+        # Redact, sanitise (which also decodes entities like &#64;), redact what that
+        # revealed, and sanitise again so a replacement can never add markup.
+        shown_html = sanitise_html(red.text(sanitise_html(red.text(html_part))))
+        text = ""
+    main, folded = fold(red.text(text))
+    dkim = None
+    if m.direction == "in" and m.kind == "response":
+        ok, domain = verify(m.raw_sha256, raw)
+        dkim = Dkim(ok, domain)
+    attachments = (_attachments(pm.attachments, m, base, red, files) if pm is not None else ())
+    return MessageView(m.id, m.kind, m.direction, sender, at, subject=red.text(m.subject),
+                       text=main, folded=folded, html=shown_html, attachments=attachments,
+                       dkim=dkim)
+
+
+def _has_text_part(pm: Any, text: str) -> bool:
+    """Whether the message has its own text/plain part (the parser derives text from HTML
+    when it has none: then the HTML is the real body)."""
+    from mailflow.mail.parse import html_to_text
+    return bool(text.strip()) and text.strip() != html_to_text(pm.html or "").strip()
+
+
+def _clock_at(events: list[dict[str, Any]], when: datetime,
+              t: Thread) -> tuple[date | None, date | None]:
+    """Due and very-late dates as they stood at `when` (a claimed extension or a
+    clarification moves them; an answer is judged against the clock it was given)."""
+    due, very_late = t.due_date, t.very_late_date
+    for e in events:
+        if e["kind"] == "clock" and e["at"] is not None and e["at"] <= when:
+            d = e.get("detail") or {}
+            if d.get("due"):
+                due = date.fromisoformat(d["due"])
+                very_late = date.fromisoformat(d["very_late"]) if d.get("very_late") else None
+    return due, very_late
+
+
+def _list_state(t: Thread, today: date) -> str:
+    if t.state == "waiting_response" and t.due_date is not None and today > t.due_date:
+        if t.very_late_date is not None and today > t.very_late_date:
+            return "very-overdue"
+        return "overdue"
+    return _STATE_SLUGS.get(t.state, t.state.replace("_", "-"))
+
+
+def _working(t: Thread, law: Law | None) -> tuple[str, ...]:
+    if law is None or t.clock_start is None or t.due_date is None:
+        return ()
+    if t.state == "internal_review" and law.internal_review_days:
+        return (f"Internal review asked for on {t.clock_start.isoformat()}: "
+                f"{law.internal_review_days} days", )
+    ext = law.extension(t.extension) if t.extension else None
+    d = deadline(law, t.clock_start, extra_days=ext.days if ext else 0)
+    return tuple(d.working()) if d.due == t.due_date else ()
+
+
+def thread_view(inp: ThreadInput, *, authority: Authority | None, law: Law | None,
+                red: Redactor, verify: Verifier, today: date) -> tuple[ThreadView, ThreadFiles]:
+    t = inp.thread
+    assert t.sent_at is not None
+    title = red.text(t.title)
+    slug = slugify(title)
+    base = f"request/{t.id}-{slug}/"
+    authority_name = authority.name if authority else t.authority
+    files = ThreadFiles()
+    shown = [m for m in inp.messages if (m.direction, m.kind) in SHOWN]
+    messages = tuple(message_view(m, t, inp.raw(m.raw_sha256), authority_name=authority_name,
+                                  red=red, verify=verify, base=base, files=files)
+                     for m in shown)
+    first = next((m for m in inp.messages if m.direction == "in" and m.kind == "response"), None)
+    verdict = None
+    if first is not None:
+        due, very_late = _clock_at(inp.events, first.created_at, t)
+        answered = first.created_at.date()
+        verdict = ("on_time" if due is None or answered <= due else
+                   "late" if very_late is None or answered <= very_late else "very_late")
+    view = ThreadView(
+        id=t.id, slug=slug, title=title, authority=t.authority, authority_name=authority_name,
+        law_id=t.law, law_name=law.name if law else t.law, state=t.state,
+        list_state=_list_state(t, today), requester=red.text(t.citizen_name),
+        sent=t.sent_at.date(), due=t.due_date, very_late=t.very_late_date,
+        working=_working(t, law), clock_start=t.clock_start, messages=messages,
+        first_response=first.created_at.date() if first else None, answered_in_time=verdict)
+    return view, files
+
+
+def record(threads: list[ThreadView]) -> Record:
+    counts = {"on_time": 0, "late": 0, "very_late": 0}
+    no_answer = 0
+    days = []
+    for t in threads:
+        if t.answered_in_time is None:
+            no_answer += 1
+        else:
+            counts[t.answered_in_time] += 1
+            if t.days_to_answer is not None:
+                days.append(t.days_to_answer)
+    return Record(no_answer=no_answer, median_days=statistics.median(days) if days else None,
+                  **counts)
+
+
+def authority_views(authorities: dict[str, Authority], laws: dict[str, Law],
+                    threads: list[ThreadView]) -> tuple[AuthorityView, ...]:
+    """Every authority in the rules, and any that only old threads still name."""
+    by_slug: dict[str, list[ThreadView]] = {}
+    for t in threads:
+        by_slug.setdefault(t.authority, []).append(t)
+    views = []
+    for slug in sorted(set(authorities) | set(by_slug)):
+        a = authorities.get(slug)
+        mine = by_slug.get(slug, [])
+        if a is None:
+            views.append(AuthorityView(slug, mine[0].authority_name, "", (), mine[0].law_name,
+                                       (), tuple(mine), record(mine)))
+            continue
+        law = laws.get(a.law)
+        views.append(AuthorityView(slug, a.name, a.url, a.emails, law.name if law else a.law,
+                                   a.tags, tuple(mine), record(mine)))
+    return tuple(sorted(views, key=lambda v: v.name.lower()))

@@ -1,0 +1,96 @@
+"""Atom feeds (site, authority, thread), the sitemap and robots.txt, from the public view.
+
+XML is built with ElementTree, which escapes every text and attribute, so a subject such as
+`</title><script>` stays text in a feed reader. Characters XML 1.0 cannot carry at all
+(control characters that hostile mail can put in a subject) are dropped first, or the feed
+would be unreadable. Output is deterministic (no build time anywhere) so an unchanged feed is
+byte-for-byte unchanged and the writer leaves it alone.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from datetime import date, datetime, timezone
+
+from mailflow.archive.context import MessageView, SiteView, ThreadView
+
+ATOM = "http://www.w3.org/2005/Atom"
+SITEMAP = "http://www.sitemaps.org/schemas/sitemap/0.9"
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+FEED_SIZE = 50
+
+
+def xml_text(s: str) -> str:
+    return _NOT_XML.sub("", s)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, f"{{{ATOM}}}{tag}", {k: xml_text(v) for k, v in attrs.items()})
+    if text is not None:
+        el.text = xml_text(text)
+    return el
+
+
+def summary(m: MessageView, limit: int = 600) -> str:
+    if m.placeholder:
+        return m.placeholder
+    if m.text:
+        body = m.text
+    elif m.html:
+        from mailflow.mail.parse import html_to_text
+        body = html_to_text(m.html)
+    else:
+        body = ""
+    body = " ".join(body.split())
+    return body if len(body) <= limit else body[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def atom(*, title: str, base_url: str, page: str, feed: str,
+         entries: Iterable[tuple[ThreadView, MessageView]], author: str) -> bytes:
+    """One Atom feed: `page` and `feed` are paths under the site (e.g. "request/1-x/")."""
+    items = sorted(entries, key=lambda e: (e[1].at, e[1].pk), reverse=True)[:FEED_SIZE]
+    ET.register_namespace("", ATOM)
+    root = ET.Element(f"{{{ATOM}}}feed")
+    _sub(root, "id", base_url + page)
+    _sub(root, "title", title)
+    _sub(root, "updated", _iso(items[0][1].at if items else EPOCH))
+    _sub(root, "link", rel="self", type="application/atom+xml", href=base_url + feed)
+    _sub(root, "link", rel="alternate", type="text/html", href=base_url + page)
+    _sub(_sub(root, "author"), "name", author)
+    for t, m in items:
+        e = _sub(root, "entry")
+        _sub(e, "id", f"{base_url}request/{t.id}#m{m.pk}")
+        _sub(e, "title", f"{m.kind_words}: {t.title}")
+        _sub(e, "updated", _iso(m.at))
+        _sub(e, "link", rel="alternate", type="text/html", href=f"{base_url}{t.path}#m{m.pk}")
+        _sub(_sub(e, "author"), "name", m.sender)
+        _sub(e, "summary", summary(m), type="text")
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def thread_entries(threads: Iterable[ThreadView]) -> list[tuple[ThreadView, MessageView]]:
+    return [(t, m) for t in threads for m in t.messages if m.placeholder is None]
+
+
+def sitemap(site: SiteView, pages: Iterable[tuple[str, date | None]]) -> bytes:
+    ET.register_namespace("", SITEMAP)
+    root = ET.Element(f"{{{SITEMAP}}}urlset")
+    for path, lastmod in pages:
+        url = ET.SubElement(root, f"{{{SITEMAP}}}url")
+        ET.SubElement(url, f"{{{SITEMAP}}}loc").text = xml_text(site.base_url + path)
+        if lastmod is not None:
+            ET.SubElement(url, f"{{{SITEMAP}}}lastmod").text = lastmod.isoformat()
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def robots(base_url: str) -> str:
+    return ("User-agent: *\n"
+            "Allow: /\n"
+            "Disallow: /.mailflow-cache/\n"
+            f"Sitemap: {base_url}sitemap.xml\n")

@@ -1,0 +1,249 @@
+"""Writing the archive to disk: atomically, only what changed, and never a private value.
+
+Three guarantees, each for a reader of the public site:
+
+- **Never a leak.** Every file passes `LeakGuard` before it is staged: its bytes (and, for
+  text, its HTML-unescaped text) are scanned, lower-cased, for every private value of every
+  thread (citizens' addresses, tokens, our thread addresses). Redaction upstream should have
+  removed them all; this is the last line of defence, and it raises instead of writing.
+- **Never half a site.** Files are staged as temporary files inside the output folder first;
+  only when every file of the build has been staged (and checked) are they moved into place,
+  each with `os.replace`. A failed build leaves the published site as it was.
+- **Only what changed.** A manifest (path → sha256) in `.mailflow-cache/manifest.json` says
+  what the last build wrote; an unchanged file is not touched (its mtime stays, so HTTP caches
+  and rsync stay quiet), and a file the new build no longer produces is removed.
+
+`swap_in` puts a fully built sibling folder in place of the old one (`--full`), with an atomic
+exchange where the kernel offers one.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from mailflow.errors import MailflowError
+
+CACHE_DIR = ".mailflow-cache"
+MANIFEST = "manifest.json"
+# Folders the writer never produces nor removes: its own cache, and Pagefind's index.
+RESERVED = (CACHE_DIR, "pagefind")
+_TEXT_SUFFIXES = (".html", ".json", ".xml", ".atom", ".txt", ".css", ".js", ".jsonl", ".svg")
+
+
+class LeakError(MailflowError):
+    """A file about to be published contains a private value. Nothing was written."""
+
+
+class LeakGuard:
+    """Finds any of many private values in a file's bytes in one regular-expression pass.
+
+    The values are compiled into a trie-shaped pattern (shared prefixes merged), so the scan
+    costs about the same for ten values as for ten thousand: a site with thousands of threads
+    checks every page against every citizen's address without slowing the build down.
+    """
+
+    MIN_LENGTH = 5   # shorter "secrets" would match ordinary text; none of ours is that short
+
+    def __init__(self, values: Iterable[tuple[str, str]]):
+        self.labels: dict[bytes, str] = {}
+        for value, label in values:
+            v = value.strip().lower().encode("utf-8")
+            if len(v) >= self.MIN_LENGTH:
+                self.labels.setdefault(v, label)
+        self._re = re.compile(_trie_pattern(sorted(self.labels))) if self.labels else None
+
+    def find(self, data: bytes) -> str | None:
+        """The label of a private value found in `data`, or None."""
+        if self._re is None:
+            return None
+        m = self._re.search(data.lower())
+        return self.labels.get(m.group(0), "a private value") if m else None
+
+    def check(self, rel: str, data: bytes) -> None:
+        found = self.find(data)
+        if found is None and rel.endswith(_TEXT_SUFFIXES):
+            # An address written as &#64; or &#x27; in HTML is still the address to a reader.
+            text = data.decode("utf-8", "replace")
+            unescaped = html.unescape(text)
+            if unescaped != text:
+                found = self.find(unescaped.encode("utf-8"))
+        if found is not None:
+            raise LeakError(f"refusing to publish {rel}: it contains {found} (a private value "
+                            "that redaction should have removed); nothing was written")
+
+
+def _trie_pattern(words: list[bytes]) -> bytes:
+    """A regex matching exactly `words`, as a trie: b"ab(?:c|d)" for [b"abc", b"abd"]."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for byte in w:
+            node = node.setdefault(byte, {})
+        node[None] = True
+
+    def emit(node: dict) -> bytes:
+        end = None in node
+        branches = [re.escape(bytes([b])) + emit(child)
+                    for b, child in sorted((k, v) for k, v in node.items() if k is not None)]
+        if not branches:
+            return b""
+        body = branches[0] if len(branches) == 1 else b"(?:" + b"|".join(branches) + b")"
+        if end:
+            # A shorter word ends here: prefer the longer match, else stop.
+            return b"(?:" + body + b")?"
+        return body
+
+    return emit(trie)
+
+
+def safe_rel(rel: str) -> str:
+    """A path inside the output folder, or ValueError: no absolute paths, no '..', no dot
+    folders (the cache), nothing in the reserved folders."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") or part.startswith(".")
+                                             for part in p.parts):
+        raise ValueError(f"not a publishable path: {rel!r}")
+    if p.parts[0] in RESERVED:
+        raise ValueError(f"{rel!r} is in a folder the writer does not own")
+    return str(p)
+
+
+@dataclass
+class WriteResult:
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+class Writer:
+    """Stages every file of one build, then commits them all; see the module docstring."""
+
+    def __init__(self, root: Path, guard: LeakGuard):
+        self.root = Path(root)
+        self.guard = guard
+        self.cache = self.root / CACHE_DIR
+        self.previous = load_manifest(self.root)
+        self.manifest: dict[str, str] = {}
+        self._staged: list[tuple[Path, Path]] = []
+        self._staging = self.cache / "staging"
+        self.result = WriteResult()
+
+    def write(self, rel: str, data: bytes | str, *, scan: bytes | None = None) -> None:
+        """Check and stage one file. `scan`: what to check instead of `data` (the
+        uncompressed text of a .gz). Writing the same path twice is a bug: it raises."""
+        rel = safe_rel(rel)
+        if rel in self.manifest:
+            raise ValueError(f"{rel} was already written in this build")
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        self.guard.check(rel, raw if scan is None else scan)
+        digest = hashlib.sha256(raw).hexdigest()
+        self.manifest[rel] = digest
+        target = self.root / rel
+        if self.previous.get(rel) == digest and target.is_file():
+            self.result.unchanged.append(rel)
+            return
+        self._staging.mkdir(parents=True, exist_ok=True)
+        tmp = self._staging / f"{len(self._staged):07d}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        self._staged.append((tmp, target))
+        self.result.written.append(rel)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staged.clear()
+
+    def commit(self) -> WriteResult:
+        """Move every staged file into place, remove what is no longer produced, save the
+        manifest. Only called once every file of the build has been checked."""
+        for tmp, target in self._staged:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+        self._staged.clear()
+        shutil.rmtree(self._staging, ignore_errors=True)
+        for rel in sorted(set(self.previous) - set(self.manifest)):
+            try:
+                safe_rel(rel)
+            except ValueError:
+                continue   # a manifest edited by hand never makes us delete outside our files
+            path = self.root / rel
+            if path.is_file():
+                path.unlink()
+            self.result.removed.append(rel)
+            _prune_empty(path.parent, self.root)
+        save_manifest(self.root, self.manifest)
+        return self.result
+
+
+def load_manifest(root: Path) -> dict[str, str]:
+    try:
+        data = json.loads((root / CACHE_DIR / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def save_manifest(root: Path, manifest: dict[str, str]) -> None:
+    write_private_json(root / CACHE_DIR / MANIFEST, {"version": 1, "files": dict(sorted(manifest.items()))})
+
+
+def write_private_json(path: Path, data: object) -> None:
+    """A cache file, written atomically (never published: it lives in the cache folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":"), sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prune_empty(folder: Path, root: Path) -> None:
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+# -- swapping a full rebuild in -------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Make the fully built folder `new` the published `out`; the old one is deleted.
+
+    With RENAME_EXCHANGE a reader sees either the old site or the new one, never a gap;
+    elsewhere two renames leave `out` missing for an instant, but never half-built.
+    """
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if _exchange(new, out):
+        shutil.rmtree(new)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old)
