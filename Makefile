@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SITE   ?= site
 DOMAIN ?= ask.example
 
-.PHONY: run test setup demo check clean corpus-report
+.PHONY: run test setup demo check clean corpus-report messages
 
 $(BIN)/mailflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ check: $(BIN)/mailflow
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## messages: re-extract translatable text into mailflow/locale/mailflow.pot and update catalogues
+messages: $(BIN)/mailflow
+	$(BIN)/pybabel extract -F babel.cfg -k _ -k N_ --no-location --sort-output -o mailflow/locale/mailflow.pot .
+	$(BIN)/pybabel update -i mailflow/locale/mailflow.pot -d mailflow/locale -D mailflow --no-fuzzy-matching

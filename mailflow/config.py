@@ -331,6 +331,10 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     if len(secret) < 16:
         raise ConfigError(f"{_where(path, 'site', 'secret')}: expected a random string of at least "
                           "16 characters (or secret_env naming an environment variable)")
+    from mailflow.i18n import available
+    if site["language"] not in available():
+        raise ConfigError(f"{_where(path, 'site', 'language')}: no translation for "
+                          f"{site['language']!r}; available: {', '.join(available())}")
     url = site["url"] or f"https://{domain}/"
     listen_host, listen_port = _hostport(path, "smtp", "listen", smtp["listen"])
     for key in ("max_message_size", "max_recipients"):

@@ -305,9 +305,9 @@ class Pipeline:
         body = pm.text.strip()
         title = " ".join(pm.subject.split())[:200]
         if not body or not title:
-            return self._refuse_request(c, authority, citizen, self.site._(
-                "the email had no subject (the title of the request)" if not title
-                else "the email had no text"))
+            return self._refuse_request(c, authority, citizen, (
+                self.site._("the email had no subject (the title of the request)") if not title
+                else self.site._("the email had no text")))
         law = self.site.rules.law_for(authority)
         thread_id = c.tx.create_thread(
             kind="foi", state="awaiting_confirmation", authority=authority.slug, law=law.id,

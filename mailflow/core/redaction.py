@@ -20,9 +20,11 @@ used as written (add `(?i)` to ignore case).
 """
 from __future__ import annotations
 
+import html as htmllib
 import re
 import tomllib
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -287,16 +289,24 @@ class Redactor:
     def _prepare(s: str) -> str:
         return unicodedata.normalize("NFC", s.translate(_INVISIBLE))
 
-    def text(self, s: str) -> str:
-        """`s` with everything private replaced by its label."""
+    def _apply(self, s: str, render: Callable[[str], str]) -> str:
         s = self._prepare(s)
         out: list[str] = []
         pos = 0
         for start, end, label in self._spans(s):
-            out += [s[pos:start], label]
+            out += [s[pos:start], render(label)]
             pos = end
         out.append(s[pos:])
         return "".join(out)
+
+    def text(self, s: str) -> str:
+        """`s` with everything private replaced by its label."""
+        return self._apply(s, str)
+
+    def html(self, s: str) -> str:
+        """Like `text`, for serialised HTML: each label is inserted escaped, so a replacement
+        never becomes markup. (Sanitise before and after: see mail.sanitise.redact_html.)"""
+        return self._apply(s, htmllib.escape)
 
     def filename(self, s: str) -> str:
         """A file name redacted like text, then made safe to write and to serve."""

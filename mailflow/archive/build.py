@@ -1,0 +1,321 @@
+"""`build`: the archive from the store, in the order that keeps it honest.
+
+1. Read every thread in one read-only transaction, and gather every private value of every
+   thread (including drafts never sent) for the writer's leak check.
+2. Build the public view of each sent thread (redacted; attachments published or withheld).
+3. Render every page, feed and JSON twin from that view, and hand each file to the writer,
+   which checks it and stages it.
+4. Commit: staged files move into place, files no longer produced go. With `full`, all of
+   this happens in a sibling folder that is then swapped in whole.
+5. Re-index search with Pagefind if any page changed.
+
+DKIM results are cached per raw message (by sha256) in the output's `.mailflow-cache/`, so
+a rebuild never asks DNS again about a message it has already checked; the signature was made
+with the key of the day, and it is that day's answer the reader needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mailflow.archive import context as C
+from mailflow.archive import feeds
+from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
+from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
+                                     swap_in, write_private_json)
+from mailflow.core.redaction import Redactor, load_redactions, private_values
+from mailflow.outbound.signing import verify as dkim_verify
+from mailflow.site import Site
+
+log = logging.getLogger("mailflow.archive")
+DnsTxt = Callable[[bytes], bytes | None]
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    written: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    threads: int = 0
+    authorities: int = 0
+    search: str = "not run"
+    warnings: list[str] = field(default_factory=list)
+    written_paths: list[str] = field(default_factory=list)
+    removed_paths: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def archive_settings(site: Site) -> tuple[Path, str]:
+    """(output folder, public base URL ending in "/"), from `[archive]` when the config has it.
+
+    Defaults: `var/archive` beside the config, and the site's `[site] url`.
+    """
+    a = getattr(site.settings, "archive", None)
+    out = getattr(a, "dir", None) or site.settings.base / "var" / "archive"
+    base_url = getattr(a, "base_url", None) or site.settings.site.url
+    return Path(out), base_url.rstrip("/") + "/"
+
+
+# -- DKIM, checked once per message --------------------------------------------------------------
+class DkimCache:
+    """verify() results by raw sha256, kept in the output's cache folder between builds.
+
+    A lookup that failed for a passing reason (a DNS timeout) is not remembered, so the next
+    build tries again; a missing key or a bad signature is an answer and is kept.
+    """
+
+    def __init__(self, path: Path, dns_txt: DnsTxt | None):
+        self.path = path
+        self.dns_txt = dns_txt
+        try:
+            self.results: dict[str, list[Any]] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.results = {}
+        self.changed = False
+
+    def __call__(self, sha: str, raw: bytes) -> tuple[bool, str | None]:
+        hit = self.results.get(sha)
+        if isinstance(hit, list) and len(hit) == 2:
+            return bool(hit[0]), hit[1]
+        transient = False
+        base = self.dns_txt
+        if base is None:
+            from dkim.dnsplug import get_txt as base_get_txt
+            base = base_get_txt
+
+        def lookup(name: bytes) -> bytes | None:
+            nonlocal transient
+            try:
+                return base(name)
+            except Exception:
+                transient = True
+                raise
+
+        ok, domain = dkim_verify(raw, lookup)
+        if not transient:
+            self.results[sha] = [ok, domain]
+            self.changed = True
+        return ok, domain
+
+    def save(self, path: Path | None = None) -> None:
+        if self.changed or path is not None:
+            write_private_json(path or self.path, self.results)
+
+
+# -- search ---------------------------------------------------------------------------------------
+def pagefind_available() -> bool:
+    return importlib.util.find_spec("pagefind") is not None
+
+
+def run_pagefind(root: Path) -> str:
+    """Index the site with Pagefind's binary (from `pagefind[extended]`), then swap the new
+    index in whole so a search never reads half an index."""
+    if not pagefind_available():
+        return "skipped: pagefind is not installed (pip install 'pagefind[extended]')"
+    tmp = root / CACHE_DIR / "pagefind-new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pagefind", "--site", str(root), "--output-path", str(tmp),
+           "--silent"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"failed: {e}"
+    if r.returncode != 0 or not (tmp / "pagefind-ui.js").exists():
+        detail = (r.stderr or r.stdout).decode("utf-8", "replace").strip()[-500:]
+        return f"failed: pagefind exited {r.returncode}: {detail}"
+    final = root / "pagefind"
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)
+    else:
+        old = root / CACHE_DIR / "pagefind-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    return "indexed"
+
+
+# -- the build ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One build at a time per output folder (the daemon's and an admin's, say). The lock file
+    sits beside the folder, so it survives a full rebuild swapping the folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _redaction_rules(site: Site) -> list[Any]:
+    path = site.settings.site.rules / "redactions.toml"
+    if not path.exists():
+        return []
+    return load_redactions(path.read_text(encoding="utf-8"), str(path))
+
+
+def build(site: Site, out: Path | None = None, full: bool = False, *,
+          dns_txt: DnsTxt | None = None, today: date | None = None,
+          search: bool = True) -> BuildReport:
+    """Build (or bring up to date) the public archive; returns what was written.
+
+    `out`: the output folder (default: `[archive] dir`). `full`: rebuild everything aside and
+    swap it in. `dns_txt`: the DNS TXT lookup for DKIM checks (default: real DNS). `today`:
+    the date that decides which requests are overdue (default: today, UTC). `search`: run
+    Pagefind afterwards when pages changed.
+    """
+    started = time.monotonic()
+    default_out, base_url = archive_settings(site)
+    out = Path(out or default_out).resolve()
+    today = today or datetime.now(timezone.utc).date()
+    with _locked(out):
+        if full:
+            work = out.with_name(f".{out.name}.new-{os.getpid()}")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        else:
+            work = out
+            work.mkdir(parents=True, exist_ok=True)
+        previous = load_manifest(out)
+        dkim = DkimCache(out / CACHE_DIR / "dkim.json", dns_txt)
+        try:
+            report = _build_into(site, work, base_url, today, dkim)
+            if full:
+                dkim.save(work / CACHE_DIR / "dkim.json")
+                report.removed_paths = sorted(set(previous) - set(load_manifest(work)))
+                report.removed = len(report.removed_paths)
+            else:
+                dkim.save()
+            html_changed = any(p.endswith(".html") for p in
+                               report.written_paths + report.removed_paths)
+            if not search:
+                report.search = "not run"
+            elif full or html_changed or not (out / "pagefind").exists():
+                report.search = run_pagefind(work)
+            else:
+                report.search = "unchanged"
+            if not report.search.startswith(("indexed", "unchanged", "not run")):
+                report.warnings.append(f"search: {report.search}")
+            if full:
+                swap_in(work, out)
+        except BaseException:
+            if full:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    report.out = out
+    report.seconds = round(time.monotonic() - started, 3)
+    for w in report.warnings:
+        log.warning("archive: %s", w)
+    return report
+
+
+def _build_into(site: Site, root: Path, base_url: str, today: date,
+                verify: C.Verifier) -> BuildReport:
+    rules = _redaction_rules(site)
+    domain = site.domain
+    views: list[C.ThreadView] = []
+    writer: Writer | None = None
+    try:
+        with site.store.read() as tx:
+            every = tx.threads()
+            secrets: list[tuple[str, str]] = [(site.settings.site.secret, "the site's secret")]
+            for t in every:
+                secrets.extend(private_values(t, domain))
+            writer = Writer(root, LeakGuard(secrets))
+            for t in every:
+                if not C.is_public(t):
+                    continue
+                authority = site.rules.authorities.get(t.authority)
+                law = site.rules.laws.get(t.law)
+                red = Redactor(rules, thread_id=t.id, authority=t.authority,
+                               private=private_values(t, domain))
+                inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
+                view, files = C.thread_view(inp, authority=authority, law=law, red=red,
+                                            verify=verify, today=today)
+                for rel, data in files.files:
+                    writer.write(rel, data)
+                views.append(view)
+        views.sort(key=lambda v: (v.sent, v.id), reverse=True)
+        site_view = C.SiteView(
+            name=site.settings.site.name, base_url=base_url, today=today, threads=tuple(views),
+            authorities=C.authority_views(site.rules.authorities, site.rules.laws, views))
+        _write_pages(site, site_view, writer)
+        result = writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return BuildReport(out=root, written=len(result.written), unchanged=len(result.unchanged),
+                       removed=len(result.removed), threads=len(views),
+                       authorities=len(site_view.authorities),
+                       written_paths=sorted(result.written), removed_paths=result.removed)
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+
+
+def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
+    r = Renderer(sv, site.settings.site.templates)
+    base = sv.base_url
+    counts = {k: len(sv.by_state(k)) for k in C.LIST_STATES}
+    responses = sum(1 for t in sv.threads for m in t.messages
+                    if m.kind == "response")
+    sitemap: list[tuple[str, date | None]] = [("", None), ("body/", None), ("list/", None)]
+
+    w.write("index.html", r.page("index.html", "index.html", counts=counts,
+                                 responses=responses, recent=sv.recent()))
+    w.write("feed.atom", feeds.atom(title=sv.name, base_url=base, page="", feed="feed.atom",
+                                    entries=feeds.thread_entries(sv.threads), author=sv.name))
+    for t in sv.threads:
+        w.write(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t))
+        w.write(f"{t.path}index.json", _json(thread_json(t, base)))
+        w.write(f"{t.path}feed.atom", feeds.atom(
+            title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
+            entries=feeds.thread_entries([t]), author=sv.name))
+        sitemap.append((t.path, t.last_activity.date()))
+    w.write("body/index.html", r.page("authorities.html", "body/index.html"))
+    for a in sv.authorities:
+        w.write(f"{a.path}index.html", r.page("authority.html", f"{a.path}index.html", a=a))
+        w.write(f"{a.path}index.json", _json(authority_json(a, base)))
+        w.write(f"{a.path}feed.atom", feeds.atom(
+            title=a.name, base_url=base, page=a.path, feed=f"{a.path}feed.atom",
+            entries=feeds.thread_entries(a.threads), author=sv.name))
+        sitemap.append((a.path, max((t.last_activity.date() for t in a.threads), default=None)))
+    w.write("list/index.html", r.page("lists.html", "list/index.html", counts=counts))
+    for key, words in C.LIST_STATES.items():
+        path = f"list/{key}/index.html"
+        w.write(path, r.page("list.html", path, words=words, threads=sv.by_state(key)))
+        sitemap.append((f"list/{key}/", None))
+    w.write("search/index.html", r.page("search.html", "search/index.html", csp=SEARCH_CSP))
+    w.write("static/style.css", r.static("style.css"))
+    w.write("static/search.js", r.static("search.js"))
+    w.write("sitemap.xml", feeds.sitemap(sv, sitemap))
+    w.write("robots.txt", feeds.robots(base))
+    lines = "".join(json.dumps(thread_json(t, base), ensure_ascii=False) + "\n"
+                    for t in sorted(sv.threads, key=lambda t: t.id)).encode("utf-8")
+    w.write("data/threads.jsonl.gz", gzip.compress(lines, mtime=0), scan=lines)
