@@ -44,7 +44,19 @@ class Ctx:
     def __init__(self, config: str | None, verbose: int):
         self.config = config_path(config)
         self.verbose = verbose
+        self.actor: str | None = None
         self._site = None
+
+    def moderation(self):  # type: ignore[no-untyped-def]
+        from mailflow.moderation import Moderation
+        return Moderation(self.site, self.actor)
+
+    def done(self, outcome) -> None:  # type: ignore[no-untyped-def]
+        """Print what an action did and make the one delivery attempt its mail is owed."""
+        if outcome.outbox_ids:
+            from mailflow.delivery import deliver
+            asyncio.run(deliver(self.site, outcome.outbox_ids))
+        console.print(outcome.message, highlight=False)
 
     @property
     def site(self):  # type: ignore[no-untyped-def]
@@ -72,13 +84,16 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--config", "config", metavar="PATH", default=None,
               help="The site's config file (default: $MAILFLOW_CONFIG or ./config.toml).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--as", "actor", default=None, metavar="NAME",
+              help="Who is acting, for the audit log (default: the OS user).")
 @click.version_option(package_name="mailflow")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
+def cli(ctx: click.Context, config: str | None, verbose: int, actor: str | None) -> None:
     """mailflow: Freedom of Information requests by email, for any town or country."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = Ctx(config, verbose)
+    ctx.obj.actor = actor
 
 
 # -- init ------------------------------------------------------------------------------------
@@ -515,7 +530,7 @@ def queue() -> None:
 def _queue_json(q: Any) -> dict[str, Any]:
     return {"id": q.id, "reason": q.reason, "state": q.state, "thread_id": q.thread_id,
             "summary": q.summary, "detail": q.detail, "created_at": q.created_at,
-            "decided_at": q.decided_at, "decision": q.decision}
+            "decided_at": q.decided_at, "decision": q.decision, "decided_by": q.decided_by}
 
 
 @queue.command("list")
@@ -545,10 +560,9 @@ def queue_show(ctx: Ctx, item: int, as_json: bool) -> None:
     """Show one item: why it is here, and the message's headers and text."""
     from mailflow.mail.parse import ParseError, parse
     with ctx.site.store.read() as tx:
-        found = [q for q in tx.queue(include_decided=True) if q.id == item]
-        if not found:
+        q = tx.queue_item(item)
+        if q is None:
             raise NotFound(f"no queue item {item}")
-        q = found[0]
         raw = tx.get_raw(q.raw_sha256) if q.raw_sha256 else None
     data = _queue_json(q)
     if raw is not None:
@@ -576,6 +590,116 @@ def queue_show(ctx: Ctx, item: int, as_json: bool) -> None:
             if k in m:
                 console.print(f"[dim]{k}:[/] {m[k]}", highlight=False)
         console.print(m.get("text") or m.get("raw_start", ""), highlight=False, markup=False)
+
+
+@queue.command("assign")
+@click.argument("item", type=int)
+@click.argument("thread_id", type=int)
+@click.option("--citizen", is_flag=True, help="The citizen wrote it (default: the authority).")
+@click.option("--reason", default=None)
+@pass_ctx
+def queue_assign(ctx: Ctx, item: int, thread_id: int, citizen: bool, reason: str | None) -> None:
+    """Put a queued message on a thread; it is forwarded like any reply.
+
+    Example: mailflow queue assign 12 4 --reason "retyped address"
+    """
+    ctx.done(ctx.moderation().assign(item, thread_id, reason=reason,
+                                     side="citizen" if citizen else "authority"))
+
+
+@queue.command("reject")
+@click.argument("item", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def queue_reject(ctx: Ctx, item: int, reason: str) -> None:
+    """Decide an item by doing nothing with it; the reason is kept."""
+    ctx.done(ctx.moderation().reject(item, reason=reason))
+
+
+@queue.command("spam")
+@click.argument("item", type=int)
+@click.option("--reason", default=None)
+@pass_ctx
+def queue_spam(ctx: Ctx, item: int, reason: str | None) -> None:
+    """Decide an item as spam."""
+    ctx.done(ctx.moderation().spam(item, reason=reason))
+
+
+@queue.command("approve")
+@click.argument("item", type=int)
+@click.option("--reason", default=None)
+@pass_ctx
+def queue_approve(ctx: Ctx, item: int, reason: str | None) -> None:
+    """Accept an item as it is (a postmaster message read, a bounce noted)."""
+    ctx.done(ctx.moderation().approve(item, reason=reason))
+
+
+@thread.command("state")
+@click.argument("thread_id", type=int)
+@click.argument("state")
+@click.option("--reason", default=None)
+@pass_ctx
+def thread_state(ctx: Ctx, thread_id: int, state: str, reason: str | None) -> None:
+    """Set how a request stands (as the citizen would by a one-line reply)."""
+    ctx.done(ctx.moderation().set_state(thread_id, state, reason=reason))
+
+
+@thread.command("hide")
+@click.argument("thread_id", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def thread_hide(ctx: Ctx, thread_id: int, reason: str) -> None:
+    """Keep a whole thread out of the public archive."""
+    ctx.done(ctx.moderation().hide_thread(thread_id, True, reason=reason))
+
+
+@thread.command("unhide")
+@click.argument("thread_id", type=int)
+@click.option("--reason", default=None)
+@pass_ctx
+def thread_unhide(ctx: Ctx, thread_id: int, reason: str | None) -> None:
+    """Publish a hidden thread again."""
+    ctx.done(ctx.moderation().hide_thread(thread_id, False, reason=reason))
+
+
+@cli.group()
+def message() -> None:
+    """Single messages on a thread."""
+
+
+@message.command("hide")
+@click.argument("message_id", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def message_hide(ctx: Ctx, message_id: int, reason: str) -> None:
+    """Replace a message in the archive by a placeholder."""
+    ctx.done(ctx.moderation().hide_message(message_id, True, reason=reason))
+
+
+@message.command("unhide")
+@click.argument("message_id", type=int)
+@click.option("--reason", default=None)
+@pass_ctx
+def message_unhide(ctx: Ctx, message_id: int, reason: str | None) -> None:
+    """Publish a hidden message again."""
+    ctx.done(ctx.moderation().hide_message(message_id, False, reason=reason))
+
+
+@cli.command()
+@click.option("--thread", "thread_id", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def audit(ctx: Ctx, thread_id: int | None, as_json: bool) -> None:
+    """Every admin action: who, when, what and why."""
+    rows = ctx.moderation().audit(thread_id)
+    if as_json:
+        print_json(rows)
+        return
+    t = Table("when", "who", "action", "target", "why")
+    for r in rows:
+        t.add_row(f"{r['at']:%Y-%m-%d %H:%M}", r["actor"], r["action"], r["target"] or "",
+                  r["reason"] or "")
+    console.print(t)
 
 
 # -- outbox -----------------------------------------------------------------------------------------

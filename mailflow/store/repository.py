@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
-from mailflow.store.tables import (authority_senders, deliveries, messages, outbox, queue_items,
+from mailflow.store.tables import (audit_log, authority_senders, deliveries, messages, outbox, queue_items,
                                    raw_messages, reminders, thread_events, threads)
 
 
@@ -57,6 +57,7 @@ class Thread:
     extension: str | None = None
     very_late_date: date | None = None
     awaiting_description: bool = False
+    hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class QueueItem:
     created_at: datetime
     decided_at: datetime | None
     decision: str | None
+    decided_by: str | None = None
 
 
 def _thread(row: Any) -> Thread:
@@ -407,6 +409,36 @@ class Tx:
         if reason:
             q = q.where(queue_items.c.reason == reason)
         return [_queue(r) for r in self.c.execute(q)]
+
+    def queue_item(self, item_id: int) -> QueueItem | None:
+        row = self.c.execute(select(queue_items).where(queue_items.c.id == item_id)).first()
+        return _queue(row) if row else None
+
+    def decide(self, item_id: int, decision: str, actor: str) -> bool:
+        """Close an open item; False if it was already decided (by someone else, perhaps)."""
+        res = self.c.execute(update(queue_items).where(queue_items.c.id == item_id,
+                                                       queue_items.c.state == "open")
+                             .values(state="decided", decision=decision, decided_by=actor,
+                                     decided_at=utcnow()))
+        return res.rowcount == 1
+
+    def audit(self, actor: str, action: str, *, thread_id: int | None = None,
+              target: str | None = None, reason: str | None = None,
+              detail: dict[str, Any] | None = None) -> None:
+        self.c.execute(insert(audit_log).values(at=utcnow(), actor=actor, action=action,
+                                                thread_id=thread_id, target=target,
+                                                reason=reason, detail=detail))
+
+    def audit_entries(self, thread_id: int | None = None) -> list[dict[str, Any]]:
+        q = select(audit_log).order_by(audit_log.c.id)
+        if thread_id is not None:
+            q = q.where(audit_log.c.thread_id == thread_id)
+        return [{"id": r.id, "at": _aware(r.at), "actor": r.actor, "action": r.action,
+                 "thread_id": r.thread_id, "target": r.target, "reason": r.reason,
+                 "detail": r.detail} for r in self.c.execute(q)]
+
+    def set_message_hidden(self, pk: int, hidden: bool) -> None:
+        self.c.execute(update(messages).where(messages.c.id == pk).values(hidden=hidden))
 
     def counts(self) -> dict[str, int]:
         def n(table: Any, *where: Any) -> int:

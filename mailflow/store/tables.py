@@ -57,6 +57,8 @@ threads = Table(
     # A response arrived and the citizen has not yet said how the request ended.
     Column("awaiting_description", Boolean, nullable=False, default=False,
            server_default=false()),
+    # Hidden by an admin: not published in the archive (the thread still works by email).
+    Column("hidden", Boolean, nullable=False, default=False, server_default=false()),
 )
 Index("ix_threads_state", threads.c.state)
 Index("ix_threads_authority", threads.c.authority)
@@ -161,6 +163,20 @@ thread_events = Table(
 )
 Index("ix_thread_events_thread", thread_events.c.thread_id)
 
+# Every admin action: who, when, what and why. Never updated, never deleted.
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTC_DT, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("thread_id", Integer, ForeignKey("threads.id"), nullable=True),
+    Column("target", String(64), nullable=True),      # "queue:5", "message:12", "thread:3"
+    Column("reason", Text, nullable=True),
+    Column("detail", JSON, nullable=True),
+)
+Index("ix_audit_log_thread", audit_log.c.thread_id)
+
 queue_items = Table(
     "queue_items", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -173,5 +189,6 @@ queue_items = Table(
     Column("created_at", UTC_DT, nullable=False),
     Column("decided_at", UTC_DT, nullable=True),
     Column("decision", Text, nullable=True),
+    Column("decided_by", String(64), nullable=True),
 )
 Index("ix_queue_items_state", queue_items.c.state)

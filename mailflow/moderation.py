@@ -1,0 +1,161 @@
+"""What an admin can do, as application functions: the CLI calls these, and so could a web page
+or an email interface later. Each action checks the state it needs, does its work in one
+transaction, and writes who did what and why to the audit log.
+
+Deciding a queue item is a conditional update (open → decided), so two admins deciding the same
+item at once cannot both succeed: the second gets a clear error naming the first decision.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mailflow.core.addresses import AddressKind
+from mailflow.core.commands import STATE_WORDS
+from mailflow.core.reminders import FINAL
+from mailflow.errors import MailflowError, NotFound
+from mailflow.mail.parse import ParseError, parse
+from mailflow.pipeline import Pipeline, Result, Step, _Ctx
+from mailflow.site import Site
+from mailflow.spool import Envelope
+from mailflow.store.repository import QueueItem, Tx
+
+STATES = ("waiting_response", "waiting_clarification", "internal_review", "successful",
+          "partially_successful", "rejected", "not_held", "user_withdrawn")
+
+
+def default_actor() -> str:
+    """Who is acting: --as NAME, else the operating-system user (over SSH, a real person)."""
+    try:
+        return os.environ.get("MAILFLOW_ADMIN") or getpass.getuser()
+    except (KeyError, OSError):
+        return "admin"
+
+
+@dataclass
+class Outcome:
+    message: str
+    outbox_ids: list[int]
+
+
+class Moderation:
+    def __init__(self, site: Site, actor: str | None = None):
+        self.site = site
+        self.actor = actor or default_actor()
+
+    # -- the queue ------------------------------------------------------------------------------
+    def _open_item(self, tx: Tx, item_id: int) -> QueueItem:
+        item = tx.queue_item(item_id)
+        if item is None:
+            near = [q.id for q in tx.queue()][-5:]
+            raise NotFound(f"no queue item {item_id}" + (
+                f"; open items: {', '.join(map(str, near))}" if near else "; the queue is empty"))
+        if item.state != "open":
+            raise MailflowError(f"queue item {item_id} was already decided by "
+                                f"{item.decided_by or 'someone'} at "
+                                f"{item.decided_at:%Y-%m-%d %H:%M}: {item.decision}")
+        return item
+
+    def _decide(self, tx: Tx, item: QueueItem, decision: str, *, reason: str | None,
+                action: str, thread_id: int | None = None, **detail: Any) -> None:
+        if not tx.decide(item.id, decision, self.actor):
+            raise MailflowError(f"queue item {item.id} was decided by someone else just now")
+        tx.audit(self.actor, action, thread_id=thread_id or item.thread_id,
+                 target=f"queue:{item.id}", reason=reason,
+                 detail={"decision": decision, "queue_reason": item.reason, **detail})
+
+    def assign(self, item_id: int, thread_id: int, *, reason: str | None = None,
+               side: str = "authority") -> Outcome:
+        """Put a queued message on a thread, as if it had matched; it is then forwarded like
+        any reply (or sent on to the authority, for the citizen's side)."""
+        pipeline = Pipeline(self.site)
+        result = Result()
+        with self.site.store.tx() as tx:
+            item = self._open_item(tx, item_id)
+            thread = tx.thread(thread_id)
+            if thread is None:
+                raise NotFound(f"no thread {thread_id}")
+            if item.raw_sha256 is None:
+                raise MailflowError(f"queue item {item_id} has no message to assign")
+            raw = tx.get_raw(item.raw_sha256)
+            try:
+                pm = parse(raw)
+            except ParseError as e:
+                raise MailflowError(f"queue item {item_id} cannot be parsed ({e}); "
+                                    "it can only be rejected") from None
+            env_json = (item.detail or {}).get("envelope") or {}
+            envelope = Envelope.from_json(env_json) if env_json else Envelope(
+                mail_from=pm.from_addr, rcpt_tos=[], via="unknown")
+            kind = AddressKind.REQUEST if side == "authority" else AddressKind.REPLY
+            step = Step(f"{kind.value}-{thread_id}", f"{side}_mail", thread_id=thread_id,
+                        match_method="admin",
+                        match_detail={"by": self.actor, "queue_item": item_id, "reason": reason})
+            c = _Ctx(tx=tx, pm=pm, cls=pipeline.classify(pm, envelope), addr=None,
+                     sha=item.raw_sha256, envelope=envelope, result=result, step=step)
+            outcome = pipeline._execute(c)
+            self._decide(tx, item, f"assigned to thread {thread_id}: {outcome.outcome}",
+                         reason=reason, action="queue_assign", thread_id=thread_id)
+        return Outcome(f"item {item_id} put on thread {thread_id} ({outcome.outcome})",
+                       result.outbox_ids)
+
+    def reject(self, item_id: int, *, reason: str) -> Outcome:
+        with self.site.store.tx() as tx:
+            item = self._open_item(tx, item_id)
+            self._decide(tx, item, f"rejected: {reason}", reason=reason, action="queue_reject")
+        return Outcome(f"item {item_id} rejected", [])
+
+    def spam(self, item_id: int, *, reason: str | None = None) -> Outcome:
+        with self.site.store.tx() as tx:
+            item = self._open_item(tx, item_id)
+            self._decide(tx, item, "spam", reason=reason, action="queue_spam")
+        return Outcome(f"item {item_id} marked as spam", [])
+
+    def approve(self, item_id: int, *, reason: str | None = None) -> Outcome:
+        """Accept an item as it is (a postmaster message read, a bounce noted, ...)."""
+        with self.site.store.tx() as tx:
+            item = self._open_item(tx, item_id)
+            self._decide(tx, item, "approved", reason=reason, action="queue_approve")
+        return Outcome(f"item {item_id} approved", [])
+
+    # -- threads and messages -------------------------------------------------------------------
+    def set_state(self, thread_id: int, state: str, *, reason: str | None = None) -> Outcome:
+        if state not in STATES:
+            raise MailflowError(f"unknown state {state!r}; allowed: {', '.join(STATES)}")
+        with self.site.store.tx() as tx:
+            thread = tx.thread(thread_id)
+            if thread is None:
+                raise NotFound(f"no thread {thread_id}")
+            if thread.state in ("awaiting_confirmation", "awaiting_address"):
+                raise MailflowError(f"thread {thread_id} has not been sent ({thread.state})")
+            tx.update_thread(thread_id, state=state,
+                             awaiting_description=False if state in FINAL else
+                             thread.awaiting_description)
+            tx.audit(self.actor, "thread_state", thread_id=thread_id, target=f"thread:{thread_id}",
+                     reason=reason, detail={"from": thread.state, "to": state})
+            tx.add_event(thread_id, f"admin:{self.actor}", "state", {"to": state})
+        return Outcome(f"thread {thread_id}: {STATE_WORDS.get(state, state)}", [])
+
+    def hide_thread(self, thread_id: int, hidden: bool, *, reason: str | None = None) -> Outcome:
+        with self.site.store.tx() as tx:
+            if tx.thread(thread_id) is None:
+                raise NotFound(f"no thread {thread_id}")
+            tx.update_thread(thread_id, hidden=hidden)
+            tx.audit(self.actor, "thread_hide" if hidden else "thread_unhide",
+                     thread_id=thread_id, target=f"thread:{thread_id}", reason=reason)
+        return Outcome(f"thread {thread_id} {'hidden' if hidden else 'shown again'}", [])
+
+    def hide_message(self, message_id: int, hidden: bool, *, reason: str | None = None) -> Outcome:
+        with self.site.store.tx() as tx:
+            msg = tx.message(message_id)
+            if msg is None:
+                raise NotFound(f"no message {message_id}")
+            tx.set_message_hidden(message_id, hidden)
+            tx.audit(self.actor, "message_hide" if hidden else "message_unhide",
+                     thread_id=msg.thread_id, target=f"message:{message_id}", reason=reason)
+        return Outcome(f"message {message_id} {'hidden' if hidden else 'shown again'}", [])
+
+    def audit(self, thread_id: int | None = None) -> list[dict[str, Any]]:
+        with self.site.store.read() as tx:
+            return tx.audit_entries(thread_id)

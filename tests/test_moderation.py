@@ -1,0 +1,56 @@
+"""The admin's desk through the real CLI: queue decisions, thread and message actions, audit."""
+from __future__ import annotations
+
+from conftest import DOMAIN, JANE, Site, compose
+from test_roundtrip import AUTHORITY, ask
+
+
+def test_assign_a_queued_reply_forwards_it_and_is_audited(site: Site) -> None:
+    t = ask(site)
+    raw = compose(f"FOI <{AUTHORITY}>", f"request-{t['id']}-zzzzzzzzzzzz@{DOMAIN}", "RE", "Ours?")
+    assert site.ingest(raw, [f"request-{t['id']}-zzzzzzzzzzzz@{DOMAIN}"]) == 0
+    (item,) = site.json("queue", "list")
+    r = site.run("--as", "alice", "queue", "assign", str(item["id"]), str(t["id"]),
+                 "--reason", "typo in the token")
+    assert r.returncode == 0, r.stderr.decode()
+    assert len(site.mail_to(JANE)) == 1
+    msgs = site.json("thread", "show", str(t["id"]))["messages"]
+    (resp,) = [m for m in msgs if m["kind"] == "response"]
+    assert resp["match"]["method"] == "admin" and resp["match"]["detail"]["by"] == "alice"
+    assert site.json("queue", "list") == []
+    (decided,) = site.json("queue", "list", "--all")
+    assert decided["decided_by"] == "alice" and decided["decision"].startswith("assigned")
+    again = site.run("--as", "bob", "queue", "reject", str(item["id"]), "--reason", "no")
+    assert again.returncode == 1 and b"already decided by alice" in again.stderr
+    log = site.json("audit", "--thread", str(t["id"]))
+    assert [(e["actor"], e["action"], e["reason"]) for e in log] == [
+        ("alice", "queue_assign", "typo in the token")]
+
+
+def test_reject_spam_approve_and_unknown_items(site: Site) -> None:
+    for n in range(3):
+        assert site.ingest(compose("X <x@spam.example>", f"postmaster@{DOMAIN}", f"Hi {n}", "Hi"),
+                           [f"postmaster@{DOMAIN}"]) == 0
+    ids = [i["id"] for i in site.json("queue", "list")]
+    assert site.run("queue", "reject", str(ids[0]), "--reason", "noise").returncode == 0
+    assert site.run("queue", "spam", str(ids[1])).returncode == 0
+    assert site.run("queue", "approve", str(ids[2])).returncode == 0
+    assert site.json("queue", "list") == []
+    missing = site.run("queue", "reject", "999", "--reason", "x")
+    assert missing.returncode == 1 and b"no queue item 999" in missing.stderr
+    assert [e["action"] for e in site.json("audit")] == ["queue_reject", "queue_spam",
+                                                         "queue_approve"]
+
+
+def test_thread_state_hide_and_message_hide(site: Site) -> None:
+    t = ask(site)
+    assert site.run("thread", "state", str(t["id"]), "successful").returncode == 0
+    assert site.json("thread", "show", str(t["id"]))["state"] == "successful"
+    bad = site.run("thread", "state", str(t["id"]), "happy")
+    assert bad.returncode == 1 and b"allowed: waiting_response" in bad.stderr
+    assert site.run("thread", "hide", str(t["id"]), "--reason", "legal").returncode == 0
+    mid = site.json("thread", "show", str(t["id"]))["messages"][0]["id"]
+    assert site.run("message", "hide", str(mid), "--reason", "personal data").returncode == 0
+    assert site.run("message", "unhide", str(mid)).returncode == 0
+    actions = [e["action"] for e in site.json("audit")]
+    assert actions == ["thread_state", "thread_hide", "message_hide", "message_unhide"]
