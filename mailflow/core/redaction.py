@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html as htmllib
 import re
+import string
 import tomllib
 import unicodedata
 from collections.abc import Callable
@@ -46,7 +47,7 @@ _PIECES = {"@": _AT, "&": r"(?:&|&amp;|&#0*38;)", '"': r"(?:\"|&quot;|&#0*34;)",
            "'": r"(?:'|&#0*39;|&#x0*27;|&apos;)"}
 
 # Samples on which a rule's regex must never match nothing (it would "match" everywhere).
-_EMPTY_PROBES = ("", "a", " ", "0", "a b\n1 @.")
+_EMPTY_PROBES = ("", "a", " ", "0", string.printable, "é ü ß Ж 中 \u00a0")
 _SCOPE_RE = re.compile(r"^(site|authority:(?P<slug>.+)|thread:(?P<id>[0-9]{1,12}))$")
 
 

@@ -47,6 +47,10 @@ _CSS_CALL_RE = re.compile(r"(?i)\b((?:url|expression|image-set)\s*)\(")
 
 def _attribute_filter(tag: str, attr: str, value: str) -> str | None:
     """A second check on the attributes nh3 kept. Must never raise (nh3 would report it)."""
+    if attr == "rel" and tag == "a":
+        return LINK_REL
+    if attr not in ALLOWED_ATTRIBUTES.get(tag, ()):
+        return None
     if attr == "href":
         m = _SCHEME_RE.match(value.strip())
         # Relative links point into our own archive; a control character in a URL is a trick.
@@ -57,14 +61,14 @@ def _attribute_filter(tag: str, attr: str, value: str) -> str | None:
         return value if _SPAN_RE.match(value.strip()) else None
     if attr == "title":
         return value
-    if attr == "rel":
-        return LINK_REL
     return None
 
 
 def _clean(html: str, tags: frozenset[str]) -> str:
     out = nh3.clean(html, tags=set(tags), clean_content_tags=set(REMOVED_WITH_CONTENT),
-                    attributes={t: set(a) for t, a in ALLOWED_ATTRIBUTES.items() if t in tags},
+                    # "*": nothing on every tag (nh3 would otherwise keep `lang` and `title`)
+                    attributes={"*": set()} | {t: set(a) for t, a in ALLOWED_ATTRIBUTES.items()
+                                               if t in tags},
                     attribute_filter=_attribute_filter, strip_comments=True, link_rel=LINK_REL,
                     url_schemes=set(URL_SCHEMES))
     out = _SCRIPT_SCHEME_RE.sub(r"\1&#58;", out)
