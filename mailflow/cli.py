@@ -771,3 +771,8 @@ def demo(ctx: Ctx, citizen: str, slug: str | None, timeout: float) -> None:
 
 def main() -> None:
     cli(prog_name="mailflow")
+
+
+from mailflow.cli_archive import archive  # noqa: E402  (it imports Ctx and friends from here)
+
+cli.add_command(archive)

@@ -9,15 +9,18 @@
    this happens in a sibling folder that is then swapped in whole.
 5. Re-index search with Pagefind if any page changed.
 
-DKIM results are cached per raw message (by sha256) in the output's `.mailflow-cache/`, so
-a rebuild never asks DNS again about a message it has already checked; the signature was made
-with the key of the day, and it is that day's answer the reader needs.
+Two caches in the output's `.mailflow-cache/` (never published) keep incremental builds
+cheap: DKIM results per raw message (by sha256), so a rebuild never asks DNS again about a
+message it has already checked (the signature was made with the key of the day, and it is that
+day's answer the reader needs); and each thread's public view (`ThreadCache`), so only threads
+whose inputs changed are parsed and redacted again.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -27,17 +30,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
                                      swap_in, write_private_json)
-from mailflow.core.redaction import Redactor, load_redactions, private_values
+from mailflow.core.redaction import PrivatePattern, Redactor, load_redactions, private_values
 from mailflow.outbound.signing import verify as dkim_verify
 from mailflow.site import Site
 
@@ -57,6 +61,9 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     written_paths: list[str] = field(default_factory=list)
     removed_paths: list[str] = field(default_factory=list)
+    # Attachments not published, for the admin queue: {thread_id, message_id, n, filename,
+    # reason}. The build only reads the store; whoever runs it queues these (deduplicated).
+    withheld: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,6 +99,7 @@ class DkimCache:
         except (OSError, ValueError):
             self.results = {}
         self.changed = False
+        self.transient = 0      # lookups that failed for a passing reason, this build
 
     def __call__(self, sha: str, raw: bytes) -> tuple[bool, str | None]:
         hit = self.results.get(sha)
@@ -111,7 +119,11 @@ class DkimCache:
                 transient = True
                 raise
 
-        ok, domain = dkim_verify(raw, lookup)
+        try:
+            ok, domain = dkim_verify(raw, lookup)
+        except Exception:   # whatever DNS raised: not verified today, asked again next build
+            ok, domain, transient = False, None, True
+        self.transient += transient
         if not transient:
             self.results[sha] = [ok, domain]
             self.changed = True
@@ -120,6 +132,78 @@ class DkimCache:
     def save(self, path: Path | None = None) -> None:
         if self.changed or path is not None:
             write_private_json(path or self.path, self.results)
+
+
+# -- threads whose inputs did not change ----------------------------------------------------------
+CACHE_VERSION = 1
+# The code that shapes a thread's public view: a change to any of them invalidates the cache.
+_VIEW_CODE = ("mailflow/archive/context.py", "mailflow/archive/attachments.py",
+              "mailflow/core/redaction.py", "mailflow/mail/sanitise.py", "mailflow/mail/parse.py")
+
+
+class ThreadCache:
+    """Each public thread's view from the last build, keyed by a fingerprint of everything it
+    was made from (the thread row, its messages, its clock events, its authority and law, the
+    redaction rules and the code that makes views).
+
+    Parsing and redacting mail is most of a build's time; with this, a build after one new
+    message parses one thread, not thousands. Pages are still rendered and checked every time
+    (they show other threads too). Lives in the output's cache folder, so `--full` (a fresh
+    folder) starts without it.
+    """
+
+    def __init__(self, path: Path, salt: bytes):
+        self.path = path
+        self.salt = salt
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.entries: dict[str, Any] = data["threads"] if data.get("salt") == salt.hex() else {}
+        except (OSError, ValueError, KeyError, AttributeError):
+            self.entries = {}
+        self.fresh: dict[str, Any] = {}
+
+    @staticmethod
+    def salt_for(site: Site, redactions: str) -> bytes:
+        h = hashlib.sha256(f"{CACHE_VERSION}:{__version__}:{site.domain}:".encode())
+        h.update(redactions.encode("utf-8"))
+        root = Path(__file__).resolve().parent.parent.parent
+        for rel in _VIEW_CODE:
+            p = root / rel
+            h.update(p.read_bytes() if p.exists() else rel.encode())
+        return h.digest()
+
+    def fingerprint(self, inp: C.ThreadInput, authority: Any, law: Any) -> str:
+        t = inp.thread
+        data = [asdict(t),
+                [(m.id, m.kind, m.direction, m.hidden, m.raw_sha256, m.created_at, m.subject,
+                  m.from_name, hashlib.sha256(m.text.encode("utf-8", "replace")).hexdigest())
+                 for m in inp.messages if (m.direction, m.kind) in C.SHOWN or m.kind == "response"],
+                [e for e in inp.events if e["kind"] == "clock"],
+                asdict(authority) if authority else None, asdict(law) if law else None]
+        h = hashlib.sha256(self.salt)
+        h.update(json.dumps(data, default=str, sort_keys=True).encode("utf-8"))
+        return h.hexdigest()
+
+    def get(self, t: Any, fp: str, writer: Writer, today: date) -> C.ThreadView | None:
+        """The cached view, if its fingerprint matches and its files are on disk as written
+        (they are then kept in the manifest without being produced again)."""
+        e = self.entries.get(str(t.id))
+        if not e or e.get("fp") != fp or not all(writer.has(r, d) for r, d in e["files"].items()):
+            return None
+        try:
+            view = C.view_from_dict(e["view"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        for rel, digest in e["files"].items():
+            writer.keep(rel, digest)
+        self.fresh[str(t.id)] = e
+        return replace(view, list_state=C.list_state(t, today))
+
+    def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str]) -> None:
+        self.fresh[str(t.id)] = {"fp": fp, "view": C.view_to_dict(view), "files": files}
+
+    def save(self) -> None:
+        write_private_json(self.path, {"salt": self.salt.hex(), "threads": self.fresh})
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -171,13 +255,6 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _redaction_rules(site: Site) -> list[Any]:
-    path = site.settings.site.rules / "redactions.toml"
-    if not path.exists():
-        return []
-    return load_redactions(path.read_text(encoding="utf-8"), str(path))
-
-
 def build(site: Site, out: Path | None = None, full: bool = False, *,
           dns_txt: DnsTxt | None = None, today: date | None = None,
           search: bool = True) -> BuildReport:
@@ -210,12 +287,16 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
                 report.removed = len(report.removed_paths)
             else:
                 dkim.save()
-            html_changed = any(p.endswith(".html") for p in
-                               report.written_paths + report.removed_paths)
+            # The index is stale from a page change until Pagefind has run successfully.
+            stale = work / CACHE_DIR / "search-stale"
+            if any(p.endswith(".html") for p in report.written_paths + report.removed_paths):
+                stale.touch()
             if not search:
                 report.search = "not run"
-            elif full or html_changed or not (out / "pagefind").exists():
+            elif full or stale.exists() or not (out / "pagefind").exists():
                 report.search = run_pagefind(work)
+                if report.search == "indexed":
+                    stale.unlink(missing_ok=True)
             else:
                 report.search = "unchanged"
             if not report.search.startswith(("indexed", "unchanged", "not run")):
@@ -234,8 +315,11 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
 
 
 def _build_into(site: Site, root: Path, base_url: str, today: date,
-                verify: C.Verifier) -> BuildReport:
-    rules = _redaction_rules(site)
+                verify: DkimCache) -> BuildReport:
+    path = site.settings.site.rules / "redactions.toml"
+    redactions = path.read_text(encoding="utf-8") if path.exists() else ""
+    rules = load_redactions(redactions, str(path)) if redactions else []
+    cache = ThreadCache(root / CACHE_DIR / "threads.json", ThreadCache.salt_for(site, redactions))
     domain = site.domain
     views: list[C.ThreadView] = []
     writer: Writer | None = None
@@ -244,35 +328,54 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             every = tx.threads()
             secrets: list[tuple[str, str]] = [(site.settings.site.secret, "the site's secret")]
             for t in every:
-                secrets.extend(private_values(t, domain))
+                # Literal secrets only: the patterns (any thread-shaped address, a local part
+                # as a word) are for redaction, too broad to scan other threads' pages with.
+                secrets.extend((v, label) for v, label in private_values(t, domain)
+                               if not isinstance(v, PrivatePattern))
             writer = Writer(root, LeakGuard(secrets))
             for t in every:
-                if not C.is_public(t):
-                    continue
-                authority = site.rules.authorities.get(t.authority)
-                law = site.rules.laws.get(t.law)
-                red = Redactor(rules, thread_id=t.id, authority=t.authority,
-                               private=private_values(t, domain))
-                inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
-                view, files = C.thread_view(inp, authority=authority, law=law, red=red,
-                                            verify=verify, today=today)
-                for rel, data in files.files:
-                    writer.write(rel, data)
-                views.append(view)
+                if C.is_public(t):
+                    views.append(_thread(site, tx, t, rules, verify, cache, writer, today))
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
         site_view = C.SiteView(
             name=site.settings.site.name, base_url=base_url, today=today, threads=tuple(views),
             authorities=C.authority_views(site.rules.authorities, site.rules.laws, views))
         _write_pages(site, site_view, writer)
         result = writer.commit()
+        cache.save()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    withheld = [{"thread_id": t.id, "message_id": m.pk, "n": a.n, "filename": a.filename,
+                 "reason": a.withheld}
+                for t in views for m in t.messages for a in m.attachments if a.withheld]
     return BuildReport(out=root, written=len(result.written), unchanged=len(result.unchanged),
                        removed=len(result.removed), threads=len(views),
                        authorities=len(site_view.authorities),
-                       written_paths=sorted(result.written), removed_paths=result.removed)
+                       written_paths=sorted(result.written), removed_paths=result.removed,
+                       withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
+
+
+def _thread(site: Site, tx: Any, t: Any, rules: list[Any], verify: DkimCache,
+            cache: ThreadCache, writer: Writer, today: date) -> C.ThreadView:
+    """One thread's public view: from the cache when nothing it shows has changed."""
+    authority = site.rules.authorities.get(t.authority)
+    law = site.rules.laws.get(t.law)
+    inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
+    fp = cache.fingerprint(inp, authority, law)
+    view = cache.get(t, fp, writer, today)
+    if view is not None:
+        return view
+    red = Redactor(rules, thread_id=t.id, authority=t.authority,
+                   private=private_values(t, site.domain))
+    transient = verify.transient
+    view, files = C.thread_view(inp, authority=authority, law=law, red=red, verify=verify,
+                                today=today)
+    written = {rel: writer.write(rel, data) for rel, data in files.files}
+    if verify.transient == transient:   # a DKIM answer that may change is not kept
+        cache.put(t, fp, view, written)
+    return view
 
 
 def _json(data: Any) -> str:
@@ -280,7 +383,7 @@ def _json(data: Any) -> str:
 
 
 def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
-    r = Renderer(sv, site.settings.site.templates)
+    r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
     base = sv.base_url
     counts = {k: len(sv.by_state(k)) for k in C.LIST_STATES}
     responses = sum(1 for t in sv.threads for m in t.messages

@@ -11,19 +11,20 @@ from markupsafe import Markup, escape
 
 from mailflow.archive.context import Record
 
-BARS = (("on_time", "On time"), ("late", "Late"), ("very_late", "Very late"),
-        ("no_answer", "No answer yet"))
+KEYS = ("on_time", "late", "very_late", "no_answer")
 _FALLBACK = {"on_time": "#2e7d32", "late": "#b26a00", "very_late": "#b3261e",
              "no_answer": "#5f6368"}
 _W, _LABEL_W, _ROW_H, _BAR_H = 320, 110, 26, 18
 
 
-def record_chart(record: Record, chart_id: str = "record") -> Markup:
-    """Four horizontal bars, one per outcome, each labelled with its count."""
+def record_chart(record: Record, *, labels: list[str], title: str, desc: str,
+                 chart_id: str = "record") -> Markup:
+    """Four horizontal bars, one per outcome (`labels`, in KEYS order, translated by the
+    template), each labelled with its count."""
     top = max(record.total, 1)
-    height = _ROW_H * len(BARS) + 4
+    height = _ROW_H * len(KEYS) + 4
     rows = []
-    for i, (key, label) in enumerate(BARS):
+    for i, (key, label) in enumerate(zip(KEYS, labels, strict=True)):
         n = getattr(record, key)
         y = 2 + i * _ROW_H
         width = round((_W - _LABEL_W - 40) * n / top)
@@ -34,12 +35,10 @@ def record_chart(record: Record, chart_id: str = "record") -> Markup:
             f'fill="{_FALLBACK[key]}"><title>{escape(label)}: {n}</title></rect>'
             f'<text x="{_LABEL_W + max(width, 1) + 6}" y="{y + 13}" class="bar-value">{n}</text>'
             "</g>")
-    title = escape("Requests answered on time, late, very late, and not yet answered")
-    desc = escape(record.words())
     cid = escape(chart_id)
     return Markup(
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
         f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" '
         f'aria-labelledby="{cid}-title {cid}-desc">'
-        f'<title id="{cid}-title">{title}</title><desc id="{cid}-desc">{desc}</desc>'
+        f'<title id="{cid}-title">{escape(title)}</title><desc id="{cid}-desc">{escape(desc)}</desc>'
         + "".join(rows) + "</svg>")

@@ -12,11 +12,12 @@ builder can stage them and let them go: a site's attachments need not fit in mem
 """
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -25,7 +26,7 @@ from mailflow.core.deadlines import deadline
 from mailflow.core.redaction import Redactor
 from mailflow.core.rules import Authority, Law
 from mailflow.mail.parse import ParseError, parse
-from mailflow.mail.sanitise import sanitise_html
+from mailflow.mail.sanitise import redact_html
 from mailflow.store.repository import StoredMessage, Thread
 
 # Message kinds the public sees: the letters that went to the authority and what came back.
@@ -34,24 +35,32 @@ from mailflow.store.repository import StoredMessage, Thread
 SHOWN = {("out", "request"), ("out", "followup"),
          ("in", "response"), ("in", "auto_reply"), ("in", "bounce")}
 COLLAPSED = {"auto_reply", "bounce"}
-KIND_WORDS = {"request": "Request", "followup": "Follow-up", "response": "Response",
-              "auto_reply": "Automatic reply", "bounce": "Delivery failure report"}
-HIDDEN_NOTE = "This message has been hidden by the site's moderators."
-NO_ARCHIVE_NOTE = "This message is not published: its sender asked for it not to be archived."
+
+
+def N_(message: str) -> str:
+    """Marks English text for the catalogue (`make messages`); templates translate it."""
+    return message
+
+
+KIND_WORDS = {"request": N_("Request"), "followup": N_("Follow-up"), "response": N_("Response"),
+              "auto_reply": N_("Automatic reply"), "bounce": N_("Delivery failure report")}
+HIDDEN_NOTE = N_("This message has been hidden by the site's moderators.")
+NO_ARCHIVE_NOTE = N_("This message is not published: its sender asked for it not to be "
+                     "archived.")
 
 # The lists by state: URL slug → words. "overdue" and "very-overdue" are derived from the
 # due dates, as Alaveteli's waiting_response_(very_)overdue are.
 LIST_STATES: dict[str, str] = {
-    "waiting-response": "awaiting a response",
-    "overdue": "overdue",
-    "very-overdue": "long overdue",
-    "waiting-clarification": "waiting for the requester to clarify",
-    "internal-review": "under internal review",
-    "successful": "successful",
-    "partially-successful": "partially successful",
-    "refused": "refused",
-    "not-held": "information not held",
-    "withdrawn": "withdrawn by the requester",
+    "waiting-response": N_("awaiting a response"),
+    "overdue": N_("overdue"),
+    "very-overdue": N_("long overdue"),
+    "waiting-clarification": N_("waiting for the requester to clarify"),
+    "internal-review": N_("under internal review"),
+    "successful": N_("successful"),
+    "partially-successful": N_("partially successful"),
+    "refused": N_("refused"),
+    "not-held": N_("information not held"),
+    "withdrawn": N_("withdrawn by the requester"),
 }
 _STATE_SLUGS = {"waiting_response": "waiting-response", "waiting_clarification":
                 "waiting-clarification", "internal_review": "internal-review",
@@ -71,19 +80,16 @@ class AttachmentView:
     path: str | None            # under the output folder; None when withheld
     withheld: str | None = None  # the reason, when withheld
 
+    @property
+    def href(self) -> str:
+        """The link from the thread's own page: "attachments/<message>/<n>-<name>"."""
+        return (self.path or "").split("/", 2)[-1]
+
 
 @dataclass(frozen=True)
 class Dkim:
     verified: bool
-    domain: str | None
-
-    @property
-    def words(self) -> str:
-        if self.verified:
-            return f"DKIM signature verified: sent through {self.domain}"
-        if self.domain:
-            return f"DKIM signature for {self.domain} did not verify"
-        return "No DKIM signature: the sender cannot be confirmed"
+    domain: str | None     # d= of the signature that verified, or of the first that did not
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ class Record:
         return self.on_time + self.late + self.very_late + self.no_answer
 
     def words(self) -> str:
+        """In English, for the JSON twin; the page says it through the templates' gettext."""
         if not self.total:
             return "No requests have been sent to this authority through this site yet."
         parts = [f"Of {_n(self.total, 'request')}, {self.on_time} answered on time, "
@@ -236,8 +243,8 @@ def slugify(text: str, limit: int = 60) -> str:
     return slug or "request"
 
 
-_SAFE_EXT = {"pdf", "txt", "csv", "tsv", "png", "jpg", "jpeg", "gif", "webp", "doc", "docx",
-             "xls", "xlsx", "ppt", "pptx", "odt", "ods", "odp", "rtf", "json", "md"}
+_SAFE_EXT = {"pdf", "txt", "text", "log", "csv", "tsv", "ics", "vcf", "png", "jpg", "jpeg", "gif",
+             "webp", "docx", "xlsx", "pptx", "odt", "ods", "odp", "json", "md"}
 
 
 def safe_filename(name: str, content_type: str) -> str:
@@ -246,12 +253,16 @@ def safe_filename(name: str, content_type: str) -> str:
     ASCII only, no path, and an extension a static server maps to an inert type: an HTML,
     SVG or JavaScript attachment served from the archive's own origin would run as part of
     the site, so anything not on the allow-list gets `.txt` (text) or `.bin` (other) added.
+    (`publish_attachment` already picks safe names; this holds even if it changes.)
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-_")[:80] or "attachment"
     stem, dot, ext = base.rpartition(".")
-    if not dot or ext.lower() not in _SAFE_EXT:
+    ext = ext.lower() if dot else ""
+    # HTML only as publish_attachment makes it: sanitised, with a CSP that forbids everything.
+    html_ok = ext in ("html", "htm") and content_type.lower().startswith("text/html")
+    if ext not in _SAFE_EXT and not html_ok:
         base += ".txt" if content_type.lower().startswith("text/") else ".bin"
     return base
 
@@ -310,11 +321,11 @@ def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor
     for n, att in enumerate(pm_attachments, 1):
         result = publish_attachment(att, red)
         if isinstance(result, Withheld):
-            views.append(AttachmentView(n, red.filename(result.filename) or "attachment",
-                                        att.content_type, att.size, None, result.reason))
+            views.append(AttachmentView(n, result.filename or "attachment", att.content_type,
+                                        att.size, None, result.reason))
             continue
         assert isinstance(result, PublicAttachment)
-        shown = red.filename(result.filename) or "attachment"
+        shown = result.filename or "attachment"   # publish_attachment redacted it
         name = f"{n}-{safe_filename(shown, result.content_type)}"
         while name in used:
             name = f"{n}-{name}"
@@ -325,12 +336,14 @@ def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor
     return tuple(views)
 
 
-def message_view(m: StoredMessage, t: Thread, raw: bytes, *, authority_name: str,
-                 red: Redactor, verify: Verifier, base: str, files: ThreadFiles) -> MessageView:
+def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,
+                 authority_name: str, red: Redactor, verify: Verifier, base: str,
+                 files: ThreadFiles) -> MessageView:
     at = m.created_at
     sender = _sender(m, t, authority_name, red)
     if m.hidden:
         return MessageView(m.id, m.kind, m.direction, sender, at, placeholder=HIDDEN_NOTE)
+    raw = raw_of(m.raw_sha256)
     try:
         pm = parse(raw)
     except ParseError:
@@ -341,9 +354,7 @@ def message_view(m: StoredMessage, t: Thread, raw: bytes, *, authority_name: str
     html_part = pm.html if pm is not None else None
     shown_html = None
     if html_part and not (pm is not None and _has_text_part(pm, text)):
-        # Redact, sanitise (which also decodes entities like &#64;), redact what that
-        # revealed, and sanitise again so a replacement can never add markup.
-        shown_html = sanitise_html(red.text(sanitise_html(red.text(html_part))))
+        shown_html = redact_html(html_part, red)   # sanitised, redacted, sanitised again
         text = ""
     main, folded = fold(red.text(text))
     dkim = None
@@ -377,7 +388,8 @@ def _clock_at(events: list[dict[str, Any]], when: datetime,
     return due, very_late
 
 
-def _list_state(t: Thread, today: date) -> str:
+def list_state(t: Thread, today: date) -> str:
+    """Which list a thread is on today (overdue-ness moves with the date, not the thread)."""
     if t.state == "waiting_response" and t.due_date is not None and today > t.due_date:
         if t.very_late_date is not None and today > t.very_late_date:
             return "very-overdue"
@@ -406,8 +418,8 @@ def thread_view(inp: ThreadInput, *, authority: Authority | None, law: Law | Non
     authority_name = authority.name if authority else t.authority
     files = ThreadFiles()
     shown = [m for m in inp.messages if (m.direction, m.kind) in SHOWN]
-    messages = tuple(message_view(m, t, inp.raw(m.raw_sha256), authority_name=authority_name,
-                                  red=red, verify=verify, base=base, files=files)
+    messages = tuple(message_view(m, t, inp.raw, authority_name=authority_name, red=red,
+                                  verify=verify, base=base, files=files)
                      for m in shown)
     first = next((m for m in inp.messages if m.direction == "in" and m.kind == "response"), None)
     verdict = None
@@ -419,11 +431,31 @@ def thread_view(inp: ThreadInput, *, authority: Authority | None, law: Law | Non
     view = ThreadView(
         id=t.id, slug=slug, title=title, authority=t.authority, authority_name=authority_name,
         law_id=t.law, law_name=law.name if law else t.law, state=t.state,
-        list_state=_list_state(t, today), requester=red.text(t.citizen_name),
+        list_state=list_state(t, today), requester=red.text(t.citizen_name),
         sent=t.sent_at.date(), due=t.due_date, very_late=t.very_late_date,
         working=_working(t, law), clock_start=t.clock_start, messages=messages,
         first_response=first.created_at.date() if first else None, answered_in_time=verdict)
     return view, files
+
+
+# -- the view as JSON, for the builder's cache of unchanged threads -------------------------------
+def _day(v: str | None) -> date | None:
+    return date.fromisoformat(v) if v else None
+
+
+def view_to_dict(v: ThreadView) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(v), default=lambda o: o.isoformat()))
+
+
+def view_from_dict(d: dict[str, Any]) -> ThreadView:
+    messages = tuple(MessageView(**{
+        **m, "at": datetime.fromisoformat(m["at"]),
+        "attachments": tuple(AttachmentView(**a) for a in m["attachments"]),
+        "dkim": Dkim(**m["dkim"]) if m["dkim"] else None}) for m in d["messages"])
+    return ThreadView(**{**d, "sent": date.fromisoformat(d["sent"]), "due": _day(d["due"]),
+                         "very_late": _day(d["very_late"]), "clock_start": _day(d["clock_start"]),
+                         "first_response": _day(d["first_response"]),
+                         "working": tuple(d["working"]), "messages": messages})
 
 
 def record(threads: list[ThreadView]) -> Record:

@@ -15,14 +15,14 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nh3
+from babel.dates import format_date
 from jinja2 import Environment
 from markupsafe import Markup, escape
 
 from mailflow.archive.charts import record_chart
 from mailflow.archive.context import (LIST_STATES, AuthorityView, MessageView, SiteView,
                                       ThreadView)
-from mailflow.core.deadlines import long_date
+from mailflow import templating
 from mailflow.templating import make_environment
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -31,20 +31,26 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 # gets this, and it still allows no inline script and nothing from another host.
 SEARCH_CSP = CSP.replace("script-src 'self'", "script-src 'self' 'wasm-unsafe-eval'")
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
 _URL = re.compile(r"\bhttps?://[^\s<>\"'\]\[()]+[^\s<>\"'\]\[().,;:!?]", re.I)
 
 
-def short_date(d: date | datetime | None) -> str:
+def _locale(language: str) -> str:
+    return {"en": "en_GB"}.get(language, language)
+
+
+def short_date(d: date | datetime | None, language: str = "en") -> str:
     if d is None:
         return ""
-    return f"{d.day} {_MONTHS[d.month - 1]} {d.year}"
+    if isinstance(d, datetime):
+        d = d.astimezone(timezone.utc).date()
+    return format_date(d, format="medium", locale=_locale(language))
 
 
-def long_datetime(dt: datetime) -> str:
+def long_datetime(dt: datetime, language: str = "en") -> str:
+    """Absolute, in UTC, with the weekday: "Monday 1 March 2027, 10:00 UTC"."""
     dt = dt.astimezone(timezone.utc)
-    return f"{long_date(dt.date())}, {dt:%H:%M} UTC"
+    locale = _locale(language)
+    return f"{format_date(dt.date(), format='full', locale=locale)}, {dt:%H:%M} UTC"
 
 
 def iso(d: date | datetime) -> str:
@@ -66,12 +72,6 @@ def text_html(text: str) -> Markup:
     return Markup("").join(out)
 
 
-def no_inline_style(html: str) -> Markup:
-    """Mail HTML, already sanitised, without `style` attributes: the page's CSP would block
-    them anyway and report each one as a violation."""
-    return Markup(nh3.clean(html, link_rel="nofollow noopener noreferrer"))
-
-
 def filesize(n: int) -> str:
     if n < 1024:
         return f"{n} bytes"
@@ -83,13 +83,14 @@ def filesize(n: int) -> str:
     return f"{size:.1f} {unit}" if size < 10 else f"{size:.0f} {unit}"
 
 
-def make_env(override: Path | None) -> Environment:
-    env = make_environment(override)
-    env.add_extension("jinja2.ext.i18n")
-    env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
-    env.filters.update(short_date=short_date, long_date=long_date, long_datetime=long_datetime,
-                       iso=iso, text_html=text_html, filesize=filesize,
-                       mail_html=no_inline_style)
+def make_env(override: Path | None, language: str = "en") -> Environment:
+    """The site's template environment (i18n in the site's language) plus the archive's
+    filters. `mail_html` marks HTML as safe: only `redact_html` output reaches it."""
+    env = make_environment(override, language)
+    env.filters.update(short_date=lambda d: short_date(d, language),
+                       long_date=lambda d: d and templating.long_date(d, language) or "",
+                       long_datetime=lambda d: long_datetime(d, language),
+                       iso=iso, text_html=text_html, filesize=filesize, mail_html=Markup)
     env.globals.update(LIST_STATES=LIST_STATES, record_chart=record_chart)
     return env
 
@@ -97,7 +98,7 @@ def make_env(override: Path | None) -> Environment:
 class Renderer:
     def __init__(self, site: SiteView, override: Path | None = None, lang: str = "en"):
         self.site = site
-        self.env = make_env(override)
+        self.env = make_env(override, lang)
         self.lang = lang
 
     def page(self, template: str, path: str, *, csp: str = CSP, **context: Any) -> str:

@@ -69,13 +69,11 @@ class LeakGuard:
         return self.labels.get(m.group(0), "a private value") if m else None
 
     def check(self, rel: str, data: bytes) -> None:
+        if rel.endswith(_TEXT_SUFFIXES):
+            # Scan the text as a reader gets it: an address written with &#64; or &#39; in
+            # HTML is still the address (no secret contains an entity, so one pass will do).
+            data = html.unescape(data.decode("utf-8", "replace")).encode("utf-8")
         found = self.find(data)
-        if found is None and rel.endswith(_TEXT_SUFFIXES):
-            # An address written as &#64; or &#x27; in HTML is still the address to a reader.
-            text = data.decode("utf-8", "replace")
-            unescaped = html.unescape(text)
-            if unescaped != text:
-                found = self.find(unescaped.encode("utf-8"))
         if found is not None:
             raise LeakError(f"refusing to publish {rel}: it contains {found} (a private value "
                             "that redaction should have removed); nothing was written")
@@ -137,9 +135,24 @@ class Writer:
         self._staging = self.cache / "staging"
         self.result = WriteResult()
 
-    def write(self, rel: str, data: bytes | str, *, scan: bytes | None = None) -> None:
-        """Check and stage one file. `scan`: what to check instead of `data` (the
-        uncompressed text of a .gz). Writing the same path twice is a bug: it raises."""
+    def has(self, rel: str, digest: str) -> bool:
+        """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
+        return self.previous.get(rel) == digest and (self.root / rel).is_file()
+
+    def keep(self, rel: str, digest: str) -> None:
+        """Keep a file this build knows to be unchanged without producing it again (the
+        attachments of a thread whose inputs did not change: see build.ThreadCache)."""
+        rel = safe_rel(rel)
+        if rel in self.manifest:
+            raise ValueError(f"{rel} was already written in this build")
+        if not self.has(rel, digest):
+            raise ValueError(f"{rel} is not on disk as it was")
+        self.manifest[rel] = digest
+        self.result.unchanged.append(rel)
+
+    def write(self, rel: str, data: bytes | str, *, scan: bytes | None = None) -> str:
+        """Check and stage one file; returns its sha256. `scan`: what to check instead of
+        `data` (the uncompressed text of a .gz). Writing the same path twice is a bug."""
         rel = safe_rel(rel)
         if rel in self.manifest:
             raise ValueError(f"{rel} was already written in this build")
@@ -150,13 +163,14 @@ class Writer:
         target = self.root / rel
         if self.previous.get(rel) == digest and target.is_file():
             self.result.unchanged.append(rel)
-            return
+            return digest
         self._staging.mkdir(parents=True, exist_ok=True)
         tmp = self._staging / f"{len(self._staged):07d}.tmp"
         with open(tmp, "wb") as f:
             f.write(raw)
         self._staged.append((tmp, target))
         self.result.written.append(rel)
+        return digest
 
     def abort(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
