@@ -28,7 +28,10 @@ def archive() -> None:
 def archive_build(ctx: Ctx, full: bool, out: Path | None, no_search: bool, as_json: bool) -> None:
     """Write the archive; only files whose content changed are rewritten."""
     from mailflow.archive.build import build
+    from mailflow.archive.queue import queue_withheld
     report = build(ctx.site, out, full, search=not no_search)
+    if report.withheld:
+        queue_withheld(ctx.site, report.withheld)   # an admin reviews what was not published
     if as_json:
         data = report.as_dict()
         if not ctx.verbose:   # -v: every path written and removed

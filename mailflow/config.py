@@ -82,6 +82,13 @@ class DkimSettings:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    dir: Path
+    base_url: str
+    debounce_seconds: int
+
+
+@dataclass(frozen=True)
 class ClassifySettings:
     spam_header: str | None
     spam_threshold: float
@@ -107,6 +114,7 @@ class Settings:
     outbound: OutboundSettings
     dkim: DkimSettings
     classify: ClassifySettings = ClassifySettings(None, 5.0)
+    archive: ArchiveSettings | None = None
     reminders: ReminderSettings = field(default_factory=lambda: ReminderSettings(
         300, ReminderPolicy(), {}))
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -162,6 +170,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "password_env": (str, ""),
         "timeout": ((int, float), 30),
     },
+    "archive": {
+        "dir": (str, "var/archive"),
+        "base_url": (str, ""),
+        "debounce_seconds": (int, 20),
+    },
     "classify": {
         "spam_header": (str, ""),
         "spam_threshold": ((int, float), 5.0),
@@ -185,7 +198,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     },
 }
 # Tables that later features read; accepted here so a site can be configured ahead of them.
-_OPEN_TABLES = {"imap", "archive", "scheduler", "log"}
+_OPEN_TABLES = {"imap", "scheduler", "log"}
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -321,6 +334,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     host = _check_table(path, "outbound.smtp", (data.get("outbound") or {}).get("smtp"))
     dkim = _check_table(path, "dkim", data.get("dkim"))
     cls = _check_table(path, "classify", data.get("classify"))
+    arc = _check_table(path, "archive", data.get("archive"))
     reminders = _reminders(path, data.get("reminders"))
 
     domain = site["domain"].strip().lower().rstrip(".")
@@ -385,5 +399,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         classify=ClassifySettings(spam_header=cls["spam_header"] or None,
                                   spam_threshold=float(cls["spam_threshold"])),
         reminders=reminders,
+        archive=ArchiveSettings(dir=_resolve(base, arc["dir"]), base_url=arc["base_url"] or url,
+                                debounce_seconds=arc["debounce_seconds"]),
         raw=data,
     )

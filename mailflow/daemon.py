@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from mailflow.archive.build import build as build_archive
+from mailflow.archive.queue import queue_withheld
 from mailflow.core.door import check_recipient
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
@@ -33,6 +35,8 @@ class Daemon:
         self.wakeup: asyncio.Queue[str | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
         self._outbox_lock = asyncio.Lock()
+        self._archive_lock = asyncio.Lock()
+        self._archive_timer: asyncio.TimerHandle | None = None
 
     # -- the door ----------------------------------------------------------------------------
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
@@ -66,6 +70,29 @@ class Daemon:
             return
         if result.outbox_ids:
             await self.flush_outbox(result.outbox_ids)
+        self.archive_soon()
+
+    # -- the public archive ------------------------------------------------------------------
+    def archive_soon(self) -> None:
+        """Rebuild what changed a little after the last change (debounced: a burst of mail
+        makes one rebuild, not one per message)."""
+        if self._archive_timer is not None:
+            self._archive_timer.cancel()
+        delay = self.site.settings.archive.debounce_seconds if self.site.settings.archive else 20
+        self._archive_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(self.refresh_archive()))
+
+    async def refresh_archive(self) -> None:
+        async with self._archive_lock:
+            try:
+                report = await asyncio.to_thread(build_archive, self.site, None, False)
+            except Exception:  # noqa: BLE001 - the published archive stays as it was
+                log.exception("archive build failed; the published archive is unchanged")
+                return
+            if report.withheld:
+                await asyncio.to_thread(queue_withheld, self.site, report.withheld)
+            if report.written or report.removed:
+                log.info("archive: %d files written, %d removed", report.written, report.removed)
 
     async def sweep_spool(self) -> None:
         """Anything in new/ that no wake-up covered (retries, a crash, another process)."""
@@ -92,6 +119,7 @@ class Daemon:
         if result.outbox_ids:
             await self.flush_outbox(result.outbox_ids)
         if result.sent or result.recomputed:
+            self.archive_soon()
             log.info("reminders: %d sent, %d skipped, %d due dates moved", len(result.sent),
                      len(result.skipped), len(result.recomputed))
 
@@ -128,6 +156,9 @@ class Daemon:
                           max_instances=1, coalesce=True)
         scheduler.add_job(self.sweep_reminders, "interval", seconds=s.reminders.sweep_seconds,
                           id="reminders", max_instances=1, coalesce=True)
+        # Overdue lists move with the date even when no mail comes.
+        scheduler.add_job(self.refresh_archive, "cron", hour=0, minute=10, id="archive",
+                          max_instances=1, coalesce=True)
         scheduler.add_job(self.cleanup, "interval", hours=6, id="cleanup",
                           max_instances=1, coalesce=True)
         scheduler.start()
@@ -144,6 +175,8 @@ class Daemon:
             await server.wait_closed()
             await handler.drain()  # messages still being written get their 250 and a wake-up
             scheduler.shutdown(wait=False)
+            if self._archive_timer is not None:
+                self._archive_timer.cancel()
             self.wakeup.put_nowait(None)
             try:
                 await asyncio.wait_for(worker, timeout=30)

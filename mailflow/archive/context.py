@@ -228,7 +228,8 @@ def _n(value: float, word: str) -> str:
 
 def is_public(thread: Thread) -> bool:
     """Only a request that went out is public; a draft awaiting confirmation never is."""
-    return thread.sent_at is not None and thread.state not in _NOT_PUBLIC_STATES
+    return (thread.sent_at is not None and thread.state not in _NOT_PUBLIC_STATES
+            and not getattr(thread, "hidden", False))
 
 
 def slugify(text: str, limit: int = 60) -> str:
