@@ -83,6 +83,12 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(cfg).get_current_head()
 
 
+def _pragma(conn, sql: str) -> None:  # type: ignore[no-untyped-def]
+    """Run a PRAGMA on the driver's connection, outside any transaction (where SQLite
+    ignores foreign_keys changes), without SQLAlchemy starting one."""
+    conn.connection.driver_connection.execute(sql)
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration; cheap when it already is."""
     try:
@@ -91,7 +97,20 @@ def migrate(engine: Engine) -> None:
             conn.rollback()
         if current == head_revision():
             return
-        with engine.begin() as conn:
-            command.upgrade(_alembic_config(conn), "head")
+        sqlite = engine.dialect.name == "sqlite"
+        with engine.connect() as conn:
+            if sqlite:
+                # SQLite alters a table by copying it; with foreign keys enforced, dropping the
+                # old copy of a table others refer to fails. Switch them off for the
+                # migration (it must happen outside a transaction), and check them after.
+                _pragma(conn, "PRAGMA foreign_keys=OFF")
+            with conn.begin():
+                command.upgrade(_alembic_config(conn), "head")
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StoreError(f"migration left broken references: {broken[:5]}")
+            if sqlite:
+                _pragma(conn, "PRAGMA foreign_keys=ON")
     except SQLAlchemyError as e:
         raise StoreError(f"cannot migrate database {redact_url(str(engine.url))}: {e}") from None
