@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import date, datetime, timezone
 from dataclasses import replace
 
 import pytest
@@ -34,14 +35,16 @@ def test_upgrade_from_the_first_schema_keeps_the_data(site: Site, url: str) -> N
     with engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO threads (kind, state, authority, law, title, body, citizen_email, "
-            "citizen_name, request_token, reply_token, created_at, delivery_status) VALUES "
+            "citizen_name, request_token, reply_token, created_at, sent_at, delivery_status) VALUES "
             "('foi', 'waiting_response', 'camden', 'uk-foia', 'Old one', 'b', 'a@b.example', "
-            "'A', 'tok1tok1tok1', 'tok2tok2tok2', CURRENT_TIMESTAMP, 'ok')"))
+            "'A', 'tok1tok1tok1', 'tok2tok2tok2', CURRENT_TIMESTAMP, :sent, 'ok')"),
+            {"sent": datetime(2026, 3, 2, 10, 30, tzinfo=timezone.utc)})
     engine.dispose()
     store = Store(url).migrate()
     with store.read() as tx:
         (t,) = tx.threads()
         assert t.title == "Old one" and t.allow == "anybody" and t.hidden is False
+        assert t.clock_start == date(2026, 3, 2)
     store.close()
     # and the site works on it
     mf = MfSite.open(site.config)

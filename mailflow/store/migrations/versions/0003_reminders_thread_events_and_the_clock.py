@@ -53,6 +53,18 @@ def upgrade() -> None:
 
 
 
+    # Threads sent before the clock was kept: it ran from the day they were sent.
+    bind = op.get_bind()
+    rows = bind.execute(sa.text("SELECT id, sent_at FROM threads WHERE sent_at IS NOT NULL "
+                                "AND clock_start IS NULL")).fetchall()
+    for thread_id, sent_at in rows:
+        if isinstance(sent_at, str):  # SQLite hands back text
+            import datetime as _dt
+            sent_at = _dt.datetime.fromisoformat(sent_at)
+        bind.execute(sa.text("UPDATE threads SET clock_start = :d WHERE id = :i"),
+                     {"d": sent_at.date(), "i": thread_id})
+
+
 def downgrade() -> None:
     with op.batch_alter_table('threads', schema=None) as batch_op:
         batch_op.drop_column('awaiting_description')
