@@ -116,6 +116,17 @@ def site(tmp_path: Path) -> Site:
     return Site(d)
 
 
+_RUNNING: list["Daemon"] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_tests():  # type: ignore[no-untyped-def]
+    """A failing test must not leave a `mailflow serve` running after the suite."""
+    yield
+    for d in list(_RUNNING):
+        d.stop(signal.SIGKILL)
+
+
 class Daemon:
     def __init__(self, site: Site):
         self.site = site
@@ -128,6 +139,7 @@ class Daemon:
         self.proc = subprocess.Popen([*MAILFLOW, "--config", str(self.site.config), "serve"],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      cwd=self.site.dir, start_new_session=True)
+        _RUNNING.append(self)
         end = time.monotonic() + 30
         while time.monotonic() < end:
             assert self.proc.poll() is None, self.log.read_text()
@@ -140,6 +152,8 @@ class Daemon:
         raise AssertionError("daemon did not start: " + self.log.read_text())
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self in _RUNNING:
+            _RUNNING.remove(self)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             try:
