@@ -610,10 +610,15 @@ def queue_assign(ctx: Ctx, item: int, thread_id: int, citizen: bool, reason: str
 @queue.command("reject")
 @click.argument("item", type=int)
 @click.option("--reason", required=True)
+@click.option("--notify", is_flag=True,
+              help="For a pre-moderated request: tell the citizen why it was not sent.")
 @pass_ctx
-def queue_reject(ctx: Ctx, item: int, reason: str) -> None:
-    """Decide an item by doing nothing with it; the reason is kept."""
-    ctx.done(ctx.moderation().reject(item, reason=reason))
+def queue_reject(ctx: Ctx, item: int, reason: str, notify: bool) -> None:
+    """Decide an item by not acting on it; the reason is kept.
+
+    Example: mailflow queue reject 7 --reason "not an FOI request" --notify
+    """
+    ctx.done(ctx.moderation().reject(item, reason=reason, notify=notify))
 
 
 @queue.command("spam")
@@ -630,7 +635,10 @@ def queue_spam(ctx: Ctx, item: int, reason: str | None) -> None:
 @click.option("--reason", default=None)
 @pass_ctx
 def queue_approve(ctx: Ctx, item: int, reason: str | None) -> None:
-    """Accept an item as it is (a postmaster message read, a bounce noted)."""
+    """Let an item through: a pre-moderated request is sent, a held reply published.
+
+    Example: mailflow queue approve 7
+    """
     ctx.done(ctx.moderation().approve(item, reason=reason))
 
 

@@ -89,6 +89,13 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class ModerationSettings:
+    new_requests: str = "publish"         # publish | premoderate
+    authority_replies: str = "publish"    # publish | hold
+    first_time_citizens: str = "publish"  # publish | hold
+
+
+@dataclass(frozen=True)
 class ClassifySettings:
     spam_header: str | None
     spam_threshold: float
@@ -115,6 +122,7 @@ class Settings:
     dkim: DkimSettings
     classify: ClassifySettings = ClassifySettings(None, 5.0)
     archive: ArchiveSettings | None = None
+    moderation: ModerationSettings = ModerationSettings()
     reminders: ReminderSettings = field(default_factory=lambda: ReminderSettings(
         300, ReminderPolicy(), {}))
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -174,6 +182,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "dir": (str, "var/archive"),
         "base_url": (str, ""),
         "debounce_seconds": (int, 20),
+    },
+    "moderation": {
+        "new_requests": (str, "publish"),
+        "authority_replies": (str, "publish"),
+        "first_time_citizens": (str, "publish"),
     },
     "classify": {
         "spam_header": (str, ""),
@@ -335,6 +348,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     dkim = _check_table(path, "dkim", data.get("dkim"))
     cls = _check_table(path, "classify", data.get("classify"))
     arc = _check_table(path, "archive", data.get("archive"))
+    mod = _check_table(path, "moderation", data.get("moderation"))
     reminders = _reminders(path, data.get("reminders"))
 
     domain = site["domain"].strip().lower().rstrip(".")
@@ -401,5 +415,12 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         reminders=reminders,
         archive=ArchiveSettings(dir=_resolve(base, arc["dir"]), base_url=arc["base_url"] or url,
                                 debounce_seconds=arc["debounce_seconds"]),
+        moderation=ModerationSettings(
+            new_requests=_choice(path, "moderation", "new_requests", mod["new_requests"],
+                                 ("publish", "premoderate")),
+            authority_replies=_choice(path, "moderation", "authority_replies",
+                                      mod["authority_replies"], ("publish", "hold")),
+            first_time_citizens=_choice(path, "moderation", "first_time_citizens",
+                                        mod["first_time_citizens"], ("publish", "hold"))),
         raw=data,
     )

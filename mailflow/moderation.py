@@ -100,11 +100,24 @@ class Moderation:
         return Outcome(f"item {item_id} put on thread {thread_id} ({outcome.outcome})",
                        result.outbox_ids)
 
-    def reject(self, item_id: int, *, reason: str) -> Outcome:
+    def reject(self, item_id: int, *, reason: str, notify: bool = False) -> Outcome:
+        """Decide an item by not acting on it. A pre-moderated request is not sent; with
+        `notify`, its citizen is told why (a person, so never automatic mail)."""
+        pipeline, result = Pipeline(self.site), Result()
         with self.site.store.tx() as tx:
             item = self._open_item(tx, item_id)
-            self._decide(tx, item, f"rejected: {reason}", reason=reason, action="queue_reject")
-        return Outcome(f"item {item_id} rejected", [])
+            if item.reason == "approval" and item.thread_id is not None:
+                tx.update_thread(item.thread_id, state="not_approved")
+                if notify:
+                    thread = tx.thread(item.thread_id)
+                    assert thread is not None
+                    pipeline.notify_citizen(tx, result, thread, "mail/request_rejected.txt",
+                                            self.site._("Your request was not sent: {title}",
+                                                        title=thread.title), reason=reason)
+            self._decide(tx, item, f"rejected: {reason}", reason=reason, action="queue_reject",
+                         notified=notify)
+        return Outcome(f"item {item_id} rejected" + (" and the citizen told" if notify else ""),
+                       result.outbox_ids)
 
     def spam(self, item_id: int, *, reason: str | None = None) -> Outcome:
         with self.site.store.tx() as tx:
@@ -113,11 +126,32 @@ class Moderation:
         return Outcome(f"item {item_id} marked as spam", [])
 
     def approve(self, item_id: int, *, reason: str | None = None) -> Outcome:
-        """Accept an item as it is (a postmaster message read, a bounce noted, ...)."""
+        """Let an item through: a pre-moderated request is sent, a held reply is published
+        and forwarded; anything else is accepted as it is (a postmaster message read)."""
+        pipeline, result = Pipeline(self.site), Result()
         with self.site.store.tx() as tx:
             item = self._open_item(tx, item_id)
-            self._decide(tx, item, "approved", reason=reason, action="queue_approve")
-        return Outcome(f"item {item_id} approved", [])
+            what = "approved"
+            if item.reason == "approval" and item.thread_id is not None:
+                pipeline.dispatch_request(tx, result, item.thread_id, actor=f"admin:{self.actor}")
+                what = "approved: the request was sent"
+            elif item.reason == "held_reply" and item.thread_id is not None:
+                pk = (item.detail or {}).get("message_pk")
+                msg = tx.message(int(pk)) if pk is not None else None
+                thread = tx.thread(item.thread_id)
+                if msg is None or thread is None:
+                    raise MailflowError(f"queue item {item_id} names no held message")
+                tx.set_message_hidden(msg.id, False)
+                pm = parse(tx.get_raw(msg.raw_sha256))
+                env = Envelope.from_json((item.detail or {}).get("envelope") or {
+                    "mail_from": pm.from_addr, "rcpt_tos": [], "via": "unknown"})
+                c = _Ctx(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
+                         sha=msg.raw_sha256, envelope=env, result=result,
+                         step=Step(f"request-{thread.id}", "authority_mail", thread_id=thread.id))
+                pipeline.accept_response(c, thread, msg.id)
+                what = "approved: the reply was published and forwarded"
+            self._decide(tx, item, what, reason=reason, action="queue_approve")
+        return Outcome(f"item {item_id} {what}", result.outbox_ids)
 
     # -- threads and messages -------------------------------------------------------------------
     def set_state(self, thread_id: int, state: str, *, reason: str | None = None) -> Outcome:

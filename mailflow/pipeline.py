@@ -262,9 +262,13 @@ class Pipeline:
 
     def _send(self, c: "_Ctx", out: Outgoing, *, thread_id: int | None, kind: str,
               mail_from: str) -> None:
-        _, row = queue_message(c.tx, self.site.signer, out, thread_id=thread_id, kind=kind,
+        self._send_with(c.tx, c.result, out, thread_id=thread_id, kind=kind, mail_from=mail_from)
+
+    def _send_with(self, tx: Tx, result: Result, out: Outgoing, *, thread_id: int | None,
+                   kind: str, mail_from: str) -> None:
+        _, row = queue_message(tx, self.site.signer, out, thread_id=thread_id, kind=kind,
                                mail_from=mail_from)
-        c.result.outbox_ids.append(row)
+        result.outbox_ids.append(row)
 
     def _may_answer(self, c: "_Ctx") -> bool:
         """Never answer automatic mail, null senders or no-reply addresses (no backscatter)."""
@@ -372,9 +376,38 @@ class Pipeline:
             return self._queue(c, "authority_without_address",
                                f"confirmed request to {thread.authority}, which has no address",
                                thread_id=thread.id)
-        c.tx.update_thread(thread.id, state="waiting_response", confirm_token=None,
-                           confirmed_at=now, sent_at=now, delivery_status="queued")
-        thread = self.clock.start(c.tx, thread.id, now.date(), actor="citizen",
+        why = self._premoderate(c.tx, thread)
+        if why:
+            c.tx.update_thread(thread.id, state="awaiting_approval", confirm_token=None,
+                               confirmed_at=now)
+            return self._queue(c, "approval", f"new request awaiting approval ({why})",
+                               thread_id=thread.id)
+        c.tx.update_thread(thread.id, confirm_token=None, confirmed_at=now)
+        self.dispatch_request(c.tx, c.result, thread.id, actor="citizen")
+        return Outcome(c.step.key, "request_sent", thread.id)
+
+    def _premoderate(self, tx: Tx, thread: Thread) -> str | None:
+        """Why this request must wait for an admin before it goes out, if it must."""
+        m = self.site.settings.moderation
+        if m.new_requests == "premoderate":
+            return "the site pre-moderates new requests"
+        if m.first_time_citizens == "hold" and not any(
+                t.sent_at is not None for t in tx.threads_of_citizen(thread.citizen_email)
+                if t.id != thread.id):
+            return "the citizen's first request"
+        return None
+
+    def dispatch_request(self, tx: Tx, result: Result, thread_id: int, *, actor: str) -> None:
+        """Send a confirmed (and, where the site pre-moderates, approved) request and start
+        its statutory clock."""
+        thread = tx.thread(thread_id)
+        assert thread is not None
+        authority = self.site.rules.authorities[thread.authority]
+        assert authority.contact is not None
+        now = utcnow()
+        tx.update_thread(thread.id, state="waiting_response", sent_at=now,
+                         delivery_status="queued")
+        thread = self.clock.start(tx, thread.id, now.date(), actor=actor,
                                   why="the request was sent")
         req_addr = self.request_address(thread)
         out = Outgoing(
@@ -383,8 +416,7 @@ class Pipeline:
             subject=self.foi_subject(thread),
             text=render(self.site.templates, "mail/request.txt", **self._context(thread)),
             message_id=new_message_id(self.domain, f"foi{thread.id}"))
-        self._send(c, out, thread_id=thread.id, kind="request", mail_from=req_addr)
-        return Outcome(c.step.key, "request_sent", thread.id)
+        self._send_with(tx, result, out, thread_id=thread.id, kind="request", mail_from=req_addr)
 
     # -- the authority writes --------------------------------------------------------------
     def _duplicate_flags(self, c: "_Ctx", thread_id: int) -> list[str] | None:
@@ -400,7 +432,7 @@ class Pipeline:
         thread = c.tx.thread(c.step.thread_id or 0)
         assert thread is not None
         key = c.step.key
-        if thread.state == "awaiting_confirmation":
+        if thread.state in ("awaiting_confirmation", "awaiting_approval", "not_approved"):
             return self._queue(c, "not_sent", "mail to a request that has not been sent yet",
                                thread_id=thread.id)
         flags = self._duplicate_flags(c, thread.id)
@@ -421,11 +453,22 @@ class Pipeline:
             return Outcome(key, "auto_reply", thread.id)
         if kind is Kind.SPAM:
             return self._queue(c, "spam", c.cls.reason, thread_id=thread.id)
+        if self.site.settings.moderation.authority_replies == "hold":
+            pk = self._store_in(c, thread.id, "response", method, detail, [*flags, "held"])
+            c.tx.set_message_hidden(pk, True)
+            return self._queue(c, "held_reply", "the site holds authority replies for review",
+                               thread_id=thread.id, message_pk=pk)
         pk = self._store_in(c, thread.id, "response", method, detail, flags)
+        learned = self.accept_response(c, thread, pk)
+        return Outcome(key, "response", thread.id, {"learned": learned} if learned else {})
+
+    def accept_response(self, c: "_Ctx", thread: Thread, pk: int) -> list[str]:
+        """A response goes on the record: the clock notes it, senders are learned, and the
+        citizen gets it (also when an admin releases a held reply)."""
         self.clock.response_arrived(c.tx, thread, pk, utcnow().date())
         learned = self._learn_senders(c, thread)
         self._forward(c, thread)
-        return Outcome(key, "response", thread.id, {"learned": learned} if learned else {})
+        return learned
 
     def _learn_senders(self, c: "_Ctx", thread: Thread) -> list[str]:
         """Remember who answers for the authority, so later mail from them is recognised.
@@ -485,7 +528,8 @@ class Pipeline:
             return self._queue(c, "citizen_mismatch",
                                "mail to a citizen reply address from someone else",
                                thread_id=thread.id)
-        if thread.state in ("awaiting_confirmation", "awaiting_address"):
+        if thread.state in ("awaiting_confirmation", "awaiting_address", "awaiting_approval",
+                            "not_approved"):
             return self._queue(c, "not_sent", "follow-up to a request that has not been sent",
                                thread_id=thread.id)
         command = parse_command(c.pm.text)
@@ -551,6 +595,19 @@ class Pipeline:
                                    text=text),
                        message_id=new_message_id(self.domain, f"foi{thread.id}"))
         self._send(c, out, thread_id=thread.id, kind="followup", mail_from=req)
+
+    def notify_citizen(self, tx: Tx, result: Result, thread: Thread, template: str,
+                       subject: str, **context: Any) -> None:
+        """A notice from the site to the citizen, from her thread's reply address."""
+        reply = self.reply_address(thread)
+        out = Outgoing(from_addr=reply, from_name=self.site.settings.site.name, reply_to=reply,
+                       to_addr=thread.citizen_email, to_name=thread.citizen_name,
+                       domain=self.domain, automatic=True, subject=subject,
+                       text=render(self.site.templates, template, **self._context(thread),
+                                   **context),
+                       message_id=new_message_id(self.domain, f"note{thread.id}"))
+        self._send_with(tx, result, out, thread_id=thread.id, kind="notice",
+                        mail_from=self.site.settings.outbound.bounce_address)
 
     def _ack(self, c: "_Ctx", thread: Thread, note: str) -> None:
         words = self.site._(STATE_WORDS.get(thread.state, thread.state))

@@ -54,3 +54,50 @@ def test_thread_state_hide_and_message_hide(site: Site) -> None:
     assert site.run("message", "unhide", str(mid)).returncode == 0
     actions = [e["action"] for e in site.json("audit")]
     assert actions == ["thread_state", "thread_hide", "message_hide", "message_unhide"]
+
+
+def confirm_request(site: Site, title: str, citizen: str = JANE) -> None:
+    from conftest import addresses
+    assert site.ingest(compose(f"Jane <{citizen}>", f"camden@{DOMAIN}", title, "Please."),
+                       [f"camden@{DOMAIN}"]) == 0
+    conf = site.mail_to(citizen)[0][1]
+    c = addresses(conf, "Reply-To")[0]
+    assert site.ingest(compose(f"Jane <{citizen}>", c, "Re", "Yes"), [c]) == 0
+
+
+def test_premoderated_request_waits_for_approval(site: Site) -> None:
+    site.set("moderation", "new_requests", '"premoderate"')
+    confirm_request(site, "Held request")
+    assert site.mail_to(AUTHORITY) == []
+    (item,) = site.json("queue", "list")
+    assert item["reason"] == "approval"
+    assert site.json("thread", "list")[0]["state"] == "awaiting_approval"
+    assert site.run("queue", "approve", str(item["id"])).returncode == 0
+    assert len(site.mail_to(AUTHORITY)) == 1
+    t = site.json("thread", "list")[0]
+    assert t["state"] == "waiting_response" and t["due_date"]
+
+
+def test_rejected_request_is_not_sent_and_the_citizen_is_told(site: Site) -> None:
+    site.set("moderation", "first_time_citizens", '"hold"')
+    confirm_request(site, "Rude request")
+    (item,) = site.json("queue", "list")
+    r = site.run("queue", "reject", str(item["id"]), "--reason", "abusive", "--notify")
+    assert r.returncode == 0, r.stderr.decode()
+    mails = site.new_mail()
+    assert [m[0] for m in mails] == [JANE]
+    assert "abusive" in mails[0][1].get_body(("plain",)).get_content()
+    assert site.json("thread", "list")[0]["state"] == "not_approved"
+
+
+def test_held_authority_reply_is_released_by_approval(site: Site) -> None:
+    site.set("moderation", "authority_replies", '"hold"')
+    t = ask(site)
+    assert site.ingest(compose(f"FOI <{AUTHORITY}>", t["address"], "RE", "Held answer."),
+                       [t["address"]]) == 0
+    assert site.mail_to(JANE) == []
+    (item,) = site.json("queue", "list")
+    assert item["reason"] == "held_reply"
+    assert site.run("queue", "approve", str(item["id"])).returncode == 0
+    (fwd,) = site.mail_to(JANE)
+    assert "Held answer." in fwd[1].get_body(("plain",)).get_content()

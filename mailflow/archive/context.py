@@ -66,7 +66,8 @@ _STATE_SLUGS = {"waiting_response": "waiting-response", "waiting_clarification":
                 "waiting-clarification", "internal_review": "internal-review",
                 "successful": "successful", "partially_successful": "partially-successful",
                 "rejected": "refused", "not_held": "not-held", "user_withdrawn": "withdrawn"}
-_NOT_PUBLIC_STATES = ("awaiting_confirmation", "awaiting_address")
+_NOT_PUBLIC_STATES = ("awaiting_confirmation", "awaiting_address", "awaiting_approval",
+                      "not_approved")
 
 Verifier = Callable[[str, bytes], tuple[bool, str | None]]   # (raw sha256, raw) → (ok, d=)
 

@@ -204,6 +204,10 @@ class Tx:
         row = self.c.execute(select(threads).where(threads.c.confirm_token == token)).first()
         return _thread(row) if row else None
 
+    def threads_of_citizen(self, email: str) -> list[Thread]:
+        q = select(threads).where(threads.c.citizen_email == email).order_by(threads.c.id)
+        return [_thread(r) for r in self.c.execute(q)]
+
     def update_thread(self, thread_id: int, **values: Any) -> None:
         self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
 
