@@ -693,6 +693,56 @@ def message_unhide(ctx: Ctx, message_id: int, reason: str | None) -> None:
     ctx.done(ctx.moderation().hide_message(message_id, False, reason=reason))
 
 
+@cli.group()
+def redact() -> None:
+    """Redaction rules: what the public archive must never show."""
+
+
+@redact.command("add")
+@click.option("--scope", default="site", show_default=True,
+              help='"site", "authority:<slug>" or "thread:<id>".')
+@click.option("--text", "text", default=None, help="Literal text (any case).")
+@click.option("--regex", "regex", default=None, help="A regular expression.")
+@click.option("--replacement", required=True, help='What readers see, e.g. "[name removed]".')
+@click.option("--note", default="", help="Why (kept in the file and the audit log).")
+@click.option("--yes", is_flag=True, help="Save without asking after the preview.")
+@click.option("--dry-run", is_flag=True, help="Only show the preview.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def redact_add(ctx: Ctx, scope: str, text: str | None, regex: str | None, replacement: str,
+               note: str, yes: bool, dry_run: bool, as_json: bool) -> None:
+    """Preview a redaction rule over the archive's text, then save it to rules/.
+
+    Example: mailflow redact add --scope thread:12 --text "Jane Q. Public" --replacement "[name]"
+    """
+    from mailflow import redactions
+    from mailflow.moderation import default_actor
+    if (text is None) == (regex is None):
+        raise MailflowError("give exactly one of --text or --regex")
+    pattern, is_regex = (regex, True) if regex is not None else (text, False)
+    assert pattern is not None
+    rule = redactions.make_rule(scope, pattern, is_regex, replacement, note)
+    p = redactions.preview(ctx.site, rule)
+    if as_json:
+        print_json({"scope": rule.scope, "threads": p.threads, "changes": p.changes,
+                    "examples": p.examples, "saved": False if dry_run or not yes else True})
+    else:
+        console.print(f"This rule changes {p.changes} place(s) in {p.threads} thread(s):",
+                      highlight=False)
+        for e in p.examples:
+            console.print(f"  thread {e['thread_id']} message {e['message_id']}: "
+                          f"{e['found']!r} → {e['replacement']!r}", highlight=False)
+    if dry_run:
+        return
+    if not yes and not click.confirm("Save this rule?", default=False):
+        console.print("not saved")
+        sys.exit(1)
+    path = redactions.save(ctx.site, rule.scope, pattern, is_regex, replacement, note,
+                           ctx.actor or default_actor())
+    if not as_json:
+        console.print(f"saved to {path}; the archive applies it at its next build", highlight=False)
+
+
 @cli.command()
 @click.option("--thread", "thread_id", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)

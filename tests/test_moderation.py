@@ -101,3 +101,21 @@ def test_held_authority_reply_is_released_by_approval(site: Site) -> None:
     assert site.run("queue", "approve", str(item["id"])).returncode == 0
     (fwd,) = site.mail_to(JANE)
     assert "Held answer." in fwd[1].get_body(("plain",)).get_content()
+
+
+def test_redact_add_previews_then_saves_and_the_archive_applies_it(site: Site) -> None:
+    t = ask(site, "Salt for Jane Q. Public's street")
+    args = ["redact", "add", "--scope", f"thread:{t['id']}", "--text", "Jane Q. Public",
+            "--replacement", "[name]"]
+    preview = site.json(*args, "--dry-run")
+    assert preview["changes"] >= 1 and preview["examples"][0]["found"] == "Jane Q. Public"
+    assert "Jane Q. Public" not in (site.dir / "rules/redactions.toml").read_text()
+    r = site.run(*args, "--yes", "--note", "asked by the citizen")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "Jane Q. Public" in (site.dir / "rules/redactions.toml").read_text()
+    assert site.run("archive", "build", "--no-search").returncode == 0
+    html = "\n".join(p.read_text() for p in (site.dir / "var/archive").rglob("*.html"))
+    assert "Jane Q. Public" not in html and "[name]" in html
+    bad = site.run("redact", "add", "--regex", "(", "--replacement", "x", "--yes")
+    assert bad.returncode == 1 and b"regex" in bad.stderr.lower()
+    assert site.json("audit")[-1]["action"] == "redact_add"
