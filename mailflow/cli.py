@@ -621,6 +621,18 @@ def queue_reject(ctx: Ctx, item: int, reason: str, notify: bool) -> None:
     ctx.done(ctx.moderation().reject(item, reason=reason, notify=notify))
 
 
+@queue.command("release")
+@click.argument("item", type=int)
+@click.option("--reason", default=None)
+@pass_ctx
+def queue_release(ctx: Ctx, item: int, reason: str | None) -> None:
+    """Publish an attachment the archive withheld, once you have checked it.
+
+    Example: mailflow queue release 9 --reason "checked: no personal data"
+    """
+    ctx.done(ctx.moderation().release(item, reason=reason))
+
+
 @queue.command("spam")
 @click.argument("item", type=int)
 @click.option("--reason", default=None)

@@ -153,6 +153,20 @@ class Moderation:
             self._decide(tx, item, what, reason=reason, action="queue_approve")
         return Outcome(f"item {item_id} {what}", result.outbox_ids)
 
+    def release(self, item_id: int, *, reason: str | None = None) -> Outcome:
+        """Publish an attachment the archive withheld, after a person has checked it."""
+        with self.site.store.tx() as tx:
+            item = self._open_item(tx, item_id)
+            if item.reason != "withheld_attachment" or item.thread_id is None:
+                raise MailflowError(f"queue item {item_id} is {item.reason!r}; only withheld "
+                                    "attachments can be released")
+            d = item.detail or {}
+            tx.add_event(item.thread_id, f"admin:{self.actor}", "attachment_released",
+                         {"message_id": d.get("message_id"), "n": d.get("n")})
+            self._decide(tx, item, "released", reason=reason, action="attachment_release")
+        return Outcome(f"item {item_id}: {d.get('filename')} will be published at the next "
+                       "archive build", [])
+
     # -- threads and messages -------------------------------------------------------------------
     def set_state(self, thread_id: int, state: str, *, reason: str | None = None) -> Outcome:
         if state not in STATES:

@@ -54,3 +54,19 @@ def test_withheld_attachment_goes_to_the_queue_once(site: Site) -> None:
     items = [i for i in site.json("queue", "list") if i["reason"] == "withheld_attachment"]
     assert len(items) == 1 and "everything.zip" in items[0]["summary"]
     assert not list(Path(site.dir / "var/archive").rglob("*everything.zip"))
+
+
+def test_released_attachment_is_published_at_the_next_build(site: Site) -> None:
+    t = ask(site)
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = f"FOI <{AUTHORITY}>", t["address"], "RE: files"
+    m.set_content("Files attached.")
+    m.add_attachment(b"PK\x03\x04 checked by hand", maintype="application", subtype="zip",
+                     filename="budget.zip")
+    assert site.ingest(m.as_bytes(), [t["address"]]) == 0
+    assert site.run("archive", "build", "--no-search").returncode == 0
+    (item,) = [i for i in site.json("queue", "list") if i["reason"] == "withheld_attachment"]
+    r = site.run("queue", "release", str(item["id"]), "--reason", "checked")
+    assert r.returncode == 0, r.stderr.decode()
+    assert site.run("archive", "build", "--no-search").returncode == 0
+    assert list(Path(site.dir / "var/archive").rglob("*budget.zip*"))

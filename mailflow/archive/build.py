@@ -178,7 +178,7 @@ class ThreadCache:
                 [(m.id, m.kind, m.direction, m.hidden, m.raw_sha256, m.created_at, m.subject,
                   m.from_name, hashlib.sha256(m.text.encode("utf-8", "replace")).hexdigest())
                  for m in inp.messages if (m.direction, m.kind) in C.SHOWN or m.kind == "response"],
-                [e for e in inp.events if e["kind"] == "clock"],
+                [e for e in inp.events if e["kind"] in ("clock", "attachment_released")],
                 asdict(authority) if authority else None, asdict(law) if law else None]
         h = hashlib.sha256(self.salt)
         h.update(json.dumps(data, default=str, sort_keys=True).encode("utf-8"))

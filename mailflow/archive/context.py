@@ -317,11 +317,18 @@ def _sender(m: StoredMessage, t: Thread, authority_name: str, red: Redactor) -> 
 
 
 def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor,
-                 files: ThreadFiles) -> tuple[AttachmentView, ...]:
+                 files: ThreadFiles,
+                 released: frozenset[tuple[int, int]] = frozenset()) -> tuple[AttachmentView, ...]:
     views = []
     used: set[str] = set()
     for n, att in enumerate(pm_attachments, 1):
         result = publish_attachment(att, red)
+        if isinstance(result, Withheld) and (m.id, n) in released:
+            # An admin reviewed it (`mailflow queue release`): published as it came, with
+            # its name still redacted.
+            result = PublicAttachment(filename=red.filename(att.filename),
+                                      content_type=att.content_type, data=att.data,
+                                      size=att.size)
         if isinstance(result, Withheld):
             views.append(AttachmentView(n, result.filename or "attachment", att.content_type,
                                         att.size, None, result.reason))
@@ -340,7 +347,8 @@ def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor
 
 def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,
                  authority_name: str, red: Redactor, verify: Verifier, base: str,
-                 files: ThreadFiles) -> MessageView:
+                 files: ThreadFiles,
+                 released: frozenset[tuple[int, int]] = frozenset()) -> MessageView:
     at = m.created_at
     sender = _sender(m, t, authority_name, red)
     if m.hidden:
@@ -363,7 +371,8 @@ def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,
     if m.direction == "in" and m.kind == "response":
         ok, domain = verify(m.raw_sha256, raw)
         dkim = Dkim(ok, domain)
-    attachments = (_attachments(pm.attachments, m, base, red, files) if pm is not None else ())
+    attachments = (_attachments(pm.attachments, m, base, red, files, released)
+                   if pm is not None else ())
     return MessageView(m.id, m.kind, m.direction, sender, at, subject=red.text(m.subject),
                        text=main, folded=folded, html=shown_html, attachments=attachments,
                        dkim=dkim)
@@ -420,8 +429,10 @@ def thread_view(inp: ThreadInput, *, authority: Authority | None, law: Law | Non
     authority_name = authority.name if authority else t.authority
     files = ThreadFiles()
     shown = [m for m in inp.messages if (m.direction, m.kind) in SHOWN]
+    released = frozenset((int(e["detail"]["message_id"]), int(e["detail"]["n"]))
+                         for e in inp.events if e["kind"] == "attachment_released")
     messages = tuple(message_view(m, t, inp.raw, authority_name=authority_name, red=red,
-                                  verify=verify, base=base, files=files)
+                                  verify=verify, base=base, files=files, released=released)
                      for m in shown)
     first = next((m for m in inp.messages if m.direction == "in" and m.kind == "response"), None)
     verdict = None
