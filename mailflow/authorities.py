@@ -101,9 +101,10 @@ def _split(text: str, source: str) -> tuple[str, list[_Table]]:
             if set(data) != {"authority"} or not isinstance(entry.get("slug"), str):
                 raise ValueError
         except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError):
-            raise RulesError(f"{source}: table #{i + 1} is laid out in a way mailflow cannot "
-                             "rewrite safely (one [[authority]] table per authority, nothing "
-                             "else after them); change it by hand") from None
+            raise RulesError(f"{source}: authority table #{i + 1} is laid out in a way "
+                             "mailflow cannot rewrite safely (it expects one table per "
+                             "authority, as in the example file, and nothing else after "
+                             "them); change it by hand") from None
         tables.append(_Table(entry, body, tail))
     return header, tables
 
@@ -271,8 +272,9 @@ class Authorities:
             parsed = self._parse(text)   # fix a broken file by hand first
             header, tables = _split(text, str(path))
             if [t.entry["slug"].lower() for t in tables] != list(parsed):
-                raise RulesError(f"{path}: the authorities are not all written as [[authority]] "
-                                 "tables; mailflow cannot rewrite it safely; change it by hand")
+                raise RulesError(f"{path}: the authorities are not written one table per "
+                                 "authority, as in the example file, so mailflow cannot "
+                                 "rewrite it safely; change it by hand")
             yield _Doc(path, header, tables)
 
     def _commit(self, doc: _Doc, audits: list[tuple[str, str, dict[str, Any]]],

@@ -31,8 +31,9 @@ def _app(ctx: Ctx) -> Authorities:
     return Authorities(ctx.site, ctx.actor)
 
 
-def _say(text: str) -> None:
-    console.print(escape(text), highlight=False)
+def _say(text: str, style: str = "") -> None:
+    """One line per fact, never cut at 80 columns, so a report can be grepped."""
+    console.print(escape(text), style=style, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -175,9 +176,8 @@ def authority_import(ctx: Ctx, file: Path, dry_run: bool, update: bool, partial:
         for r in report.skipped:
             _say(f"row {r['row']}: skipped {r['slug']}: {r['reason']}")
         for r in report.refused:
-            console.print(f"[red]row {r['row']}: refused[/]"
-                          f"{' ' + escape(r['slug']) if r['slug'] else ''}: {escape(r['reason'])}",
-                          highlight=False)
+            _say(f"row {r['row']}: refused{' ' + r['slug'] if r['slug'] else ''}: "
+                 f"{r['reason']}", style="red")
         counts = (f"{len(report.added)} to add, {len(report.updated)} to update, "
                   f"{len(report.unchanged)} unchanged, {len(report.skipped)} skipped, "
                   f"{len(report.refused)} refused")
