@@ -438,7 +438,7 @@ def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
     with site.store.read() as tx:
         t = tx.thread(thread_id)
         if t is None:
-            raise NotFound(f"no thread {thread_id}")
+            raise tx.no_thread(thread_id)
         data = thread_json(site, tx, t)
     if as_json:
         print_json(data)
@@ -457,7 +457,7 @@ def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
 def _set_allow(ctx: Ctx, thread_id: int, policy: str) -> None:
     with ctx.site.store.tx() as tx:
         if tx.thread(thread_id) is None:
-            raise NotFound(f"no thread {thread_id}")
+            raise tx.no_thread(thread_id)
         tx.update_thread(thread_id, allow=policy)
     console.print(f"thread {thread_id}: {_ALLOW_WORDS[policy]}")
 
@@ -504,7 +504,7 @@ def thread_extend(ctx: Ctx, thread_id: int, ext_id: str | None) -> None:
     with site.store.tx() as tx:
         t = tx.thread(thread_id)
         if t is None:
-            raise NotFound(f"no thread {thread_id}")
+            raise tx.no_thread(thread_id)
         law = site.rules.laws[t.law]
         exts = {e.id: e for e in law.extensions}
         if not exts:

@@ -76,7 +76,7 @@ class Moderation:
             item = self._open_item(tx, item_id)
             thread = tx.thread(thread_id)
             if thread is None:
-                raise NotFound(f"no thread {thread_id}")
+                raise tx.no_thread(thread_id)
             if item.raw_sha256 is None:
                 raise MailflowError(f"queue item {item_id} has no message to assign")
             raw = tx.get_raw(item.raw_sha256)
@@ -174,7 +174,7 @@ class Moderation:
         with self.site.store.tx() as tx:
             thread = tx.thread(thread_id)
             if thread is None:
-                raise NotFound(f"no thread {thread_id}")
+                raise tx.no_thread(thread_id)
             if thread.state in ("awaiting_confirmation", "awaiting_address"):
                 raise MailflowError(f"thread {thread_id} has not been sent ({thread.state})")
             tx.update_thread(thread_id, state=state,
@@ -188,7 +188,7 @@ class Moderation:
     def hide_thread(self, thread_id: int, hidden: bool, *, reason: str | None = None) -> Outcome:
         with self.site.store.tx() as tx:
             if tx.thread(thread_id) is None:
-                raise NotFound(f"no thread {thread_id}")
+                raise tx.no_thread(thread_id)
             tx.update_thread(thread_id, hidden=hidden)
             tx.audit(self.actor, "thread_hide" if hidden else "thread_unhide",
                      thread_id=thread_id, target=f"thread:{thread_id}", reason=reason)

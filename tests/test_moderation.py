@@ -119,3 +119,9 @@ def test_redact_add_previews_then_saves_and_the_archive_applies_it(site: Site) -
     bad = site.run("redact", "add", "--regex", "(", "--replacement", "x", "--yes")
     assert bad.returncode == 1 and b"regex" in bad.stderr.lower()
     assert site.json("audit")[-1]["action"] == "redact_add"
+
+
+def test_unknown_thread_names_the_nearby_ones(site: Site) -> None:
+    t = ask(site)
+    r = site.run("thread", "show", "99")
+    assert r.returncode == 1 and f"nearby threads: {t['id']}".encode() in r.stderr

@@ -204,6 +204,14 @@ class Tx:
         row = self.c.execute(select(threads).where(threads.c.confirm_token == token)).first()
         return _thread(row) if row else None
 
+    def no_thread(self, thread_id: int) -> NotFound:
+        """The error for a thread that does not exist, naming the ids that do, nearby."""
+        ids = [r[0] for r in self.c.execute(select(threads.c.id).order_by(
+            func.abs(threads.c.id - thread_id)).limit(5))]
+        if not ids:
+            return NotFound(f"no thread {thread_id}: there are no threads yet")
+        return NotFound(f"no thread {thread_id}; nearby threads: {', '.join(map(str, sorted(ids)))}")
+
     def threads_of_citizen(self, email: str) -> list[Thread]:
         q = select(threads).where(threads.c.citizen_email == email).order_by(threads.c.id)
         return [_thread(r) for r in self.c.execute(q)]
