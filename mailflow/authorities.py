@@ -296,7 +296,7 @@ class Authorities:
             changes["emails"] = _addresses(changes["emails"])
         entry = _merged({}, changes)
         with self._editing() as doc:
-            old = doc.find(entry["slug"])
+            old = doc.find(changes["slug"]) if changes["slug"] else None
             if old is not None:
                 raise MailflowError(f"authority {entry['slug']!r} already exists "
                                     f"({old.entry.get('name')}); change it with "
@@ -325,7 +325,7 @@ class Authorities:
                 raise MailflowError(f"{', '.join(gone)}: not among {slug}'s addresses "
                                     f"({', '.join(entry['emails']) or 'none'})")
             entry["emails"] = _unique([*emails, *_addresses(add_emails)])
-            if entry == table.entry:
+            if entry == _merged(table.entry, {}):
                 return Outcome(f"{slug}: nothing changed", [])
             self._check(entry)
             diff = _diff(table.entry, entry)
@@ -340,7 +340,10 @@ class Authorities:
                    reason: str | None = None) -> ImportReport:
         """Add (and with `update`, change) authorities from a CSV file. A row that cannot be
         taken is reported with its number and why; then nothing is written, unless `partial`
-        asks to write the good rows anyway. `dry_run` reports and writes nothing."""
+        asks to write the good rows anyway. `dry_run` reports and writes nothing.
+
+        In an update a blank cell leaves that value as it is: a spreadsheet with an empty law
+        column must not quietly move an authority to the default law."""
         report = ImportReport(dry_run=dry_run)
         audits: list[tuple[str, str, dict[str, Any]]] = []
         with self._editing() as doc:
@@ -360,6 +363,8 @@ class Authorities:
                         report.skipped.append({"row": n, "slug": slug,
                                                "reason": "exists (use --update to change it)"})
                         continue
+                    if table is not None:   # a blank cell leaves that value as it is
+                        changes = {k: v for k, v in changes.items() if v not in ("", [])}
                     entry = _merged(table.entry if table else {}, changes)
                     self._check(entry)
                 except MailflowError as e:
@@ -370,7 +375,7 @@ class Authorities:
                     report.added.append({"row": n, "slug": slug, "name": entry["name"]})
                     audits.append(("authority_import", slug,
                                    {"file": source, "row": n, "change": "added", "after": entry}))
-                elif entry == table.entry:
+                elif entry == _merged(table.entry, {}):
                     report.unchanged.append({"row": n, "slug": slug})
                 else:
                     diff = _diff(table.entry, entry)

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mailflow.config import config_path
@@ -73,7 +74,7 @@ class MailflowGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MailflowError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             sys.exit(1)
 
 
@@ -846,3 +847,7 @@ def main() -> None:
 from mailflow.cli_archive import archive  # noqa: E402  (it imports Ctx and friends from here)
 
 cli.add_command(archive)
+
+from mailflow.cli_authority import register as register_authority_commands  # noqa: E402
+
+register_authority_commands(authority)

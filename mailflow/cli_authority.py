@@ -63,10 +63,13 @@ def authority_show(ctx: Ctx, slug: str, as_json: bool) -> None:
     for key in ("url", "tags"):
         if data[key]:
             grid.add_row(key, escape(data[key] if key == "url" else ", ".join(data[key])))
-    grid.add_row("address", "[green]works[/]" if data["address_works"]
+    grid.add_row("address", "[green]no known problem[/]" if data["address_works"]
                  else f"[red]does not work:[/] {escape(data['problem'])}")
     console.print(f"[bold]{escape(data['slug'])}[/]", highlight=False)
     console.print(grid, highlight=False)
+    if not data["threads"]:
+        console.print("no threads yet")
+        return
     t = Table("thread", "state", "delivery", "title", title=f"{len(data['threads'])} threads",
               title_justify="left")
     for r in data["threads"]:
@@ -152,8 +155,9 @@ def authority_import(ctx: Ctx, file: Path, dry_run: bool, update: bool, partial:
     """Add (with --update, also change) authorities from a CSV file.
 
     The first row names the columns: name, slug (both required), emails (separated by ;
-    or spaces), law, tags (separated by ;), url. An empty law means the site's default
-    law. Rows are numbered as a spreadsheet shows them (the header is row 1).
+    or spaces), law, tags (separated by ;), url. A new authority with no law gets the
+    site's default law; in an update a blank cell leaves that value as it is. Rows are
+    numbered as a spreadsheet shows them (the header is row 1).
 
     If any row is refused, the command says which and why, writes nothing (unless
     --partial) and exits 1. Run it with --dry-run first.

@@ -64,3 +64,13 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     s = config.load(write(tmp_path, (root / "config.example.toml").read_text()))
     assert s.site.domain == "ask.example"
+
+
+def test_errors_with_brackets_are_printed_whole(tmp_path: Path) -> None:
+    """A config error naming [smtp] must not lose its brackets to rich's markup."""
+    import subprocess
+    import sys
+    p = write(tmp_path, GOOD + '[smtp]\nlisten = "nonsense"\n')
+    r = subprocess.run([sys.executable, "-m", "mailflow", "--config", str(p), "status"],
+                       capture_output=True)
+    assert r.returncode == 1 and b"[smtp] listen" in r.stderr
