@@ -851,3 +851,7 @@ cli.add_command(archive)
 from mailflow.cli_authority import register as register_authority_commands  # noqa: E402
 
 register_authority_commands(authority)
+
+from mailflow.cli_imap import imap  # noqa: E402
+
+cli.add_command(imap)

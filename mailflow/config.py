@@ -381,6 +381,8 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         rel = db_url[len("sqlite:///"):]
         if rel and rel != ":memory:":
             db_url = "sqlite:///" + str(_resolve(base, rel))
+    from mailflow.ingress.imap import parse_accounts
+    parse_accounts(data.get("imap"), path)  # validated now; the daemon and CLI parse it again
     return Settings(
         path=path,
         site=SiteSettings(

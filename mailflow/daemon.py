@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from mailflow.archive.build import build as build_archive
 from mailflow.archive.queue import queue_withheld
 from mailflow.core.door import check_recipient
+from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
 from mailflow.pipeline import Gatekeeper, Pipeline
@@ -149,6 +150,10 @@ class Daemon:
                                     hostname=s.smtp.hostname,
                                     max_message_size=s.smtp.max_message_size, lmtp=s.smtp.lmtp)
         worker = asyncio.create_task(self.worker(), name="spool-worker")
+        imap_accounts = parse_accounts(s.raw.get("imap"), s.path)
+        imap_task = asyncio.create_task(
+            run_pollers(imap_accounts, self.site.spool, self.on_spooled, s.var, self.stopping),
+            name="imap-pollers")
         scheduler = AsyncIOScheduler()
         scheduler.add_job(self.sweep_spool, "interval", seconds=30, id="spool",
                           max_instances=1, coalesce=True)
@@ -165,8 +170,9 @@ class Daemon:
         await self.sweep_spool()
         await self.flush_outbox()
         await self.sweep_reminders()
-        log.info("mailflow for %s listening on %s:%d (%s)", self.site.domain, s.smtp.listen_host,
-                 s.smtp.listen_port, "LMTP" if s.smtp.lmtp else "SMTP")
+        log.info("mailflow for %s listening on %s:%d (%s)%s", self.site.domain,
+                 s.smtp.listen_host, s.smtp.listen_port, "LMTP" if s.smtp.lmtp else "SMTP",
+                 f"; IMAP: {len(imap_accounts)} account(s)" if imap_accounts else "")
         try:
             await self.stopping.wait()
         finally:
@@ -174,6 +180,10 @@ class Daemon:
             server.close()
             await server.wait_closed()
             await handler.drain()  # messages still being written get their 250 and a wake-up
+            try:
+                await asyncio.wait_for(imap_task, timeout=15)
+            except asyncio.TimeoutError:
+                imap_task.cancel()
             scheduler.shutdown(wait=False)
             if self._archive_timer is not None:
                 self._archive_timer.cancel()
