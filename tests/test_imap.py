@@ -253,3 +253,16 @@ def test_parse_accounts_names_the_key(tmp_path: Path, monkeypatch: pytest.Monkey
         with pytest.raises(ConfigError, match=rf"\[\[imap.accounts\]\] #1 {key}"):
             parse_accounts({"accounts": [bad]}, cfg)
     assert parse_accounts(None, cfg) == []
+
+
+def test_serve_reads_the_mailbox_beside_smtp(site: Site, dovecot: Dovecot, folder: str) -> None:
+    """`mailflow serve` with an IMAP account: mail in the mailbox becomes a request."""
+    from conftest import Daemon, wait_for
+    configure(site, dovecot, folder)
+    d = Daemon(site)
+    try:
+        dovecot.deliver(request_mail("Read from the mailbox"), folder)
+        wait_for(lambda: site.mail_to(JANE), timeout=30, what="a confirmation from IMAP mail")
+        assert [t["title"] for t in site.json("thread", "list")] == ["Read from the mailbox"]
+    finally:
+        assert d.stop() == 0
