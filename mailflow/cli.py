@@ -412,14 +412,24 @@ def thread() -> None:
 @thread.command("list")
 @click.option("--state", default=None)
 @click.option("--authority", "authority_slug", default=None)
+@click.option("--overdue", is_flag=True, help="Only requests past their due date, unanswered.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def thread_list(ctx: Ctx, state: str | None, authority_slug: str | None, as_json: bool) -> None:
-    """List threads, newest last."""
+def thread_list(ctx: Ctx, state: str | None, authority_slug: str | None, overdue: bool,
+                as_json: bool) -> None:
+    """List threads, newest last.
+
+    Example: mailflow thread list --overdue --authority camden
+    """
+    from datetime import timezone
     site = ctx.site
+    today = datetime.now(timezone.utc).date()
     with site.store.read() as tx:
         rows = [thread_json(site, tx, t, with_messages=False)
-                for t in tx.threads(state=state, authority=authority_slug)]
+                for t in tx.threads(state=state, authority=authority_slug)
+                if not overdue or (t.state in ("waiting_response", "internal_review")
+                                   and t.due_date is not None and t.due_date < today
+                                   and not t.awaiting_description)]
     if as_json:
         print_json(rows)
         return
@@ -637,10 +647,15 @@ def queue_release(ctx: Ctx, item: int, reason: str | None) -> None:
 @queue.command("spam")
 @click.argument("item", type=int)
 @click.option("--reason", default=None)
+@click.option("--block", type=click.Choice(["sender", "domain"]), default=None,
+              help="Also refuse all further mail from its sender (or its whole domain).")
 @pass_ctx
-def queue_spam(ctx: Ctx, item: int, reason: str | None) -> None:
-    """Decide an item as spam."""
-    ctx.done(ctx.moderation().spam(item, reason=reason))
+def queue_spam(ctx: Ctx, item: int, reason: str | None, block: str | None) -> None:
+    """Decide an item as spam, and optionally block its sender or domain.
+
+    Example: mailflow queue spam 14 --block domain
+    """
+    ctx.done(ctx.moderation().spam(item, reason=reason, block=block))
 
 
 @queue.command("approve")

@@ -43,6 +43,8 @@ class Daemon:
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
         d = check_recipient(rcpt, domain=self.site.domain, slugs=self.site.rules.slugs,
                             site_url=self.site.settings.site.url)
+        if d.accept and mail_from and await asyncio.to_thread(self.gatekeeper.blocked, mail_from):
+            return RcptDecision(False, "550 5.7.1 Mail from this sender is not accepted here")
         if d.accept and d.address is not None and d.address.thread_id is not None:
             refusal = await asyncio.to_thread(self.gatekeeper.refusal, d.address, mail_from)
             if refusal is not None:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mailflow.core import addresses as A
 from mailflow.core.addresses import AddressKind
 from mailflow.core.commands import STATE_WORDS
 from mailflow.core.reminders import FINAL
@@ -119,11 +120,35 @@ class Moderation:
         return Outcome(f"item {item_id} rejected" + (" and the citizen told" if notify else ""),
                        result.outbox_ids)
 
-    def spam(self, item_id: int, *, reason: str | None = None) -> Outcome:
+    def spam(self, item_id: int, *, reason: str | None = None, block: str | None = None) -> Outcome:
+        """Decide an item as spam; `block` ("sender" or "domain") refuses its sender from now on
+        (at RCPT over SMTP; dropped, bytes kept, from ingest and IMAP)."""
+        blocked = None
         with self.site.store.tx() as tx:
             item = self._open_item(tx, item_id)
-            self._decide(tx, item, "spam", reason=reason, action="queue_spam")
-        return Outcome(f"item {item_id} marked as spam", [])
+            if block:
+                sender = self._sender_of(tx, item)
+                if not sender:
+                    raise MailflowError(f"queue item {item_id} has no sender address to block")
+                if block == "domain" and A.is_our_domain(sender, self.site.domain):
+                    raise MailflowError("refusing to block the site's own domain")
+                blocked = sender if block == "sender" else "@" + sender.rpartition("@")[2]
+                tx.block(blocked, self.actor, reason)
+            self._decide(tx, item, "spam" + (f"; blocked {blocked}" if blocked else ""),
+                         reason=reason, action="queue_spam", blocked=blocked)
+        return Outcome(f"item {item_id} marked as spam" + (f"; {blocked} blocked" if blocked else ""),
+                       [])
+
+    def _sender_of(self, tx: Tx, item: QueueItem) -> str:
+        env = (item.detail or {}).get("envelope") or {}
+        if item.raw_sha256 is not None:
+            try:
+                frm = parse(tx.get_raw(item.raw_sha256)).from_addr
+            except ParseError:
+                frm = ""
+            if frm:
+                return frm
+        return (env.get("mail_from") or "").lower()
 
     def approve(self, item_id: int, *, reason: str | None = None) -> Outcome:
         """Let an item through: a pre-moderated request is sent, a held reply is published

@@ -146,6 +146,11 @@ class Pipeline:
     def plan(self, tx: Tx, pm: ParsedMessage, envelope: Envelope) -> "Plan":
         """What should happen to this message, step by step, with the reasons. Reads only."""
         cls = self.classify(pm, envelope)
+        if tx.is_blocked(envelope.mail_from or "") or tx.is_blocked(pm.from_addr):
+            plan = Plan(classification=cls)
+            plan.reasons.append("the sender was blocked by an admin")
+            plan.add(Step("blocked", "drop", why="blocked sender"))
+            return plan
         rcpts = envelope.rcpt_tos if not envelope.rcpt_from_headers else recipients_from_headers(pm)
         ours = self.our_recipients(rcpts)
         plan = Plan(classification=cls, recipients=[a.address for a in ours])
@@ -212,6 +217,8 @@ class Pipeline:
 
     def _execute(self, c: "_Ctx") -> Outcome:
         step = c.step
+        if step.action == "drop":   # the raw bytes are kept; nothing else happens
+            return Outcome(step.key, "dropped:blocked")
         if step.action == "queue":
             suggestions = ([{"thread_id": s.thread_id, "score": round(s.score, 2),
                              "reason": s.reason} for s in step.decision.suggestions]
@@ -690,6 +697,13 @@ class Gatekeeper:
             log.warning("gatekeeper could not read the store; accepting %s", addr.address,
                         exc_info=True)
             return None
+
+    def blocked(self, sender: str) -> bool:
+        try:
+            with self.site.store.read() as tx:
+                return tx.is_blocked(sender)
+        except Exception:  # noqa: BLE001 - fail open, as for the thread policy
+            return False
 
     def _refusal(self, addr: OurAddress, sender: str) -> str | None:
         with self.site.store.read() as tx:

@@ -125,3 +125,38 @@ def test_unknown_thread_names_the_nearby_ones(site: Site) -> None:
     t = ask(site)
     r = site.run("thread", "show", "99")
     assert r.returncode == 1 and f"nearby threads: {t['id']}".encode() in r.stderr
+
+
+def test_spam_with_block_refuses_the_sender_from_then_on(site: Site) -> None:
+    import smtplib
+    from conftest import Daemon
+    t = ask(site)
+    raw = compose("Spammer <sp@spam.example>", t["address"], "Cheap", "Buy now",
+                  extra={"Auto-Submitted": "no"})
+    wrong = f"request-{t['id']}-zzzzzzzzzzzz@{DOMAIN}"
+    assert site.ingest(raw.replace(t["address"].encode(), wrong.encode()), [wrong]) == 0
+    (item,) = site.json("queue", "list")
+    assert site.run("queue", "spam", str(item["id"]), "--block", "domain").returncode == 0
+    again = compose("Other <x@spam.example>", t["address"], "Again", "Buy")
+    assert site.ingest(again, [t["address"]], sender="x@spam.example") == 0
+    assert site.json("queue", "list") == [] and site.new_mail() == []
+    d = Daemon(site)
+    try:
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
+            s.ehlo("spam.example")
+            s.mail("y@spam.example")
+            assert s.rcpt(t["address"])[0] == 550
+    finally:
+        d.stop()
+
+
+def test_thread_list_overdue(site: Site) -> None:
+    t = ask(site)
+    assert site.json("thread", "list", "--overdue") == []
+    from mailflow.site import Site as MfSite
+    from datetime import date
+    mf = MfSite.open(site.config)
+    with mf.store.tx() as tx:
+        tx.update_thread(t["id"], due_date=date(2020, 1, 1))
+    mf.close()
+    assert [x["id"] for x in site.json("thread", "list", "--overdue")] == [t["id"]]

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
-from mailflow.store.tables import (audit_log, authority_senders, deliveries, messages, outbox, queue_items,
+from mailflow.store.tables import (audit_log, authority_senders, blocked_senders, deliveries, messages, outbox, queue_items,
                                    raw_messages, reminders, thread_events, threads)
 
 
@@ -211,6 +211,23 @@ class Tx:
         if not ids:
             return NotFound(f"no thread {thread_id}: there are no threads yet")
         return NotFound(f"no thread {thread_id}; nearby threads: {', '.join(map(str, sorted(ids)))}")
+
+    def block(self, pattern: str, actor: str, reason: str | None) -> bool:
+        if self.c.execute(select(blocked_senders.c.id).where(
+                blocked_senders.c.pattern == pattern)).first():
+            return False
+        self.c.execute(insert(blocked_senders).values(pattern=pattern, created_at=utcnow(),
+                                                      actor=actor, reason=reason))
+        return True
+
+    def is_blocked(self, sender: str) -> bool:
+        """Whether an address (or its domain, blocked as "@domain") was blocked by an admin."""
+        sender = sender.strip().lower()
+        if not sender or "@" not in sender:
+            return False
+        domain = "@" + sender.rpartition("@")[2]
+        q = select(blocked_senders.c.id).where(blocked_senders.c.pattern.in_([sender, domain]))
+        return self.c.execute(q).first() is not None
 
     def threads_of_citizen(self, email: str) -> list[Thread]:
         q = select(threads).where(threads.c.citizen_email == email).order_by(threads.c.id)

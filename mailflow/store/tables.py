@@ -177,6 +177,16 @@ audit_log = Table(
 )
 Index("ix_audit_log_thread", audit_log.c.thread_id)
 
+# Senders an admin blocked as spammers: refused at RCPT over SMTP, dropped (bytes kept) otherwise.
+blocked_senders = Table(
+    "blocked_senders", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pattern", String(320), nullable=False, unique=True),   # an address, or "@domain"
+    Column("created_at", UTC_DT, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("reason", Text, nullable=True),
+)
+
 queue_items = Table(
     "queue_items", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
