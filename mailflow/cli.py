@@ -622,7 +622,8 @@ def queue_assign(ctx: Ctx, item: int, thread_id: int, citizen: bool, reason: str
 @click.argument("item", type=int)
 @click.option("--reason", required=True)
 @click.option("--notify", is_flag=True,
-              help="For a pre-moderated request: tell the citizen why it was not sent.")
+              help="Tell the sender why (a pre-moderated request: its citizen); never sent "
+                   "to automatic mail.")
 @pass_ctx
 def queue_reject(ctx: Ctx, item: int, reason: str, notify: bool) -> None:
     """Decide an item by not acting on it; the reason is kept.

@@ -18,10 +18,12 @@ from mailflow.core.commands import STATE_WORDS
 from mailflow.core.reminders import FINAL
 from mailflow.errors import MailflowError, NotFound
 from mailflow.mail.parse import ParseError, parse
-from mailflow.pipeline import Pipeline, Result, Step, _Ctx
+from mailflow.outbound.compose import Outgoing
+from mailflow.pipeline import NO_REPLY, Pipeline, Result, Step, _Ctx
 from mailflow.site import Site
 from mailflow.spool import Envelope
 from mailflow.store.repository import QueueItem, Tx
+from mailflow.templating import render
 
 STATES = ("waiting_response", "waiting_clarification", "internal_review", "successful",
           "partially_successful", "rejected", "not_held", "user_withdrawn")
@@ -115,6 +117,8 @@ class Moderation:
                     pipeline.notify_citizen(tx, result, thread, "mail/request_rejected.txt",
                                             self.site._("Your request was not sent: {title}",
                                                         title=thread.title), reason=reason)
+            elif notify:
+                self._note_to_sender(tx, pipeline, result, item, reason)
             self._decide(tx, item, f"rejected: {reason}", reason=reason, action="queue_reject",
                          notified=notify)
         return Outcome(f"item {item_id} rejected" + (" and the citizen told" if notify else ""),
@@ -138,6 +142,34 @@ class Moderation:
                          reason=reason, action="queue_spam", blocked=blocked)
         return Outcome(f"item {item_id} marked as spam" + (f"; {blocked} blocked" if blocked else ""),
                        [])
+
+    def _note_to_sender(self, tx: Tx, pipeline: Pipeline, result: Result, item: QueueItem,
+                        reason: str) -> None:
+        """Tell the sender of a rejected message why — never automatic mail (RFC 3834)."""
+        if item.raw_sha256 is None:
+            raise MailflowError(f"queue item {item.id} has no message, so no sender to tell")
+        try:
+            pm = parse(tx.get_raw(item.raw_sha256))
+        except ParseError:
+            raise MailflowError(f"queue item {item.id} cannot be parsed; no sender to tell") from None
+        env = Envelope.from_json((item.detail or {}).get("envelope") or {
+            "mail_from": pm.from_addr, "rcpt_tos": [], "via": "unknown"})
+        cls = pipeline.classify(pm, env)
+        to = pm.reply_to[0] if pm.reply_to else pm.from_addr
+        if cls.automatic or not to or env.mail_from == "" or NO_REPLY.match(to):
+            raise MailflowError(f"queue item {item.id} is automatic mail ({cls.reason}) or has no "
+                                "address to answer: no note is sent to automatic mail")
+        s = self.site.settings
+        out = Outgoing(from_addr=f"postmaster@{self.site.domain}", from_name=s.site.name,
+                       to_addr=to, to_name=pm.from_name, domain=self.site.domain, automatic=True,
+                       subject=self.site._("Your message was not accepted: {subject}",
+                                           subject=pm.subject),
+                       in_reply_to=pm.message_id, references=[pm.message_id or ""],
+                       text=render(self.site.templates, "mail/message_rejected.txt",
+                                   site_name=s.site.name, site_url=s.site.url,
+                                   sender_name=pm.from_name, subject=pm.subject, reason=reason))
+        pipeline._send_with(tx, result, out, thread_id=item.thread_id, kind="notice",
+                            mail_from=s.outbound.bounce_address)
 
     def _sender_of(self, tx: Tx, item: QueueItem) -> str:
         env = (item.detail or {}).get("envelope") or {}

@@ -160,3 +160,20 @@ def test_thread_list_overdue(site: Site) -> None:
         tx.update_thread(t["id"], due_date=date(2020, 1, 1))
     mf.close()
     assert [x["id"] for x in site.json("thread", "list", "--overdue")] == [t["id"]]
+
+
+def test_reject_with_a_note_to_the_sender_but_never_to_automatic_mail(site: Site) -> None:
+    assert site.ingest(compose("Person <p@people.example>", f"postmaster@{DOMAIN}", "Hello",
+                               "Can you help?"), [f"postmaster@{DOMAIN}"]) == 0
+    assert site.ingest(compose("Robot <r@bots.example>", f"postmaster@{DOMAIN}", "Auto",
+                               "Beep", extra={"Auto-Submitted": "auto-replied"}),
+                       [f"postmaster@{DOMAIN}"]) == 0
+    person, robot = [i["id"] for i in site.json("queue", "list")]
+    r = site.run("queue", "reject", str(person), "--reason", "we cannot help", "--notify")
+    assert r.returncode == 0, r.stderr.decode()
+    (note,) = site.new_mail()
+    assert note[0] == "p@people.example" and "we cannot help" in note[1].get_body(("plain",)).get_content()
+    assert note[1]["Auto-Submitted"] == "auto-generated"
+    r = site.run("queue", "reject", str(robot), "--reason", "noise", "--notify")
+    assert r.returncode == 1 and b"automatic" in r.stderr
+    assert site.new_mail() == []
