@@ -129,6 +129,9 @@ def imap_fetch(ctx: Ctx, once: bool) -> None:
             ids.extend(got)
             _say(f"{account.name}: {len(got)} message(s) fetched")
 
+    # Items a killed run left half-done (claimed, never settled) go back to the queue once they
+    # are old enough that no running daemon can still be working on them.
+    spool.recover(min_age_seconds=300)
     asyncio.run(fetch_all())
     pipeline = Pipeline(site)
     outbox: list[int] = []

@@ -266,3 +266,35 @@ def test_serve_reads_the_mailbox_beside_smtp(site: Site, dovecot: Dovecot, folde
         assert [t["title"] for t in site.json("thread", "list")] == ["Read from the mailbox"]
     finally:
         assert d.stop() == 0
+
+
+def test_a_batch_survives_kill_9_and_a_server_restart(site: Site, dovecot: Dovecot,
+                                                       folder: str) -> None:
+    """A few hundred messages; mailflow killed (-9) between spooling and flagging, Dovecot
+    restarted: after a restart every message is processed exactly once."""
+    configure(site, dovecot, folder)
+    n = 200
+    for i in range(n):
+        dovecot.deliver(request_mail(f"Batch request {i:03d}"), folder)
+    p = subprocess.Popen([*MAILFLOW_IMAP, "--config", str(site.config), "imap", "fetch", "--once"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=site.dir)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and p.poll() is None and spool_count(site, "new") < 20:
+        time.sleep(0.01)
+    p.kill()
+    p.wait(10)
+    spooled_before_kill = spool_count(site, "new") + spool_count(site, "work")
+    dovecot.stop()
+    dovecot.start()
+    from mailflow.spool import Spool
+    Spool(site.dir / "var" / "spool").recover()     # what `mailflow serve` does at start-up
+    for _ in range(5):
+        r = run_imap(site, "fetch", "--once")
+        assert r.returncode == 0, r.stderr.decode()
+        if b"0 message(s) fetched" in r.stdout and spool_count(site, "new") == 0:
+            break
+    titles = sorted(t["title"] for t in site.json("thread", "list"))
+    assert titles == [f"Batch request {i:03d}" for i in range(n)]
+    assert len(site.mail_to(JANE)) == n                  # one confirmation each, no duplicate
+    assert dovecot.uids(folder, "unseen") == []
+    assert spooled_before_kill > 0

@@ -178,3 +178,16 @@ def test_permanent_failure_is_recorded_on_the_thread(mf: MfSite) -> None:
         t = tx.thread(tid)
         assert t is not None and t.delivery_status == "failed" and "550" in (t.delivery_detail or "")
         assert [q.reason for q in tx.queue()] == ["delivery_failed"]
+
+
+def test_a_large_outbox_is_delivered_in_one_call(mf: MfSite) -> None:
+    """Regression: rows were claimed 50 at a time and the rest waited for the next sweep."""
+    from mailflow.delivery import deliver
+    ids = []
+    for n in range(60):
+        ids += ingest(mf, compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", f"Request {n}", "Send."),
+                      f"camden@{DOMAIN}", JANE)
+    counts = asyncio.run(deliver(mf, ids))
+    assert counts["sent"] == 60
+    with mf.store.read() as tx:
+        assert {r.state for r in tx.outbox_rows()} == {"sent"}

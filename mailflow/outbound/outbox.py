@@ -51,7 +51,17 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
             rows = tx.claim_outbox(utcnow(), LEASE, ids=ids)
             return [(r, tx.get_raw(tx.message(r.message_pk).raw_sha256)) for r in rows]  # type: ignore[union-attr]
 
-    for row, raw in await asyncio.to_thread(claim):
+    while True:   # in batches: a large outbox is claimed a slice at a time, never all at once
+        batch = await asyncio.to_thread(claim)
+        if not batch:
+            return counts
+        await _deliver_batch(batch, store, transport, retry_schedule, on_sent, counts)
+
+
+async def _deliver_batch(batch, store: Store, transport: Transport,  # type: ignore[no-untyped-def]
+                         retry_schedule: Sequence[int], on_sent: OnSent | None,
+                         counts: dict[str, int]) -> None:
+    for row, raw in batch:
         try:
             result = await transport.deliver(row.mail_from, row.rcpt, raw,
                                              delivery_id=f"outbox-{row.id}")
@@ -75,7 +85,6 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
             await asyncio.to_thread(_sent, store, row, result, on_sent)
             counts["sent"] += 1
             log.info("outbox %s delivered to %s: %s", row.id, row.rcpt, result)
-    return counts
 
 
 def _sent(store: Store, row: OutboxRow, result: str, on_sent: OnSent | None) -> None:
