@@ -298,3 +298,22 @@ def test_a_batch_survives_kill_9_and_a_server_restart(site: Site, dovecot: Dovec
     assert len(site.mail_to(JANE)) == n                  # one confirmation each, no duplicate
     assert dovecot.uids(folder, "unseen") == []
     assert spooled_before_kill > 0
+
+
+def test_a_message_that_fails_processing_is_kept_for_an_admin_not_refetched(
+        site: Site, dovecot: Dovecot, folder: str) -> None:
+    configure(site, dovecot, folder)
+    site.set("spool", "max_attempts", "1")
+    broken = site.dir / "tpl" / "mail"
+    broken.mkdir(parents=True)
+    (broken / "confirm.txt").write_text("{% this is not a template")   # a site's broken override
+    site.set("site", "templates", '"tpl"')
+    dovecot.deliver(request_mail("Breaks the pipeline"), folder)
+    r = run_imap(site, "fetch", "--once")
+    assert r.returncode == 0, r.stderr.decode()
+    assert spool_count(site, "failed") == 1
+    (item,) = site.json("queue", "list")
+    assert item["reason"] == "processing_failed"
+    r = run_imap(site, "fetch", "--once")        # not fetched again, not retried in a loop
+    assert b"0 message(s) fetched" in r.stdout and spool_count(site, "failed") == 1
+    assert len(site.json("queue", "list")) == 1
