@@ -19,7 +19,7 @@ from mailflow.core.reminders import FINAL
 from mailflow.errors import MailflowError, NotFound
 from mailflow.mail.parse import ParseError, parse
 from mailflow.outbound.compose import Outgoing
-from mailflow.pipeline import NO_REPLY, Pipeline, Result, Step, _Ctx
+from mailflow.pipeline import NO_REPLY, Pipeline, Result, Step, StepContext
 from mailflow.site import Site
 from mailflow.spool import Envelope
 from mailflow.store.repository import QueueItem, Tx
@@ -95,9 +95,9 @@ class Moderation:
             step = Step(f"{kind.value}-{thread_id}", f"{side}_mail", thread_id=thread_id,
                         match_method="admin",
                         match_detail={"by": self.actor, "queue_item": item_id, "reason": reason})
-            c = _Ctx(tx=tx, pm=pm, cls=pipeline.classify(pm, envelope), addr=None,
+            c = StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, envelope), addr=None,
                      sha=item.raw_sha256, envelope=envelope, result=result, step=step)
-            outcome = pipeline._execute(c)
+            outcome = pipeline.execute(c)
             self._decide(tx, item, f"assigned to thread {thread_id}: {outcome.outcome}",
                          reason=reason, action="queue_assign", thread_id=thread_id)
         return Outcome(f"item {item_id} put on thread {thread_id} ({outcome.outcome})",
@@ -202,7 +202,7 @@ class Moderation:
                 pm = parse(tx.get_raw(msg.raw_sha256))
                 env = Envelope.from_json((item.detail or {}).get("envelope") or {
                     "mail_from": pm.from_addr, "rcpt_tos": [], "via": "unknown"})
-                c = _Ctx(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
+                c = StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
                          sha=msg.raw_sha256, envelope=env, result=result,
                          step=Step(f"request-{thread.id}", "authority_mail", thread_id=thread.id))
                 pipeline.accept_response(c, thread, msg.id)

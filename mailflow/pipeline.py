@@ -124,9 +124,9 @@ class Pipeline:
                 if tx.delivery_seen(sha, step.key):
                     result.outcomes.append(Outcome(step.key, "duplicate", step.thread_id))
                     continue
-                c = _Ctx(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
+                c = StepContext(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
                          envelope=envelope, result=result, step=step)
-                outcome = self._execute(c)
+                outcome = self.execute(c)
                 tx.record_delivery(sha, step.key, envelope.to_json(), outcome.outcome,
                                    {"thread_id": outcome.thread_id, **outcome.detail,
                                     "classification": plan.classification.kind.value,
@@ -215,7 +215,7 @@ class Pipeline:
             return
         plan.add(Step(key, side, thread_id=tid, match_method=method, match_detail=detail))
 
-    def _execute(self, c: "_Ctx") -> Outcome:
+    def execute(self, c: "StepContext") -> Outcome:
         step = c.step
         if step.action == "drop":   # the raw bytes are kept; nothing else happens
             return Outcome(step.key, "dropped:blocked")
@@ -246,7 +246,7 @@ class Pipeline:
         return list(found.values())
 
     # -- helpers ---------------------------------------------------------------------------
-    def _queue(self, c: "_Ctx", reason: str, why: str, thread_id: int | None = None,
+    def _queue(self, c: "StepContext", reason: str, why: str, thread_id: int | None = None,
                **detail: Any) -> Outcome:
         summary = f"{why} — from {c.pm.from_addr or c.envelope.mail_from or '<>'}: {c.pm.subject}"
         c.tx.add_queue_item(reason, summary[:500], raw_sha256=c.sha, thread_id=thread_id,
@@ -256,7 +256,7 @@ class Pipeline:
                                     "classification_reason": c.cls.reason, **detail})
         return Outcome(c.step.key, f"queued:{reason}", thread_id, {"why": why})
 
-    def _store_in(self, c: "_Ctx", thread_id: int | None, kind: str, method: str | None,
+    def _store_in(self, c: "StepContext", thread_id: int | None, kind: str, method: str | None,
                   detail: dict[str, Any] | None, flags: list[str] | None = None) -> int:
         pm = c.pm
         return c.tx.add_message(
@@ -267,7 +267,7 @@ class Pipeline:
             classification_reason=c.cls.reason, match_method=method, match_detail=detail,
             flags=flags or [])
 
-    def _send(self, c: "_Ctx", out: Outgoing, *, thread_id: int | None, kind: str,
+    def _send(self, c: "StepContext", out: Outgoing, *, thread_id: int | None, kind: str,
               mail_from: str) -> None:
         self._send_with(c.tx, c.result, out, thread_id=thread_id, kind=kind, mail_from=mail_from)
 
@@ -277,7 +277,7 @@ class Pipeline:
                                mail_from=mail_from)
         result.outbox_ids.append(row)
 
-    def _may_answer(self, c: "_Ctx") -> bool:
+    def _may_answer(self, c: "StepContext") -> bool:
         """Never answer automatic mail, null senders or no-reply addresses (no backscatter)."""
         return (not c.cls.automatic and c.envelope.mail_from != ""
                 and bool(c.pm.from_addr) and not NO_REPLY.match(c.pm.from_addr))
@@ -292,19 +292,16 @@ class Pipeline:
                 "request_address": self.request_address(thread)}
 
     def foi_subject(self, thread: Thread) -> str:
-        """The contract's subject, `Freedom of Information request - <title> [FOI #<id>]`,
-        in the site's language (the tag stays as it is: matching relies on it)."""
-        return self.site._("Freedom of Information request - {title}", title=thread.title) \
-            + f" [FOI #{thread.id}]"
+        return self.site.foi_subject(thread)
 
     def request_address(self, thread: Thread) -> str:
-        return A.thread_address(AddressKind.REQUEST, thread.id, thread.request_token, self.domain)
+        return self.site.request_address(thread)
 
     def reply_address(self, thread: Thread) -> str:
-        return A.thread_address(AddressKind.REPLY, thread.id, thread.reply_token, self.domain)
+        return self.site.reply_address(thread)
 
     # -- a citizen starts a request ----------------------------------------------------------
-    def _new_request(self, c: "_Ctx") -> Outcome:
+    def _new_request(self, c: "StepContext") -> Outcome:
         pm = c.pm
         assert c.addr is not None
         authority = self.site.rules.authorities[c.addr.slug or ""]
@@ -341,7 +338,7 @@ class Pipeline:
                    mail_from=self.site.settings.outbound.bounce_address)
         return Outcome(c.step.key, "new_request", thread_id)
 
-    def _refuse_request(self, c: "_Ctx", authority: Authority, citizen: str,
+    def _refuse_request(self, c: "StepContext", authority: Authority, citizen: str,
                         problem: str) -> Outcome:
         """Tell the citizen why nothing was started, as Alaveteli's form would."""
         s = self.site.settings.site
@@ -360,7 +357,7 @@ class Pipeline:
         return Outcome(c.step.key, "refused:empty_request", None, {"problem": problem})
 
     # -- she confirms: the request goes out --------------------------------------------------
-    def _confirmation(self, c: "_Ctx") -> Outcome:
+    def _confirmation(self, c: "StepContext") -> Outcome:
         assert c.addr is not None
         thread = c.tx.thread_by_confirm_token(c.addr.token or "")
         if thread is None or not A.token_matches(c.addr.token, thread.confirm_token or ""):
@@ -374,7 +371,7 @@ class Pipeline:
         self._store_in(c, thread.id, "confirmation", "confirm_address", {"address": c.step.key})
         return self._send_request(c, thread)
 
-    def _send_request(self, c: "_Ctx", thread: Thread) -> Outcome:
+    def _send_request(self, c: "StepContext", thread: Thread) -> Outcome:
         authority = self.site.rules.authorities.get(thread.authority)
         now = utcnow()
         if authority is None or authority.contact is None:
@@ -426,7 +423,7 @@ class Pipeline:
         self._send_with(tx, result, out, thread_id=thread.id, kind="request", mail_from=req_addr)
 
     # -- the authority writes --------------------------------------------------------------
-    def _duplicate_flags(self, c: "_Ctx", thread_id: int) -> list[str] | None:
+    def _duplicate_flags(self, c: "StepContext", thread_id: int) -> list[str] | None:
         """None: this very message is already on the thread; else flags to store it with."""
         if not c.pm.message_id:
             return []
@@ -435,7 +432,7 @@ class Pipeline:
             return None
         return ["same_message_id_different_body"] if same else []
 
-    def _authority_mail(self, c: "_Ctx") -> Outcome:
+    def _authority_mail(self, c: "StepContext") -> Outcome:
         thread = c.tx.thread(c.step.thread_id or 0)
         assert thread is not None
         key = c.step.key
@@ -469,7 +466,7 @@ class Pipeline:
         learned = self.accept_response(c, thread, pk)
         return Outcome(key, "response", thread.id, {"learned": learned} if learned else {})
 
-    def accept_response(self, c: "_Ctx", thread: Thread, pk: int) -> list[str]:
+    def accept_response(self, c: "StepContext", thread: Thread, pk: int) -> list[str]:
         """A response goes on the record: the clock notes it, senders are learned, and the
         citizen gets it (also when an admin releases a held reply)."""
         self.clock.response_arrived(c.tx, thread, pk, utcnow().date())
@@ -477,7 +474,7 @@ class Pipeline:
         self._forward(c, thread)
         return learned
 
-    def _learn_senders(self, c: "_Ctx", thread: Thread) -> list[str]:
+    def _learn_senders(self, c: "StepContext", thread: Thread) -> list[str]:
         """Remember who answers for the authority, so later mail from them is recognised.
 
         Only addresses at a domain the authority already writes from are learned (an
@@ -497,7 +494,7 @@ class Pipeline:
                 learned.append(addr)
         return learned
 
-    def _forward(self, c: "_Ctx", thread: Thread) -> None:
+    def _forward(self, c: "StepContext", thread: Thread) -> None:
         pm = c.pm
         authority = self.site.rules.authorities.get(thread.authority)
         name = authority.name if authority else thread.authority
@@ -518,7 +515,7 @@ class Pipeline:
                    mail_from=self.site.settings.outbound.bounce_address)
 
     # -- the citizen writes back ---------------------------------------------------------------
-    def _citizen_mail(self, c: "_Ctx") -> Outcome:
+    def _citizen_mail(self, c: "StepContext") -> Outcome:
         thread = c.tx.thread(c.step.thread_id or 0)
         assert thread is not None
         key = c.step.key
@@ -552,7 +549,7 @@ class Pipeline:
                              why="the citizen gave the clarification asked for")
         return Outcome(key, "followup", thread.id)
 
-    def _command(self, c: "_Ctx", thread: Thread, command: str) -> Outcome:
+    def _command(self, c: "StepContext", thread: Thread, command: str) -> Outcome:
         """A citizen's one-line command: say how it ended, pause or move the clock, review."""
         tx, today = c.tx, utcnow().date()
         law = self.site.rules.laws[thread.law]
@@ -587,7 +584,7 @@ class Pipeline:
         self._ack(c, thread, note)
         return Outcome(c.step.key, f"command:{command}", thread.id)
 
-    def _letter(self, c: "_Ctx", thread: Thread, template: str, prefix: str,
+    def _letter(self, c: "StepContext", thread: Thread, template: str, prefix: str,
                 text: str = "") -> None:
         """A templated letter from the citizen to the authority, from the request address."""
         authority = self.site.rules.authorities.get(thread.authority)
@@ -616,7 +613,7 @@ class Pipeline:
         self._send_with(tx, result, out, thread_id=thread.id, kind="notice",
                         mail_from=self.site.settings.outbound.bounce_address)
 
-    def _ack(self, c: "_Ctx", thread: Thread, note: str) -> None:
+    def _ack(self, c: "StepContext", thread: Thread, note: str) -> None:
         words = self.site._(STATE_WORDS.get(thread.state, thread.state))
         text = render(self.site.templates, "mail/state_changed.txt", **self._context(thread),
                       state=thread.state, state_words=words)
@@ -632,7 +629,7 @@ class Pipeline:
         self._send(c, out, thread_id=thread.id, kind="state_changed",
                    mail_from=self.site.settings.outbound.bounce_address)
 
-    def _followup(self, c: "_Ctx", thread: Thread) -> None:
+    def _followup(self, c: "StepContext", thread: Thread) -> None:
         authority = self.site.rules.authorities.get(thread.authority)
         last = c.tx.last_incoming(thread.id, "response")
         to = authority.contact if authority else None
@@ -745,7 +742,7 @@ class Plan:
 
 
 @dataclass
-class _Ctx:
+class StepContext:
     tx: Tx
     pm: ParsedMessage
     cls: Classification

@@ -15,7 +15,6 @@ from typing import Any
 
 from mailflow.clock import Clock
 from mailflow.core import reminders as R
-from mailflow.core.addresses import AddressKind, thread_address
 from mailflow.core.deadlines import add_days
 from mailflow.outbound.compose import Outgoing, new_message_id
 from mailflow.outbound.outbox import queue_message
@@ -99,11 +98,7 @@ class Reminders:
                 "law": self.site.rules.laws.get(thread.law), "thread_id": thread.id,
                 "citizen_name": thread.citizen_name, "due_date": thread.due_date,
                 "very_late_date": thread.very_late_date, "state": thread.state,
-                "request_address": self._address(AddressKind.REQUEST, thread)}
-
-    def _address(self, kind: AddressKind, thread: Thread) -> str:
-        token = thread.request_token if kind is AddressKind.REQUEST else thread.reply_token
-        return thread_address(kind, thread.id, token, self.site.domain)
+                "request_address": self.site.request_address(thread)}
 
     def _send(self, tx: Tx, r: Reminder, thread: Thread, now: datetime) -> list[int]:
         ctx = self._context(thread)
@@ -113,14 +108,13 @@ class Reminders:
             if authority is None or authority.contact is None:
                 return []
             n = int(r.event.rpartition(":")[2])
-            req = self._address(AddressKind.REQUEST, thread)
+            req = self.site.request_address(thread)
             sent = [m for m in tx.messages(thread.id) if m.direction == "out"
                     and m.kind in ("request", "followup") and m.message_id]
             out = Outgoing(
                 from_addr=req, from_name=thread.citizen_name, to_addr=authority.contact,
                 to_name=authority.name, domain=domain, automatic=True,
-                subject="Re: " + self.site._("Freedom of Information request - {title}",
-                                             title=thread.title) + f" [FOI #{thread.id}]",
+                subject="Re: " + self.site.foi_subject(thread),
                 text=render(self.site.templates, "mail/reminder_authority_followup.txt",
                             **ctx, number=n),
                 in_reply_to=sent[-1].message_id if sent else None,
@@ -142,7 +136,7 @@ class Reminders:
             "very_late": _("Your request is very late: {title}", title=thread.title),
             "describe": _("How did your request end? {title}", title=thread.title),
         }
-        reply = self._address(AddressKind.REPLY, thread)
+        reply = self.site.reply_address(thread)
         out = Outgoing(
             from_addr=reply, from_name=s.site.name, reply_to=reply, to_addr=thread.citizen_email,
             to_name=thread.citizen_name, domain=domain, automatic=True,

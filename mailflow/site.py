@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment
 
 from mailflow import config as config_mod
+from mailflow.core.addresses import AddressKind, thread_address
 from mailflow.config import Settings
 from mailflow.core.rules import Rules
 from mailflow.outbound.signing import Signer, load_key
@@ -54,6 +56,20 @@ class Site:
     @cached_property
     def templates(self) -> Environment:
         return make_environment(self.settings.site.templates, self.settings.site.language)
+
+    def foi_subject(self, thread: Any) -> str:
+        """The contract's subject, `Freedom of Information request - <title> [FOI #<id>]`,
+        in the site's language (the tag stays as it is: matching relies on it)."""
+        return self._("Freedom of Information request - {title}", title=thread.title) \
+            + f" [FOI #{thread.id}]"
+
+    def request_address(self, thread: Any) -> str:
+        """Where the authority writes: the thread's authority-side secret address."""
+        return thread_address(AddressKind.REQUEST, thread.id, thread.request_token, self.domain)
+
+    def reply_address(self, thread: Any) -> str:
+        """Where the citizen writes: a different secret, so nobody else can write as her."""
+        return thread_address(AddressKind.REPLY, thread.id, thread.reply_token, self.domain)
 
     def _(self, message: str, **values: object) -> str:
         """Translate a string of code (a subject line) into the site's language."""
