@@ -39,7 +39,7 @@ from mailflow.site import Site
 from mailflow.store.repository import Thread
 
 RESTART = "Restart `mailflow serve` for the daemon to see it (it reads rules/ when it starts)."
-KEYS = ("slug", "name", "emails", "law", "url", "tags")   # the order tables are written in
+KEYS = ("slug", "name", "emails", "law", "url", "tags", "reports")   # the order tables are written in
 CSV_COLUMNS = ("name", "slug", "emails", "law", "tags", "url")
 _TABLE_RE = re.compile(r"(?m)^[ \t]*\[\[[ \t]*authority[ \t]*\]\]")
 
@@ -76,6 +76,9 @@ def _render(entry: dict[str, Any]) -> str:
     def value(v: Any) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):   # `reports`: where each category's fault reports go
+            return "{ " + ", ".join(f"{json.dumps(str(k))} = {value(x)}"
+                                    for k, x in v.items()) + " }"
         return json.dumps(v, ensure_ascii=False)
     return "[[authority]]\n" + "".join(f"{k} = {value(entry[k])}\n" for k in KEYS if k in entry)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import tomllib
 
-from conftest import Site
+from conftest import ROOT, Site
 from test_matching_e2e import fixture
 from test_roundtrip import ask
 
+ROOT_RULES = ROOT / "rules"
 HEADER = "# The public authorities citizens can write to."
 
 
@@ -33,7 +34,8 @@ def test_add_then_show_list_and_audit(site: Site) -> None:
     assert r.returncode == 0, r.stderr.decode()
     assert b"Restart `mailflow serve`" in r.stdout
     text = toml(site)
-    assert text.startswith(HEADER) and text.count("\n[[authority]]") == 4
+    shipped = (ROOT_RULES / "authorities.toml").read_text().count("\n[[authority]]")
+    assert text.startswith(HEADER) and text.count("\n[[authority]]") == shipped + 1
     assert text.endswith('\n\n[[authority]]\nslug = "islington"\nname = "Islington Council"\n'
                          'emails = ["foi@islington.gov.example", "info@islington.gov.example"]\n'
                          'tags = ["council"]\n')
@@ -220,6 +222,7 @@ def test_every_command_has_an_example(site: Site) -> None:
 def test_a_file_it_cannot_rewrite_safely_is_left_alone(site: Site) -> None:
     """Inline tables load, but mailflow cannot edit them table by table: it says so."""
     path = site.dir / "rules" / "authorities.toml"
+    (site.dir / "rules" / "categories.toml").unlink()   # no fault reports: no areas to route
     path.write_text('authority = [{slug = "camden", name = "Camden", emails = []}]\n')
     fails(site, "authority", "add", "--slug", "x", "--name", "X",
           says="are not written one table per authority")
@@ -241,3 +244,15 @@ def test_the_application_functions_directly(site: Site) -> None:
         assert s.rules.authorities["lambeth"].name == "Lambeth"
     finally:
         s.close()
+
+
+def test_edit_keeps_the_fault_report_contacts(site: Site) -> None:
+    """Editing an authority rewrites its table: where its fault reports go must survive."""
+    r = site.run("authority", "edit", "wessex", "--name", "Wessex County Council (Highways)")
+    assert r.returncode == 0, r.stderr.decode()
+    entry = [a for a in tomllib.loads((site.dir / "rules" / "authorities.toml").read_text())
+             ["authority"] if a["slug"] == "wessex"][0]
+    shipped = [a for a in tomllib.loads((ROOT_RULES / "authorities.toml").read_text())
+               ["authority"] if a["slug"] == "wessex"][0]
+    assert entry["name"] == "Wessex County Council (Highways)"
+    assert entry["reports"] == shipped["reports"] and entry["reports"]

@@ -11,10 +11,13 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailflow.core.addresses import valid_slug
 from mailflow.errors import RulesError
+
+if TYPE_CHECKING:   # routing imports shapely: only the sites with fault reports load it
+    from mailflow.core.routing import ReportRules
 
 _EMAIL_RE = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
 
@@ -111,16 +114,24 @@ class Authority:
     law: str
     url: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Where fault reports go, by category slug or "default" (authorities.toml `reports`).
+    reports: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def contact(self) -> str | None:
         return self.emails[0] if self.emails else None
+
+    def report_contact(self, category: str) -> str | None:
+        """Where a fault report of `category` goes: the address for that category, else the
+        authority's "default" report address, else its contact (None: it has no address)."""
+        return self.reports.get(category) or self.reports.get("default") or self.contact
 
 
 @dataclass(frozen=True)
 class Rules:
     laws: dict[str, Law]
     authorities: dict[str, Authority]
+    reports: ReportRules | None = None   # None: the site takes no fault reports
 
     @property
     def slugs(self) -> frozenset[str]:
@@ -260,12 +271,15 @@ def parse_authorities(text: str, laws: dict[str, Law], default_law: str,
     if not isinstance(entries, list):
         raise RulesError(f"{source}: expected [[authority]] tables")
     out: dict[str, Authority] = {}
-    known = {"slug", "name", "emails", "law", "url", "tags"}
+    known = {"slug", "name", "emails", "law", "url", "tags", "reports"}
     for i, e in enumerate(entries, 1):
         where = f"{source}: authority #{i}" + (
             f" ({e.get('slug')})" if isinstance(e.get("slug"), str) else "")
         _unknown(e, known, where)
         slug = _get(e, "slug", str, where).lower()
+        if slug == "report":
+            raise RulesError(f"{where}: slug 'report' is taken: citizens write to report@ "
+                             "and report+<category>@ to report a problem in the street")
         if not valid_slug(slug):
             raise RulesError(f"{where}: slug {slug!r} must be lower-case letters, digits and "
                              "hyphens, and must not look like a request address")
@@ -280,5 +294,29 @@ def parse_authorities(text: str, laws: dict[str, Law], default_law: str,
             raise RulesError(f"{where}: duplicate slug {slug!r}")
         out[slug] = Authority(slug=slug, name=_get(e, "name", str, where), emails=emails,
                               law=law, url=_get(e, "url", str, where, ""),
-                              tags=tuple(_get(e, "tags", list, where, [])))
+                              tags=tuple(_get(e, "tags", list, where, [])),
+                              reports=_report_contacts(e, where))
     return out
+
+
+def _report_contacts(e: dict[str, Any], where: str) -> dict[str, str]:
+    """`reports = { default = "...", pothole = "roads@..." }`: category slug → address."""
+    table = _get(e, "reports", dict, where, {})
+    out: dict[str, str] = {}
+    for key, addr in table.items():
+        if not isinstance(addr, str) or not _EMAIL_RE.match(addr.strip()):
+            raise RulesError(f"{where}: reports.{key} must be an email address, got {addr!r}")
+        out[key.lower()] = addr.strip().lower()
+    return out
+
+
+def check_report_contacts(authorities: dict[str, Authority], categories: Any,
+                          source: str = "authorities.toml") -> None:
+    """Every key of an authority's `reports` table is "default" or a category slug: a typo
+    would otherwise silently send that category's reports to the fallback address."""
+    for a in authorities.values():
+        for key in a.reports:
+            if key != "default" and key not in categories:
+                raise RulesError(
+                    f"{source}: authority {a.slug}: reports.{key}: {key!r} is not a category "
+                    f"in categories.toml; known: default, {', '.join(sorted(categories))}")
