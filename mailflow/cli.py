@@ -85,14 +85,22 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--config", "config", metavar="PATH", default=None,
               help="The site's config file (default: $MAILFLOW_CONFIG or ./config.toml).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text or one JSON object each (default: $MAILFLOW_LOG_FORMAT "
+                   "or text).")
 @click.option("--as", "actor", default=None, metavar="NAME",
               help="Who is acting, for the audit log (default: the OS user).")
 @click.version_option(package_name="mailflow")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, verbose: int, actor: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, verbose: int, log_format: str | None,
+        actor: str | None) -> None:
     """mailflow: Freedom of Information requests by email, for any town or country."""
+    from mailflow import logs
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(level, log_format)
+    except ValueError as e:
+        raise click.UsageError(f"MAILFLOW_LOG_FORMAT: {e}") from None
     ctx.obj = Ctx(config, verbose)
     ctx.obj.actor = actor
 
@@ -871,3 +879,11 @@ register_authority_commands(authority)
 from mailflow.cli_imap import imap  # noqa: E402
 
 cli.add_command(imap)
+
+from mailflow.cli_reports import register as register_report_commands  # noqa: E402
+
+register_report_commands(cli)
+
+from mailflow.cli_db import db  # noqa: E402
+
+cli.add_command(db)
