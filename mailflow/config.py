@@ -53,6 +53,11 @@ class SmtpSettings:
     max_message_size: int
     max_recipients: int
     lmtp: bool
+    idle_timeout: float = 300.0           # seconds a client may stay silent (then 421)
+    max_connections: int = 1000           # open connections in all (421 over it)
+    max_connections_per_ip: int = 50      # from one client address; 0: no cap
+    tls_cert: Path | None = None          # STARTTLS is offered when both are set
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,15 @@ class ModerationSettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    """[reports]: fault reports (the categories and areas themselves are data in rules/)."""
+    duplicate_distance_m: float = 100.0   # open reports of a category this close are pointed out
+    questionnaire_after_days: int = 28    # "has it been fixed?" this long after sending
+    questionnaire_repeat_days: int = 28   # and again this often while it is open
+    map_link: str = "https://www.openstreetmap.org/?mlat={lat}&mlon={lon}#map=18/{lat}/{lon}"
+
+
+@dataclass(frozen=True)
 class ClassifySettings:
     spam_header: str | None
     spam_threshold: float
@@ -123,6 +137,7 @@ class Settings:
     classify: ClassifySettings = ClassifySettings(None, 5.0)
     archive: ArchiveSettings | None = None
     moderation: ModerationSettings = ModerationSettings()
+    reports: ReportSettings = ReportSettings()
     reminders: ReminderSettings = field(default_factory=lambda: ReminderSettings(
         300, ReminderPolicy(), {}))
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -162,6 +177,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "max_message_size": (int, 26_214_400),
         "max_recipients": (int, 100),
         "lmtp": (bool, False),
+        "idle_timeout": ((int, float), 300),
+        "max_connections": (int, 1000),
+        "max_connections_per_ip": (int, 50),
+        "tls_cert": (str, ""),
+        "tls_key": (str, ""),
     },
     "outbound": {
         "transport": (str, "maildir"),
@@ -203,6 +223,12 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "followup_max": (int, 2),
         "very_late": (bool, True),
         "describe_after_days": (int, 7),
+    },
+    "reports": {
+        "duplicate_distance_m": ((int, float), 100),
+        "questionnaire_after_days": (int, 28),
+        "questionnaire_repeat_days": (int, 28),
+        "map_link": (str, ReportSettings.map_link),
     },
     "dkim": {
         "selector": (str, "mailflow"),
@@ -332,6 +358,28 @@ def _reminders(path: Path, given: Any) -> ReminderSettings:
     return ReminderSettings(base["sweep_seconds"], default, per_law)
 
 
+def _reports(path: Path, given: Any) -> ReportSettings:
+    values = _check_table(path, "reports", given)
+    if values["duplicate_distance_m"] < 0:
+        raise ConfigError(f"{_where(path, 'reports', 'duplicate_distance_m')}: expected a distance "
+                          f"in metres (0 or more), got {values['duplicate_distance_m']!r}")
+    for key in ("questionnaire_after_days", "questionnaire_repeat_days"):
+        if values[key] < 1:
+            raise ConfigError(f"{_where(path, 'reports', key)}: expected at least 1 day, "
+                              f"got {values[key]!r}")
+    link = values["map_link"]
+    if "{lat}" not in link or "{lon}" not in link:
+        raise ConfigError(f"{_where(path, 'reports', 'map_link')}: expected a URL with {{lat}} "
+                          f"and {{lon}} in it, got {link!r}")
+    if not link.startswith(("https://", "http://")):
+        raise ConfigError(f"{_where(path, 'reports', 'map_link')}: expected an http(s) URL, "
+                          f"got {link!r}")
+    return ReportSettings(duplicate_distance_m=float(values["duplicate_distance_m"]),
+                          questionnaire_after_days=values["questionnaire_after_days"],
+                          questionnaire_repeat_days=values["questionnaire_repeat_days"],
+                          map_link=link)
+
+
 def from_dict(data: dict[str, Any], path: Path) -> Settings:
     base = path.parent
     for table in data:
@@ -350,6 +398,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
     arc = _check_table(path, "archive", data.get("archive"))
     mod = _check_table(path, "moderation", data.get("moderation"))
     reminders = _reminders(path, data.get("reminders"))
+    reports = _reports(path, data.get("reports"))
 
     domain = site["domain"].strip().lower().rstrip(".")
     if not domain or "@" in domain or " " in domain or "." not in domain:
@@ -365,9 +414,16 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
                           f"{site['language']!r}; available: {', '.join(available())}")
     url = site["url"] or f"https://{domain}/"
     listen_host, listen_port = _hostport(path, "smtp", "listen", smtp["listen"])
-    for key in ("max_message_size", "max_recipients"):
+    for key in ("max_message_size", "max_recipients", "idle_timeout", "max_connections"):
         if smtp[key] <= 0:
             raise ConfigError(f"{_where(path, 'smtp', key)}: expected a positive number")
+    if smtp["max_connections_per_ip"] < 0:
+        raise ConfigError(f"{_where(path, 'smtp', 'max_connections_per_ip')}: expected 0 (no "
+                          "cap) or a positive number")
+    if bool(smtp["tls_cert"]) != bool(smtp["tls_key"]):
+        missing = "tls_key" if smtp["tls_cert"] else "tls_cert"
+        raise ConfigError(f"{_where(path, 'smtp', missing)}: STARTTLS needs both tls_cert and "
+                          "tls_key (PEM files)")
     schedule = out["retry_schedule"]
     if not schedule or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
                                for s in schedule):
@@ -397,7 +453,12 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         smtp=SmtpSettings(listen_host=listen_host, listen_port=listen_port,
                           hostname=smtp["hostname"] or domain,
                           max_message_size=smtp["max_message_size"],
-                          max_recipients=smtp["max_recipients"], lmtp=smtp["lmtp"]),
+                          max_recipients=smtp["max_recipients"], lmtp=smtp["lmtp"],
+                          idle_timeout=float(smtp["idle_timeout"]),
+                          max_connections=smtp["max_connections"],
+                          max_connections_per_ip=smtp["max_connections_per_ip"],
+                          tls_cert=_resolve(base, smtp["tls_cert"]) if smtp["tls_cert"] else None,
+                          tls_key=_resolve(base, smtp["tls_key"]) if smtp["tls_key"] else None),
         outbound=OutboundSettings(
             transport=_choice(path, "outbound", "transport", out["transport"], ("maildir", "smtp")),
             maildir=_resolve(base, out["maildir"]),
@@ -415,6 +476,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         classify=ClassifySettings(spam_header=cls["spam_header"] or None,
                                   spam_threshold=float(cls["spam_threshold"])),
         reminders=reminders,
+        reports=reports,
         archive=ArchiveSettings(dir=_resolve(base, arc["dir"]), base_url=arc["base_url"] or url,
                                 debounce_seconds=arc["debounce_seconds"]),
         moderation=ModerationSettings(

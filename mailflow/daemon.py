@@ -16,7 +16,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from mailflow.archive.build import build as build_archive
 from mailflow.archive.queue import queue_withheld
-from mailflow.core.door import check_recipient
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
@@ -41,8 +40,7 @@ class Daemon:
 
     # -- the door ----------------------------------------------------------------------------
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
-        d = check_recipient(rcpt, domain=self.site.domain, slugs=self.site.rules.slugs,
-                            site_url=self.site.settings.site.url)
+        d = self.site.check_recipient(rcpt)
         if d.accept and mail_from and await asyncio.to_thread(self.gatekeeper.blocked, mail_from):
             return RcptDecision(False, "550 5.7.1 Mail from this sender is not accepted here")
         if d.accept and d.address is not None and d.address.thread_id is not None:
@@ -150,7 +148,11 @@ class Daemon:
                                  via="lmtp" if s.smtp.lmtp else "smtp")
         server = await start_server(handler, s.smtp.listen_host, s.smtp.listen_port,
                                     hostname=s.smtp.hostname,
-                                    max_message_size=s.smtp.max_message_size, lmtp=s.smtp.lmtp)
+                                    max_message_size=s.smtp.max_message_size, lmtp=s.smtp.lmtp,
+                                    timeout=s.smtp.idle_timeout,
+                                    max_connections=s.smtp.max_connections,
+                                    max_connections_per_ip=s.smtp.max_connections_per_ip,
+                                    tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key)
         worker = asyncio.create_task(self.worker(), name="spool-worker")
         imap_accounts = parse_accounts(s.raw.get("imap"), s.path)
         imap_task = asyncio.create_task(

@@ -8,15 +8,34 @@ Two rules shape it. A reply the authority's server sees as permanent (5xx) bounc
 to a citizen's request, so an internal failure must never produce one: every exception becomes
 ``451 4.3.0`` (aiosmtpd itself would answer ``500`` with the exception text, leaking
 internals). And 250 is a promise: it is sent only after the spool has fsynced the message.
+
+The server faces the open internet, so the protocol class hardens aiosmtpd (see
+docs/guarantees.md, "SMTP ingress", for what is promised and which test proves it):
+
+* framing: the message ends only at ``<CRLF>.<CRLF>`` (aiosmtpd >= 1.4.5 reads DATA line by
+  line up to CRLF), so a bare ``<LF>.<LF>`` or ``<CR>.<CR>`` inside a message is message text
+  and can never start a second, smuggled transaction. Such bytes are stored unchanged (the raw
+  message is the record) and never leave again as they came: outgoing mail is composed anew.
+* STARTTLS: anything pipelined behind STARTTLS in the clear is thrown away once TLS is up.
+* lines: body lines up to 64 KiB are taken and stored unchanged (RFC 5321 asks for 1,000,
+  but a badly formatted authority reply must not bounce); command lines stay at 512 bytes.
+* envelope addresses with control characters, Unicode line separators or invalid UTF-8
+  are refused with 501 before anything else sees them.
+* an idle client is told ``421`` and disconnected; the number of connections, in all and per
+  client address, is capped, and a client over the cap is told ``421`` at once.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
+import os
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -24,6 +43,7 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session as SmtpSession
 
+from mailflow.errors import ConfigError
 from mailflow.spool import Envelope, Spool
 
 log = logging.getLogger(__name__)
@@ -31,10 +51,29 @@ log = logging.getLogger(__name__)
 LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 RCPT_OK = "250 2.1.5 Ok"
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 IDLE_TIMEOUT = 300.0
 """RFC 5321 4.5.3.2.7 asks servers to wait 5 minutes for a command before giving up."""
+MAX_CONNECTIONS = 1000
+MAX_CONNECTIONS_PER_IP = 50
+"""Postfix's smtpd_client_connection_count_limit default; an MTA in front of mailflow (all
+its connections come from one address) stays well under it with its default concurrency."""
+BODY_LINE_LIMIT = 64 * 1024
+"""The longest line taken in DATA, in bytes without the CRLF. RFC 5321 4.5.3.1.6 allows
+servers to refuse lines over 1,000 bytes; Postfix takes them, and so does mailflow."""
 
 _REFUSAL = re.compile(r"^[45][0-9][0-9] [^\r\n]*$")
+# Nothing in an envelope address may break a line or hide one: C0 and C1 controls, DEL, the
+# Unicode line and paragraph separators (str.splitlines() breaks on all of them), and lone
+# surrogates, which are how aiosmtpd hands over bytes that are not UTF-8.
+_UNSAFE_IN_ADDRESS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def unsafe_address(value: str | None) -> bool:
+    """True when an envelope address (or the argument of MAIL/RCPT) holds a character that
+    no address may hold: see _UNSAFE_IN_ADDRESS."""
+    return bool(value) and _UNSAFE_IN_ADDRESS.search(value) is not None  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,13 @@ class IngressHandler:
         self.via = via
         self._tasks: set[asyncio.Task[str]] = set()  # strong refs: the loop keeps only weak ones
 
+    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """No AUTH: nobody logs in to mailflow (aiosmtpd would offer PLAIN and LOGIN over TLS,
+        refusing every attempt)."""
+        session.host_name = hostname
+        return [r for r in responses if not r[4:].upper().startswith("AUTH")]
+
     async def handle_RCPT(
         self,
         server: SMTP,
@@ -97,6 +143,8 @@ class IngressHandler:
         """Refuse unknown recipients during the conversation rather than bounce later:
         a later bounce would go to a forged sender (backscatter)."""
         try:
+            if unsafe_address(address):
+                return BAD_RECIPIENT
             if len(envelope.rcpt_tos) >= self.max_recipients:
                 return TOO_MANY_RECIPIENTS
             decision = self.check_rcpt(_null_sender(envelope.mail_from), address)
@@ -194,6 +242,212 @@ def _per_recipient(reply: str, rcpts: list[str], lmtp: bool) -> str:
     return "\r\n".join(reply for _ in rcpts)
 
 
+class ConnectionLimits:
+    """Open connections of one server, in all and per client address (counted in the loop's
+    thread, so no lock). A client over either cap is told 421 and disconnected before its
+    session starts, so an idle crowd cannot starve the legitimate senders of memory or fds."""
+
+    def __init__(self, total: int = MAX_CONNECTIONS, per_ip: int = MAX_CONNECTIONS_PER_IP):
+        if total < 1 or per_ip < 0:
+            raise ValueError("max_connections must be at least 1, max_connections_per_ip 0 or more")
+        self.total = total
+        self.per_ip = per_ip  # 0: no per-address cap
+        self.open = 0
+        self.by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str | None:
+        """None: counted in; else the refusal to send."""
+        if self.open >= self.total:
+            return "421 4.7.0 Too many connections, try again later"
+        if self.per_ip and self.by_ip.get(ip, 0) >= self.per_ip:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        self.open += 1
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.open -= 1
+        left = self.by_ip.get(ip, 1) - 1
+        if left > 0:
+            self.by_ip[ip] = left
+        else:
+            self.by_ip.pop(ip, None)
+
+
+class TlsFiles:
+    """The certificate and key for STARTTLS, read again when either file changes (a renewed
+    certificate is used for the next connection, no restart needed)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = Path(cert), Path(key)
+        self._stamp = self._mtimes()
+        self._context = self._load()  # a broken pair stops the daemon at start, not later
+
+    def _mtimes(self) -> tuple[int, int]:
+        try:
+            return self.cert.stat().st_mtime_ns, self.key.stat().st_mtime_ns
+        except OSError:
+            return (-1, -1)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # server side, no client certs
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"[smtp] tls_cert/tls_key: cannot load {self.cert} and "
+                              f"{self.key}: {e}") from None
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        stamp = self._mtimes()
+        if stamp != self._stamp:
+            try:
+                self._context = self._load()
+                self._stamp = stamp
+                log.info("STARTTLS: reloaded %s", self.cert)
+            except ConfigError as e:  # half-written renewal: keep the old pair, retry next time
+                log.warning("%s; still using the previous certificate", e)
+        return self._context
+
+
+class _Hardened:
+    """What mailflow changes in aiosmtpd's protocol (mixed into its SMTP and LMTP classes)."""
+
+    # aiosmtpd sizes its StreamReader with this: commands over command_size_limit still get
+    # "500 Command line too long"; DATA lines up to it are kept, longer ones get aiosmtpd's
+    # "500 Line too long" (RFC 5321 4.5.3.1.10). +3: a transparency dot and the CRLF.
+    line_length_limit = BODY_LINE_LIMIT + 3
+
+    _limits: ConnectionLimits | None = None
+    _admitted: str | None = None
+    _refused = False
+    _in_data = False
+
+    def __init__(self, *args: Any, limits: ConnectionLimits | None = None, **kw: Any) -> None:
+        # aiosmtpd keeps command_size_limits on the class, shared by every connection (each
+        # EHLO raises MAIL's limit for all of them); give each connection its own.
+        self.command_size_limits = _per_connection_limits()
+        self._limits = limits
+        super().__init__(*args, **kw)  # type: ignore[call-arg]
+
+    # -- connection caps -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted is None and self._limits is not None:  # not the STARTTLS re-entry
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else str(peer)
+            refusal = self._limits.admit(ip)
+            if refusal is not None:
+                self._refused = True
+                log.warning("%s refused: %s", ip, refusal)
+                transport.write(f"{refusal}\r\n".encode("ascii"))  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._admitted = ip
+        super().connection_made(transport)  # type: ignore[misc]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._admitted is not None and self._limits is not None:
+            self._limits.release(self._admitted)
+            self._limits = None  # released once, whatever calls this again
+        super().connection_lost(error)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_data:
+            # In DATA the timeout counts silence, not the whole upload: a large message on a
+            # slow line is not cut off as long as bytes keep coming.
+            self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()  # type: ignore[misc]
+
+    # -- timeouts --------------------------------------------------------------------------
+    def _timeout_cb(self) -> None:
+        """aiosmtpd just closes an idle connection; RFC 5321 3.8 says to tell the client."""
+        transport = getattr(self, "transport", None)
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"  # type: ignore[attr-defined]
+                                .encode("ascii", "replace"))
+            except Exception:  # noqa: BLE001 - closing is what matters
+                pass
+        super()._timeout_cb()  # type: ignore[misc]
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        try:
+            await super().smtp_DATA(arg)  # type: ignore[misc]
+        finally:
+            self._in_data = False
+            if getattr(self, "transport", None) is not None:
+                self._reset_timeout()  # type: ignore[attr-defined]  # spooling was not idling
+
+    # -- envelope addresses ------------------------------------------------------------------
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if unsafe_address(arg):
+            await self.push(BAD_SENDER)  # type: ignore[attr-defined]
+            return
+        await super().smtp_MAIL(arg)  # type: ignore[misc]
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if unsafe_address(arg):
+            await self.push(BAD_RECIPIENT)  # type: ignore[attr-defined]
+            return
+        await super().smtp_RCPT(arg)  # type: ignore[misc]
+
+
+class _CommandLimits(collections.defaultdict):  # type: ignore[type-arg]
+    """Command line limits of one connection. aiosmtpd raises MAIL's limit at every EHLO
+    (by 26 for SIZE=, 10 for SMTPUTF8); capped, so that repeating EHLO cannot stretch it
+    towards the 64 KiB the line reader allows."""
+
+    CAP = 512 + 26 + 10
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, min(value, self.CAP))
+
+
+def _per_connection_limits() -> _CommandLimits:
+    return _CommandLimits(lambda: SMTP.command_size_limit)
+
+
+class MailflowSMTP(_Hardened, SMTP):
+    pass
+
+
+class MailflowLMTP(_Hardened, LMTP):
+    pass
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Each connection is a file descriptor; the common soft limit of 1,024 would make the
+    server stop accepting (EMFILE) well before max_connections. Raise it as far as allowed."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return
+    need = connections + 256  # spool files, the database, logs, outgoing SMTP, IMAP
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if new > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+    if new < need:
+        log.warning("open file limit %d is below what %d connections need (%d); raise it "
+                    "(ulimit -n, LimitNOFILE=) or lower [smtp] max_connections",
+                    new, connections, need)
+
+
 async def start_server(
     handler: IngressHandler,
     host: str,
@@ -204,6 +458,10 @@ async def start_server(
     lmtp: bool = False,
     timeout: float = IDLE_TIMEOUT,
     ident: str = "mailflow",
+    max_connections: int = MAX_CONNECTIONS,
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> asyncio.AbstractServer:
     """Listen for SMTP (or LMTP) on the running loop; close the returned server to stop.
 
@@ -212,23 +470,35 @@ async def start_server(
     hostname is required. ``max_message_size`` becomes aiosmtpd's ``data_size_limit``: 552
     for ``MAIL FROM ... SIZE=`` over it and for DATA over it (counted in bytes on the wire,
     dot-stuffing and CRLFs included); 0 or less means no limit. ``ident`` replaces the
-    default banner, which would announce the aiosmtpd version.
+    default banner, which would announce the aiosmtpd version. ``timeout`` is how long a
+    client may stay silent (421 after it); ``max_connections`` and ``max_connections_per_ip``
+    (0: none) cap the open connections (421 over them). With ``tls_cert`` and ``tls_key``
+    STARTTLS is offered (never required: port 25 must take mail in the clear too).
     """
     if not hostname:
         raise ValueError("start_server needs the hostname to announce (no DNS lookups)")
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("STARTTLS needs both tls_cert and tls_key")
     loop = asyncio.get_running_loop()
-    cls = LMTP if lmtp else SMTP
+    cls = MailflowLMTP if lmtp else MailflowSMTP
     limit = max_message_size if max_message_size > 0 else None
+    limits = ConnectionLimits(max_connections, max_connections_per_ip)
+    tls = TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+    _raise_fd_limit(max_connections)
 
     def factory() -> SMTP:
         return cls(
             handler,
+            limits=limits,
             hostname=hostname,
             ident=ident,
             data_size_limit=limit,
             enable_SMTPUTF8=True,  # SMTP's default is False (Controller's is True)
             decode_data=False,  # keep the raw bytes; decoding would drop 8BITMIME
             timeout=timeout,
+            tls_context=tls.context() if tls else None,
+            require_starttls=False,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
             loop=loop,
         )
 

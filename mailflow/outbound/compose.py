@@ -2,7 +2,11 @@
 
 Text from citizens and authorities (titles, names, file names) ends up in headers; a CR or LF
 there would let anyone add a header (Bcc:, say) to mail the site sends, so every header value
-is flattened before it is set. Automatic mail (confirmations, forwards) says so with
+is flattened before it is set: not only CR and LF but every character Python's email package
+treats as a line break (str.splitlines(): VT, FF, FS, GS, RS, NEL, U+2028, U+2029), which it
+would otherwise refuse with a ValueError (an authority's subject with a U+2028 in it must not
+stop its reply being forwarded). Addresses are never rewritten: one holding such a character
+is refused outright. Automatic mail (confirmations, forwards) says so with
 `Auto-Submitted`, so well-behaved responders stay quiet, and every message carries
 `X-Auto-Response-Suppress` and our loop header so our own mail is recognised if it comes back.
 """
@@ -24,17 +28,20 @@ LOOP_HEADER = "X-Mailflow-Loop"
 # line ("Subject:\r\n Freedom of ..."), which readers then show with a leading space. Headers
 # are kept to one line instead (flatten() caps them well under RFC 5322's 998).
 WIRE = policy.SMTP.clone(max_line_length=998)
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+# C0 controls and DEL, C1 controls (NEL is U+0085), the Unicode line and paragraph
+# separators, and lone surrogates (undecodable bytes that came through surrogateescape).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+_HINT = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def flatten(value: str, limit: int = 900) -> str:
-    """One safe header line: control characters (CR, LF, NUL, tabs) become spaces."""
+    """One safe header line: control characters and line separators become spaces."""
     return _UNSAFE.sub(" ", value).strip()[:limit]
 
 
 def new_message_id(domain: str, hint: str = "") -> str:
-    tag = f"{flatten(hint).replace(' ', '')[:20]}." if hint else ""
-    return f"<mailflow.{tag}{secrets.token_hex(10)}@{domain}>"
+    tag = _HINT.sub("", hint)[:20]
+    return f"<mailflow.{tag + '.' if tag else ''}{secrets.token_hex(10)}@{domain}>"
 
 
 @dataclass
@@ -59,6 +66,8 @@ class Outgoing:
 
 
 def _address(name: str, addr: str) -> Address:
+    if _UNSAFE.search(addr) or "<" in addr or ">" in addr:
+        raise ValueError(f"refusing to write mail to or from an unsafe address: {addr!r}")
     local, _, domain = addr.rpartition("@")
     return Address(display_name=flatten(name, 200), username=local, domain=domain)
 
