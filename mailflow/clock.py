@@ -3,6 +3,10 @@
 Everything here runs inside the caller's transaction, so a state change, its due date, the
 reminders it plans and the event that records it are committed together. The calendar
 arithmetic itself is pure (core.deadlines); this module applies it to threads.
+
+A fault report (thread kind "report") has no law and so no clock: starting, planning or
+recomputing one does nothing, and a response to it plans no "how did it end?" reminder (its
+questionnaire is planned when it is sent; see mailflow.reports).
 """
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ class Clock:
 
     def law(self, thread: Thread) -> Law:
         return self.rules.laws[thread.law]
+
+    @staticmethod
+    def runs(thread: Thread) -> bool:
+        """Whether the thread has a statutory clock at all (a fault report has none)."""
+        return thread.kind != "report" and bool(thread.law)
 
     def policy(self, thread: Thread) -> R.ReminderPolicy:
         return self.settings.reminders.policy(thread.law)
@@ -49,6 +58,8 @@ class Clock:
         """(Re)start the clock from `start` and plan the reminders for the new due date."""
         thread = tx.thread(thread_id)
         assert thread is not None
+        if not self.runs(thread):
+            return thread
         due, very_late = self.compute(thread, start, extension)
         tx.update_thread(thread_id, clock_start=start, due_date=due, very_late_date=very_late,
                          extension=extension)
@@ -63,7 +74,7 @@ class Clock:
 
     def plan(self, tx: Tx, thread: Thread) -> int:
         """Plan the reminders for the thread's current due date (idempotent)."""
-        if thread.due_date is None or thread.very_late_date is None:
+        if thread.due_date is None or thread.very_late_date is None or not self.runs(thread):
             return 0
         law, policy = self.law(thread), self.policy(thread)
         specs = R.for_deadline(thread.due_date, thread.very_late_date, policy,
@@ -73,7 +84,7 @@ class Clock:
 
     def recompute(self, tx: Tx, thread: Thread) -> dict[str, Any] | None:
         """Apply a changed holiday calendar or law to a running clock, and record the change."""
-        if thread.clock_start is None or thread.due_date is None:
+        if thread.clock_start is None or thread.due_date is None or not self.runs(thread):
             return None
         due, very_late = self.compute(thread, thread.clock_start, thread.extension)
         if due == thread.due_date and very_late == thread.very_late_date:
@@ -91,6 +102,8 @@ class Clock:
         return change
 
     def response_arrived(self, tx: Tx, thread: Thread, message_pk: int, received: date) -> None:
+        if not self.runs(thread):
+            return
         tx.update_thread(thread.id, awaiting_description=True)
         policy = self.policy(thread)
         if policy.describe_after_days:

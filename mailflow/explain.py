@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailflow.core.door import check_recipient
 from mailflow.mail.parse import ParseError, parse
 from mailflow.pipeline import Pipeline, recipients_from_headers
 from mailflow.site import Site
 from mailflow.spool import Envelope
 
 _DECISIONS = {"authority_mail": "thread", "citizen_mail": "thread", "authority": "new_request",
-              "confirm": "confirmation"}
+              "confirm": "confirmation", "report": "new_report"}
 
 
 def explain_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -> dict[str, Any]:
@@ -31,8 +30,7 @@ def explain_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) 
     if from_headers:
         rcpts = recipients_from_headers(pm)
     pipeline = Pipeline(site)
-    door = [check_recipient(r, domain=site.domain, slugs=site.rules.slugs,
-                            site_url=site.settings.site.url) for r in rcpts]
+    door = [site.check_recipient(r) for r in rcpts]
     accepted = [r for r, d in zip(rcpts, door) if d.accept]
     refused = [f"{r}: {d.reply}" for r, d in zip(rcpts, door) if not d.accept]
     out["reasons"].extend(f"refused at the door: {x}" for x in refused)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mailflow.core.door import check_recipient
 from mailflow.core.message import ParsedMessage
 from mailflow.errors import SpoolError
 from mailflow.mail.parse import ParseError, parse
@@ -50,8 +49,7 @@ def ingest_bytes(site: Site, raw: bytes, rcpts: list[str], sender: str | None) -
         sender = ""
     s = site.settings
     accepted = [r for r in rcpts
-                if check_recipient(r, domain=site.domain, slugs=site.rules.slugs,
-                                   site_url=s.site.url).accept]
+                if site.check_recipient(r).accept]
     if not accepted and from_headers and pm is not None and Pipeline(site).names_us(pm):
         accepted = rcpts  # a catch-all mailbox: our Message-ID or a retyped address names us
     if not accepted:

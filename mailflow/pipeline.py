@@ -20,13 +20,14 @@ from mailflow.core.commands import STATE_WORDS, parse_command
 from mailflow.core.addresses import AddressKind, OurAddress
 from mailflow.core.classify import classify
 from mailflow.core.matching import Decision, match
-from mailflow.core.door import check_recipient, gate
+from mailflow.core.door import gate
 from mailflow.core.message import Classification, Kind, ParsedMessage
 from mailflow.core.rules import Authority
 from mailflow.errors import StoreError
 from mailflow.mail.parse import ParseError, parse
 from mailflow.outbound.compose import Outgoing, new_message_id
 from mailflow.outbound.outbox import queue_message
+from mailflow.reports import NOT_SENT as REPORT_NOT_SENT, ReportFlow
 from mailflow.site import Site
 from mailflow.spool import Envelope, Spool, SpoolItem
 from mailflow.store.lookup import StoreLookup
@@ -67,6 +68,7 @@ class Pipeline:
         self.site = site
         self.domain = site.domain
         self.clock = Clock(site.settings, site.rules)
+        self.reports = ReportFlow(self)   # fault reports' own steps (mailflow/reports.py)
 
     # -- the spool side ------------------------------------------------------------------
     def process_item(self, spool: Spool, item: SpoolItem) -> Result:
@@ -228,6 +230,7 @@ class Pipeline:
                                reasons=list(step.decision.reasons) if step.decision else [])
         handler = {
             "authority": self._new_request,       # <slug>@: a citizen starts a request
+            "report": self.reports.new_report,    # report@, report+<category>@: a fault report
             "confirm": self._confirmation,
             "authority_mail": self._authority_mail,
             "citizen_mail": self._citizen_mail,
@@ -239,8 +242,7 @@ class Pipeline:
     def our_recipients(self, rcpts: list[str]) -> list[OurAddress]:
         found: dict[str, OurAddress] = {}
         for r in rcpts:
-            a = check_recipient(r, domain=self.domain, slugs=self.site.rules.slugs,
-                                site_url=self.site.settings.site.url).address
+            a = self.site.check_recipient(r).address
             if a is not None and a.address not in found:
                 found[a.address] = a
         return list(found.values())
@@ -292,7 +294,8 @@ class Pipeline:
                 "request_address": self.request_address(thread)}
 
     def foi_subject(self, thread: Thread) -> str:
-        return self.site.foi_subject(thread)
+        """The subject of mail to the authority: the FOI one, or a fault report's."""
+        return self.site.thread_subject(thread)
 
     def request_address(self, thread: Thread) -> str:
         return self.site.request_address(thread)
@@ -374,7 +377,9 @@ class Pipeline:
     def _send_request(self, c: "StepContext", thread: Thread) -> Outcome:
         authority = self.site.rules.authorities.get(thread.authority)
         now = utcnow()
-        if authority is None or authority.contact is None:
+        contact = (self.reports.contact(thread, c.tx.report(thread.id))
+                   if thread.kind == "report" else authority.contact if authority else None)
+        if authority is None or contact is None:
             c.tx.update_thread(thread.id, state="awaiting_address", confirm_token=None,
                                confirmed_at=now)
             return self._queue(c, "authority_without_address",
@@ -388,7 +393,8 @@ class Pipeline:
                                thread_id=thread.id)
         c.tx.update_thread(thread.id, confirm_token=None, confirmed_at=now)
         self.dispatch_request(c.tx, c.result, thread.id, actor="citizen")
-        return Outcome(c.step.key, "request_sent", thread.id)
+        return Outcome(c.step.key, "report_sent" if thread.kind == "report" else "request_sent",
+                       thread.id)
 
     def _premoderate(self, tx: Tx, thread: Thread) -> str | None:
         """Why this request must wait for an admin before it goes out, if it must."""
@@ -403,9 +409,12 @@ class Pipeline:
 
     def dispatch_request(self, tx: Tx, result: Result, thread_id: int, *, actor: str) -> None:
         """Send a confirmed (and, where the site pre-moderates, approved) request and start
-        its statutory clock."""
+        its statutory clock. A fault report goes its own way (no law, no clock)."""
         thread = tx.thread(thread_id)
         assert thread is not None
+        if thread.kind == "report":
+            self.reports.dispatch(tx, result, thread_id, actor=actor)
+            return
         authority = self.site.rules.authorities[thread.authority]
         assert authority.contact is not None
         now = utcnow()
@@ -436,7 +445,8 @@ class Pipeline:
         thread = c.tx.thread(c.step.thread_id or 0)
         assert thread is not None
         key = c.step.key
-        if thread.state in ("awaiting_confirmation", "awaiting_approval", "not_approved"):
+        if thread.state in ("awaiting_confirmation", "awaiting_approval", "not_approved") or (
+                thread.kind == "report" and thread.state in REPORT_NOT_SENT):
             return self._queue(c, "not_sent", "mail to a request that has not been sent yet",
                                thread_id=thread.id)
         flags = self._duplicate_flags(c, thread.id)
@@ -500,7 +510,8 @@ class Pipeline:
         name = authority.name if authority else thread.authority
         reply = self.reply_address(thread)
         from_line = f"{pm.from_name} <{pm.from_addr}>" if pm.from_name else pm.from_addr
-        text = render(self.site.templates, "mail/forward.txt", **self._context(thread),
+        template = "mail/report_forward.txt" if thread.kind == "report" else "mail/forward.txt"
+        text = render(self.site.templates, template, **self._context(thread),
                       from_line=from_line, subject=pm.subject,
                       date=(pm.date or utcnow()).strftime("%-d %B %Y %H:%M %Z"),
                       text=pm.text.strip(), attachment_count=len(pm.attachments))
@@ -532,6 +543,8 @@ class Pipeline:
             return self._queue(c, "citizen_mismatch",
                                "mail to a citizen reply address from someone else",
                                thread_id=thread.id)
+        if thread.kind == "report":
+            return self.reports.citizen_mail(c, thread, flags)
         if thread.state in ("awaiting_confirmation", "awaiting_address", "awaiting_approval",
                             "not_approved"):
             return self._queue(c, "not_sent", "follow-up to a request that has not been sent",
@@ -653,8 +666,9 @@ class Pipeline:
             from_addr=req_addr, from_name=thread.citizen_name, to_addr=to,
             to_name=authority.name if authority else "", domain=self.domain,
             subject="Re: " + self.foi_subject(thread),
-            text=render(self.site.templates, "mail/followup.txt", **self._context(thread),
-                        text=text),
+            text=render(self.site.templates,
+                        "mail/report_followup.txt" if thread.kind == "report"
+                        else "mail/followup.txt", **self._context(thread), text=text),
             in_reply_to=refs[-1] if refs else None, references=refs,
             attachments=list(c.pm.attachments),
             message_id=new_message_id(self.domain, f"foi{thread.id}"))

@@ -5,6 +5,9 @@ conditional UPDATE (pending → sent) succeeds for exactly one sweeper, however 
 `reminders run` commands race, and the outbox row is committed with it. A reminder whose
 window was missed (the daemon was down) is still due, so it goes out at the next sweep; one
 that no longer applies (the answer came, the due date moved) is skipped with the reason.
+
+A fault report's questionnaire ("has it been fixed?") is a reminder like the others: one row
+per question, settled by the same conditional UPDATE, skipped once the report is not open.
 """
 from __future__ import annotations
 
@@ -101,6 +104,8 @@ class Reminders:
                 "request_address": self.site.request_address(thread)}
 
     def _send(self, tx: Tx, r: Reminder, thread: Thread, now: datetime) -> list[int]:
+        if r.kind == "questionnaire":
+            return self._questionnaire(tx, r, thread, now)
         ctx = self._context(thread)
         domain, s = self.site.domain, self.site.settings
         authority = ctx["authority"]
@@ -145,4 +150,20 @@ class Reminders:
             message_id=new_message_id(domain, f"rem{thread.id}"))
         _, row = queue_message(tx, self.site.signer, out, thread_id=thread.id,
                                kind=f"reminder_{r.kind}", mail_from=s.outbound.bounce_address)
+        return [row]
+
+    def _questionnaire(self, tx: Tx, r: Reminder, thread: Thread, now: datetime) -> list[int]:
+        """Ask the citizen whether her fault report was fixed, and plan the next time to ask
+        (it is skipped, not sent, once she says it was fixed or withdraws it)."""
+        from mailflow.pipeline import Pipeline
+        from mailflow.reports import next_questionnaire_due
+        flow = Pipeline(self.site).reports
+        n = R.questionnaire_number(r.event) or 1
+        out = flow.questionnaire_mail(thread, tx.report(thread.id), n)
+        _, row = queue_message(tx, self.site.signer, out, thread_id=thread.id,
+                               kind="reminder_questionnaire",
+                               mail_from=self.site.settings.outbound.bounce_address)
+        days = self.site.settings.reports.questionnaire_repeat_days
+        tx.add_reminder(thread.id, "questionnaire", R.questionnaire_event(n + 1),
+                        next_questionnaire_due(r.due_at, now, days))
         return [row]

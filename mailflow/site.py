@@ -13,7 +13,8 @@ from typing import Any
 from jinja2 import Environment
 
 from mailflow import config as config_mod
-from mailflow.core.addresses import AddressKind, thread_address
+from mailflow.core.addresses import AddressKind, report_address, thread_address
+from mailflow.core.door import DoorDecision, check_recipient
 from mailflow.config import Settings
 from mailflow.core.rules import Rules
 from mailflow.outbound.signing import Signer, load_key
@@ -63,13 +64,35 @@ class Site:
         return self._("Freedom of Information request - {title}", title=thread.title) \
             + f" [FOI #{thread.id}]"
 
+    def report_subject(self, thread: Any) -> str:
+        """A fault report's subject, `Problem report - <title> [Report #<id>]`, built like the
+        FOI one so a council's mail system threads the replies the same way."""
+        return self._("Problem report - {title}", title=thread.title) + f" [Report #{thread.id}]"
+
+    def thread_subject(self, thread: Any) -> str:
+        """The subject mail to the authority carries: the report's or the FOI request's."""
+        return self.report_subject(thread) if thread.kind == "report" else self.foi_subject(thread)
+
     def request_address(self, thread: Any) -> str:
-        """Where the authority writes: the thread's authority-side secret address."""
+        """Where the authority writes: the thread's authority-side secret address
+        (`report-<id>-<token>@` for a fault report, `request-…` for an FOI request)."""
+        if thread.kind == "report":
+            return report_address(thread.id, thread.request_token, self.domain)
         return thread_address(AddressKind.REQUEST, thread.id, thread.request_token, self.domain)
 
     def reply_address(self, thread: Any) -> str:
         """Where the citizen writes: a different secret, so nobody else can write as her."""
         return thread_address(AddressKind.REPLY, thread.id, thread.reply_token, self.domain)
+
+    @property
+    def takes_reports(self) -> bool:
+        """Whether the site has fault-report categories (rules/categories.toml), so report@ is open."""
+        return self.rules.reports is not None
+
+    def check_recipient(self, rcpt: str) -> DoorDecision:
+        """The door's decision for one recipient, with everything the site knows."""
+        return check_recipient(rcpt, domain=self.domain, slugs=self.rules.slugs,
+                               site_url=self.settings.site.url, reports=self.takes_reports)
 
     def _(self, message: str, **values: object) -> str:
         """Translate a string of code (a subject line) into the site's language."""

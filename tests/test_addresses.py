@@ -77,3 +77,45 @@ def test_door_accepts_retyped_thread_addresses() -> None:
     d = check_recipient("request12abcdefghjkmn@ask.example", domain=D, slugs=SLUGS, site_url="x")
     assert d.accept and d.address is not None and d.address.thread_id == 12
     assert d.address.kind is AddressKind.REQUEST
+
+
+# -- fault reports -----------------------------------------------------------------------------
+def test_report_addresses_and_their_category_tag() -> None:
+    a = A.parse_ours("report@ask.example", D, SLUGS)
+    assert a is not None and a.kind is AddressKind.REPORT and a.slug is None
+    t = A.parse_ours("Report+Pothole@ASK.example", D, SLUGS)
+    assert t is not None and t.kind is AddressKind.REPORT and t.slug == "pothole"
+    assert t.address == "report+pothole@ask.example"
+
+
+def test_a_reports_authority_side_address_is_a_request_address() -> None:
+    addr = A.report_address(7, "abcdef012345", D)
+    assert addr == "report-7-abcdef012345@ask.example"
+    a = A.parse_ours(addr.upper(), D, SLUGS)
+    assert a is not None and a.kind is AddressKind.REQUEST and a.thread_id == 7
+    assert A.token_matches(a.token, "abcdef012345")
+    # found however it is retyped, like request- addresses, and always as the authority side
+    for text in (f"Re: <{addr}>", "REPORT-7-ABCDEF012345@ask.example",
+                 "report7abcdef012345@ask.example", "report--7--abcdefo12345@old.example",
+                 "reports-7-abcdef012345@ask.example"):
+        (c,) = A.find_thread_addresses(text, D)
+        assert (c.kind, c.thread_id, c.token) == (AddressKind.REQUEST, 7, "abcdef012345"), text
+    (c,) = A.find_thread_addresses(f"To: {addr}", D)
+    assert c.exact and c.mangling == ()
+
+
+def test_report_is_not_an_authority_slug() -> None:
+    assert not A.valid_slug("report") and not A.valid_slug("report-7")
+    assert A.valid_slug("reporting-unit") and A.valid_slug("camden")
+
+
+def test_the_door_opens_report_only_on_a_site_with_categories() -> None:
+    for addr in ("report@ask.example", "report+pothole@ask.example"):
+        no = check_recipient(addr, domain=D, slugs=SLUGS, site_url="x")
+        assert not no.accept and no.reply.startswith("550 5.1.1") and "fault reports" in no.reply
+        yes = check_recipient(addr, domain=D, slugs=SLUGS, site_url="x", reports=True)
+        assert yes.accept and yes.address is not None
+        assert yes.address.kind is AddressKind.REPORT
+    # A report's thread address is a thread address either way: its token decides, later.
+    d = check_recipient("report-7-abcdef012345@ask.example", domain=D, slugs=SLUGS, site_url="x")
+    assert d.accept and d.address is not None and d.address.kind is AddressKind.REQUEST

@@ -53,3 +53,38 @@ def test_upgrade_from_the_first_schema_keeps_the_data(site: Site, url: str) -> N
     tid = request_sent_on(mf, START)
     assert tid == t.id + 1
     mf.close()
+
+
+def test_upgrade_to_fault_reports_keeps_the_threads_and_adds_reports(site: Site, url: str) -> None:
+    """0005 → 0006 on an existing site: its FOI threads stay, and reports can be stored."""
+    from mailflow.core.geo import Point
+    engine = db.make_engine(url)
+    with engine.connect() as conn:
+        with conn.begin():
+            command.upgrade(db._alembic_config(conn), "0005")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO threads (kind, state, authority, law, title, body, citizen_email, "
+            "citizen_name, request_token, reply_token, created_at, delivery_status) VALUES "
+            "('foi', 'waiting_response', 'camden', 'uk-foia', 'Old one', 'b', 'a@b.example', "
+            "'A', 'tok1tok1tok1', 'tok2tok2tok2', CURRENT_TIMESTAMP, 'ok')"))
+    engine.dispose()
+    store = Store(url).migrate()
+    with store.tx() as tx:
+        (old,) = tx.threads()
+        assert old.title == "Old one" and tx.report(old.id) is None and tx.reports() == []
+        tid = tx.create_thread(kind="report", state="open", authority="wessex", law="",
+                               title="Pothole", body="Deep.", citizen_email="c@d.example",
+                               citizen_name="C", request_token="tok3tok3tok3",
+                               reply_token="tok4tok4tok4")
+        tx.create_report(tid, category="pothole", lat=51.1652, lon=-1.4497,
+                         location_source="text", location_text="51.1652, -1.4497",
+                         area="wessex")
+    with store.read() as tx:
+        (r,) = tx.reports(states=["open"], category="pothole", area="wessex")
+        assert (r.thread_id, r.lat, r.lon, r.fixed_at) == (tid, 51.1652, -1.4497, None)
+        ((near, metres),) = tx.open_reports_near("pothole", Point(51.1653, -1.4497), 100)
+        assert near.thread_id == tid and 10 < metres < 12
+        assert tx.open_reports_near("bins", Point(51.1653, -1.4497), 100) == []
+        assert tx.open_reports_near("pothole", Point(51.1752, -1.4497), 100) == []
+    store.close()

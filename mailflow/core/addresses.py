@@ -5,6 +5,11 @@ citizen writes to `reply-<id>-<token2>@domain`. A new request is confirmed by a 
 single-use `confirm-<token>@domain`. The token is what makes an address unguessable, so the
 id alone never lets anyone write to a thread.
 
+Fault reports: a citizen writes to `report@domain` or `report+<category>@domain`; the report
+goes to the authority from `report-<id>-<token>@domain`, which is the thread's authority-side
+address under another prefix (the same token, the same REQUEST kind), so a council officer
+sees at a glance that it is a street report, not an FOI request.
+
 `find_thread_addresses` finds thread addresses in any text however they were retyped (case,
 separators, prefix, domain, confusable characters); see the notes above it.
 
@@ -35,6 +40,7 @@ class AddressKind(str, Enum):
     AUTHORITY = "authority"  # <slug>@domain: a citizen starts a request
     BOUNCES = "bounces"   # envelope sender of mail to citizens: their bounces come back here
     ROLE = "role"         # postmaster@, abuse@: always accepted, always read by a human
+    REPORT = "report"     # report@ or report+<category>@: a citizen starts a fault report
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ def thread_address(kind: AddressKind, thread_id: int, token: str, domain: str) -
     return f"{kind.value}-{thread_id}-{token}@{domain}"
 
 
+def report_address(thread_id: int, token: str, domain: str) -> str:
+    """The authority-side address of a fault report: REQUEST semantics, `report-` prefix."""
+    return f"report-{thread_id}-{token}@{domain}"
+
+
 def confirm_address(token: str, domain: str) -> str:
     return f"confirm-{token}@{domain}"
 
@@ -81,13 +92,22 @@ def split_address(addr: str) -> tuple[str, str] | None:
     return local.strip('"'), domain.lower().rstrip(".")
 
 
-_THREAD_RE = re.compile(r"^(request|reply)[-_.]*(\d{1,12})[-_.]+([0-9a-z]{4,40})$", re.I)
+_THREAD_RE = re.compile(r"^(request|reply|report)[-_.]*(\d{1,12})[-_.]+([0-9a-z]{4,40})$", re.I)
+# The prefix of a thread address -> the side it names. "report-" is the authority side of a
+# fault report, exactly as "request-" is for an FOI request.
+_THREAD_KIND = {"request": AddressKind.REQUEST, "reply": AddressKind.REPLY,
+                "report": AddressKind.REQUEST}
+# report@ and report+<category>@: the tag is the category slug the citizen chose, if any.
+REPORT_LOCAL = "report"
+_RESERVED_PREFIXES = ("request-", "reply-", "confirm-", "report-")
 _CONFIRM_RE = re.compile(r"^confirm[-_.]*([0-9a-z]{4,40})$", re.I)
 _SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def valid_slug(slug: str) -> bool:
-    return bool(_SLUG_RE.match(slug)) and not slug.startswith(("request-", "reply-", "confirm-"))
+    """An authority slug: not one of the local parts mailflow uses itself (report@, request-…)."""
+    return (bool(_SLUG_RE.match(slug)) and slug != REPORT_LOCAL
+            and not slug.startswith(_RESERVED_PREFIXES))
 
 
 def parse_ours(addr: str, domain: str, slugs: frozenset[str] | set[str]) -> OurAddress | None:
@@ -108,7 +128,7 @@ def parse_ours(addr: str, domain: str, slugs: frozenset[str] | set[str]) -> OurA
     base = low.split("+", 1)[0]
     m = _THREAD_RE.match(base)
     if m:
-        return OurAddress(AddressKind(m.group(1).lower()), canonical,
+        return OurAddress(_THREAD_KIND[m.group(1).lower()], canonical,
                           thread_id=int(m.group(2)), token=normalise_token(m.group(3)))
     m = _CONFIRM_RE.match(base)
     if m:
@@ -117,6 +137,9 @@ def parse_ours(addr: str, domain: str, slugs: frozenset[str] | set[str]) -> OurA
         return OurAddress(AddressKind.ROLE, canonical)
     if base == "bounces":
         return OurAddress(AddressKind.BOUNCES, canonical)
+    if base == REPORT_LOCAL:
+        tag = low.split("+", 1)[1] if "+" in low else ""
+        return OurAddress(AddressKind.REPORT, canonical, slug=tag or None)
     if base in slugs:
         return OurAddress(AddressKind.AUTHORITY, canonical, slug=base)
     return None
@@ -143,6 +166,7 @@ _PREFIX_KIND = {
     "reqest": AddressKind.REQUEST, "reqeust": AddressKind.REQUEST,
     "foirequest": AddressKind.REQUEST, "foirequests": AddressKind.REQUEST,
     "reply": AddressKind.REPLY, "replies": AddressKind.REPLY,
+    "report": AddressKind.REQUEST, "reports": AddressKind.REQUEST,
 }
 THREAD_PREFIXES = tuple(sorted(_PREFIX_KIND))
 
@@ -155,7 +179,7 @@ SCAN_LIMIT = 200_000  # characters of any one text that are searched
 # matching look-alike Unicode letters (the Kelvin sign, dotless i) whose lower case is not ours.
 _FIND_RE = re.compile(
     r"(?<![0-9a-z])"
-    r"(?P<prefix>foi[-_.]?requests?|requests?|reqeust|reqest|req|replies|reply)"
+    r"(?P<prefix>foi[-_.]?requests?|requests?|reqeust|reqest|req|replies|reply|reports?)"
     r"(?P<sep1>[-_.+]{0,4})"
     r"(?P<id>[0-9ilo]{1,12})"
     r"(?P<sep2>[-_.+]{0,4})"
@@ -211,7 +235,7 @@ def _candidate(m: re.Match[str], text: str, domain: str) -> Candidate | None:
     mangling: list[str] = []
     if any(ch.isupper() for ch in m.group(0)):
         mangling.append("case")
-    if raw_prefix.lower() not in ("request", "reply"):
+    if raw_prefix.lower() not in ("request", "reply", "report"):
         mangling.append("other prefix")
     for sep in (m.group("sep1"), m.group("sep2")):
         label = _separator_mangling(sep)
@@ -236,7 +260,7 @@ def find_thread_addresses(text: str, domain: str) -> list[Candidate]:
 
     Tolerates any case, quotes, angle brackets and display names, missing or doubled separators
     (and `_`, `.`, `+` for `-`), the prefixes in THREAD_PREFIXES (`foi-request` with any or no
-    separator), `l`/`i`/`o` typed for `1`/`1`/`0` in the id and the token, a `+sub` address,
+    separator, and `report` for a fault report's authority side), `l`/`i`/`o` typed for `1`/`1`/`0` in the id and the token, a `+sub` address,
     and any domain ("other domain" in `mangling`: an old site domain, a typo). The token must
     still be exactly TOKEN_LENGTH characters of TOKEN_ALPHABET after normalisation. Only the
     first SCAN_LIMIT characters are searched; never raises on any str.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailflow.core.addresses import (OurAddress, find_thread_addresses, is_our_domain, parse_ours,
-                                     split_address)
+from mailflow.core.addresses import (AddressKind, OurAddress, find_thread_addresses, is_our_domain,
+                                     parse_ours, split_address)
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,16 @@ class DoorDecision:
     address: OurAddress | None = None
 
 
-def check_recipient(rcpt: str, *, domain: str, slugs: frozenset[str], site_url: str) -> DoorDecision:
+def check_recipient(rcpt: str, *, domain: str, slugs: frozenset[str], site_url: str,
+                    reports: bool = False) -> DoorDecision:
+    """Accept or refuse one recipient. `reports`: the site takes fault reports (it has
+    categories in its rules), so report@ and report+<category>@ are open; without them they
+    are refused like any unknown address, so nobody reports into a void."""
     if any(ch in rcpt for ch in "\r\n\x00") or split_address(rcpt) is None:
         return DoorDecision(False, f"501 5.1.3 Bad recipient address syntax")
     ours = parse_ours(rcpt, domain, slugs)
+    if ours is not None and ours.kind is AddressKind.REPORT and not reports:
+        return DoorDecision(False, f"550 5.1.1 <{rcpt}>: this site does not take fault reports")
     if ours is not None:
         return DoorDecision(True, "250 2.1.5 Ok", ours)
     if is_our_domain(rcpt, domain):

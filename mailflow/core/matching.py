@@ -16,7 +16,7 @@ Evidence, strongest first (every piece found is recorded, in this order):
    citizen's quoted reply puts it there routinely. The address is *verified* when its token
    equals (constant time, after normalisation) the token stored for the id it names.
 2. `in_reply_to` / `references`: a Message-ID that mailflow sent.
-3. `subject_tag`: `[FOI #<id>]` in the subject, strong only when the From address is already
+3. `subject_tag`: `[FOI #<id>]` (a fault report's `[Report #<id>]`) in the subject, strong only when the From address is already
    known for that thread's authority (the tag alone is public text anybody can copy).
 4. Weak evidence, which only ever *suggests* a thread in the queue: the sender's domain has
    exactly one open thread; the subject resembles an open thread's title; a subject tag from
@@ -232,17 +232,25 @@ def _gather_message_ids(msg: ParsedMessage, lookup: Lookup) -> list[Evidence]:
 
 # ------------------------------------------------------------------------------ subject tag
 
-def _tag_re(tag: str) -> re.Pattern[str]:
-    return re.compile(r"\[\s*" + re.escape(tag) + r"\s*#\s*(\d{1,12})\s*\]", re.I)
+def _tag_re(tag: str | tuple[str, ...]) -> re.Pattern[str]:
+    tags = (tag,) if isinstance(tag, str) else tag
+    alternatives = "|".join(re.escape(t) for t in tags)
+    return re.compile(r"\[\s*(" + alternatives + r")\s*#\s*(\d{1,12})\s*\]", re.I)
 
 
-def _gather_tags(msg: ParsedMessage, lookup: Lookup, tag: str,
+def _gather_tags(msg: ParsedMessage, lookup: Lookup, tag: str | tuple[str, ...],
                  reasons: list[str]) -> list[Evidence]:
-    """`[FOI #n]` tags; strong only with a sender already known for the thread's authority."""
+    """`[FOI #n]` (and a fault report's `[Report #n]`) tags; strong only with a sender
+    already known for the thread's authority."""
     out: list[Evidence] = []
     sender = msg.from_addr.lower()
-    for thread_id in dict.fromkeys(int(n) for n in _tag_re(tag).findall(msg.subject[:2000])):
-        shown = f"[{tag} #{thread_id}]"
+    tags = (tag,) if isinstance(tag, str) else tag
+    found: dict[int, str] = {}
+    for written, n in _tag_re(tag).findall(msg.subject[:2000]):
+        canonical = next((t for t in tags if t.lower() == written.lower()), written)
+        found.setdefault(int(n), canonical)
+    for thread_id, tag_name in found.items():
+        shown = f"[{tag_name} #{thread_id}]"
         authority = lookup.thread_authority(thread_id) if thread_id > 0 else None
         if authority is None:
             reasons.append(f"the subject tag {shown} names no thread we have")
@@ -357,7 +365,7 @@ def _ids(threads: Sequence[int]) -> str:
 
 
 def match(msg: ParsedMessage, lookup: Lookup, *, domain: str, envelope_rcpts: Sequence[str] = (),
-          subject_tag: str = "FOI") -> Decision:
+          subject_tag: str | tuple[str, ...] = ("FOI", "Report")) -> Decision:
     """Decide the thread(s) of `msg`, or the queue, from every piece of evidence, with reasons.
 
     With a verified address (the set V of (thread, side) it names):

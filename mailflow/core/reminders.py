@@ -18,7 +18,11 @@ CLOCK_RUNNING = frozenset({"waiting_response", "internal_review"})
 # States in which the citizen has said how it ended (or withdrew): nothing more to remind.
 FINAL = frozenset({"successful", "partially_successful", "rejected", "not_held",
                    "user_withdrawn"})
-KINDS = ("citizen_due", "citizen_late", "authority_followup", "very_late", "describe")
+KINDS = ("citizen_due", "citizen_late", "authority_followup", "very_late", "describe",
+         "questionnaire")
+# A fault report has no statutory clock: its one reminder is the questionnaire ("has it been
+# fixed?"), asked while the report is open (sent, not yet fixed, not withdrawn).
+REPORT_OPEN = "open"
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,24 @@ def after_response(message_pk: int, received: date, policy: ReminderPolicy) -> R
                         received + timedelta(days=policy.describe_after_days))
 
 
+def questionnaire_event(n: int) -> str:
+    """The n-th "has it been fixed?" of a fault report: one reminders row per event."""
+    return f"q:{n}"
+
+
+def questionnaire_number(event: str) -> int | None:
+    """n from "q:<n>", or None for any other event."""
+    prefix, _, n = event.partition(":")
+    return int(n) if prefix == "q" and n.isdigit() else None
+
+
 def applies(kind: str, event: str, *, state: str, due: date | None, very_late: date | None,
             awaiting_description: bool, today: date) -> tuple[bool, str]:
     """Whether a reminder still makes sense now, and why (or why not)."""
+    if kind == "questionnaire":
+        if state != REPORT_OPEN:
+            return False, f"the report is no longer open ({state})"
+        return True, "the report is open: ask whether it was fixed"
     if state in FINAL:
         return False, f"the request has ended ({state})"
     if kind == "describe":

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
 from mailflow.store.tables import (audit_log, authority_senders, blocked_senders, deliveries, messages, outbox, queue_items,
-                                   raw_messages, reminders, thread_events, threads)
+                                   raw_messages, reminders, reports, thread_events, threads)
 
 
 def utcnow() -> datetime:
@@ -121,6 +121,33 @@ class QueueItem:
     decided_at: datetime | None
     decision: str | None
     decided_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a fault report adds to its thread (see tables.reports)."""
+    thread_id: int
+    category: str | None
+    lat: float | None
+    lon: float | None
+    location_source: str | None
+    location_text: str | None
+    area: str | None
+    fixed_at: datetime | None
+    updated_at: datetime
+
+
+# The report columns a caller may set; the key and updated_at are the store's.
+_REPORT_FIELDS = frozenset({"category", "lat", "lon", "location_source", "location_text", "area",
+                            "fixed_at"})
+
+
+def _report(row: Any) -> Report:
+    m = dict(row._mapping)
+    return Report(**{k: m[k] for k in Report.__dataclass_fields__
+                     if k not in ("fixed_at", "updated_at")},
+                  fixed_at=_aware(m["fixed_at"]),
+                  updated_at=_aware(m["updated_at"]))  # type: ignore[arg-type]
 
 
 def _thread(row: Any) -> Thread:
@@ -423,6 +450,68 @@ class Tx:
                                   threads.c.state.in_(["waiting_response", "internal_review"]))
         return [_thread(r) for r in self.c.execute(q.order_by(threads.c.id))]
 
+    # -- fault reports ----------------------------------------------------------------------
+    def create_report(self, thread_id: int, **values: Any) -> None:
+        """The report row of a new thread of kind "report"; any field may still be unknown."""
+        unknown = set(values) - _REPORT_FIELDS
+        if unknown:
+            raise ValueError(f"not report fields: {', '.join(sorted(unknown))}")
+        self.c.execute(insert(reports).values(thread_id=thread_id, updated_at=utcnow(), **values))
+
+    def report(self, thread_id: int) -> Report | None:
+        row = self.c.execute(select(reports).where(reports.c.thread_id == thread_id)).first()
+        return _report(row) if row else None
+
+    def update_report(self, thread_id: int, **values: Any) -> None:
+        unknown = set(values) - _REPORT_FIELDS
+        if unknown:
+            raise ValueError(f"not report fields: {', '.join(sorted(unknown))}")
+        self.c.execute(update(reports).where(reports.c.thread_id == thread_id)
+                       .values(updated_at=utcnow(), **values))
+
+    def reports(self, states: list[str] | tuple[str, ...] | set[str] | None = None,
+                category: str | None = None, area: str | None = None) -> list[Report]:
+        """Reports, oldest first, filtered by their thread's state, category and area."""
+        q = (select(reports).join(threads, threads.c.id == reports.c.thread_id)
+             .order_by(reports.c.thread_id))
+        if states is not None:
+            q = q.where(threads.c.state.in_(sorted(states)))
+        if category is not None:
+            q = q.where(reports.c.category == category)
+        if area is not None:
+            q = q.where(reports.c.area == area)
+        return [_report(r) for r in self.c.execute(q)]
+
+    def open_reports_near(self, category: str, point: Any, distance_m: float,
+                          exclude: int | None = None) -> list[tuple[Report, float]]:
+        """Open reports (sent, not fixed) of a category within `distance_m` of `point`
+        (anything with .lat and .lon), nearest first, with their distance in metres.
+
+        A bounding box narrows the rows in SQL (plain columns, so SQLite and PostgreSQL alike);
+        the exact great-circle distance decides.
+        """
+        import math
+
+        from mailflow.core.geo import Point, distance_m as dist
+        lat_pad = distance_m / 111_000 + 1e-6
+        lon_pad = distance_m / (111_000 * max(math.cos(math.radians(point.lat)), 0.01)) + 1e-6
+        q = (select(reports).join(threads, threads.c.id == reports.c.thread_id)
+             .where(threads.c.state == "open", reports.c.category == category,
+                    reports.c.lat.between(point.lat - lat_pad, point.lat + lat_pad),
+                    reports.c.lon.between(point.lon - lon_pad, point.lon + lon_pad))
+             .order_by(reports.c.thread_id))
+        if exclude is not None:
+            q = q.where(reports.c.thread_id != exclude)
+        here = Point(point.lat, point.lon)
+        out = []
+        for row in self.c.execute(q):
+            r = _report(row)
+            assert r.lat is not None and r.lon is not None
+            d = dist(here, Point(r.lat, r.lon))
+            if d <= distance_m:
+                out.append((r, d))
+        return sorted(out, key=lambda rd: (rd[1], rd[0].thread_id))
+
     # -- the admin queue ------------------------------------------------------------------
     def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,
                        thread_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
@@ -512,5 +601,5 @@ class Store:
         self.engine.dispose()
 
 
-__all__ = ["Store", "Tx", "Thread", "StoredMessage", "OutboxRow", "QueueItem", "IntegrityError",
-           "utcnow"]
+__all__ = ["Store", "Tx", "Thread", "StoredMessage", "OutboxRow", "QueueItem", "Report",
+           "IntegrityError", "utcnow"]

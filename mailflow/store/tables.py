@@ -6,8 +6,8 @@ re-publish or hand to an admin.
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, false, Boolean, Column, Date, DateTime, ForeignKey, Index, Integer,
-                        LargeBinary, MetaData, String, Table, Text, UniqueConstraint)
+from sqlalchemy import (JSON, false, Boolean, Column, Date, DateTime, Float, ForeignKey, Index,
+                        Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint)
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(column_0_label)s",
@@ -176,6 +176,23 @@ audit_log = Table(
     Column("detail", JSON, nullable=True),
 )
 Index("ix_audit_log_thread", audit_log.c.thread_id)
+
+# What a fault report (a thread of kind "report") adds to its thread: the category, where it
+# is and how mailflow knows, the area it was routed by, and when the citizen said it was fixed.
+# Every column but the key may be empty while mailflow is still asking the citizen for details.
+reports = Table(
+    "reports", metadata,
+    Column("thread_id", Integer, ForeignKey("threads.id"), primary_key=True, autoincrement=False),
+    Column("category", String(64), nullable=True),
+    Column("lat", Float, nullable=True),
+    Column("lon", Float, nullable=True),
+    Column("location_source", String(16), nullable=True),   # text | exif | gazetteer | reply
+    Column("location_text", Text, nullable=True),           # what the citizen wrote that gave it
+    Column("area", String(64), nullable=True),              # Area.id from rules/areas.geojson
+    Column("fixed_at", UTC_DT, nullable=True),
+    Column("updated_at", UTC_DT, nullable=False),
+)
+Index("ix_reports_category", reports.c.category)
 
 # Senders an admin blocked as spammers: refused at RCPT over SMTP, dropped (bytes kept) otherwise.
 blocked_senders = Table(
