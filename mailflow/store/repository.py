@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from mailflow import logs
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
 from mailflow.store.tables import (audit_log, authority_senders, blocked_senders, deliveries, messages, outbox, queue_items,
@@ -81,6 +82,7 @@ class StoredMessage:
     flags: list[str]
     hidden: bool
     created_at: datetime
+    authentication: str | None = None   # our Authentication-Results for mail received
 
 
 @dataclass(frozen=True)
@@ -355,8 +357,11 @@ class Tx:
         )).inserted_primary_key[0])
 
     def claim_outbox(self, now: datetime, lease: timedelta, ids: list[int] | None = None,
-                     limit: int = 50) -> list[OutboxRow]:
-        """Take due rows for delivery; a lease that runs out (a crashed sender) frees them."""
+                     limit: int = 50, owner: str | None = None) -> list[OutboxRow]:
+        """Take due rows for delivery; a lease that runs out (a crashed sender) frees them.
+
+        The lease names its holder (this process, host:pid) so that a holder known to be
+        dead has its rows released at once (`mailflow.instances`)."""
         due = or_(and_(outbox.c.state == "queued", outbox.c.next_attempt_at <= now),
                   and_(outbox.c.state == "sending", outbox.c.claimed_until < now))
         q = select(outbox).where(due).order_by(outbox.c.next_attempt_at, outbox.c.id).limit(limit)
@@ -367,7 +372,8 @@ class Tx:
         rows = [_outbox(r) for r in self.c.execute(q)]
         if rows:
             self.c.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows]))
-                           .values(state="sending", claimed_until=now + lease))
+                           .values(state="sending", claimed_until=now + lease,
+                                   claimed_by=owner or logs.INSTANCE))
         return rows
 
     def outbox_sent(self, row_id: int, result: str) -> None:

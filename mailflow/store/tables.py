@@ -83,6 +83,8 @@ messages = Table(
     Column("match_detail", JSON, nullable=True),
     Column("flags", JSON, nullable=False, default=list),
     Column("hidden", Boolean, nullable=False, default=False),
+    # Our own Authentication-Results (RFC 8601) for mail received: DKIM, SPF, DMARC verdicts.
+    Column("authentication", Text, nullable=True),
     Column("created_at", UTC_DT, nullable=False),
 )
 Index("ix_messages_thread", messages.c.thread_id)
@@ -113,6 +115,7 @@ outbox = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTC_DT, nullable=False),
     Column("claimed_until", UTC_DT, nullable=True),
+    Column("claimed_by", String(128), nullable=True),        # the instance sending it
     Column("last_error", Text, nullable=True),
     Column("result", Text, nullable=True),
     Column("created_at", UTC_DT, nullable=False),
@@ -219,3 +222,18 @@ queue_items = Table(
     Column("decided_by", String(64), nullable=True),
 )
 Index("ix_queue_items_state", queue_items.c.state)
+
+
+# Every `mailflow serve` running for this site, and its heartbeat: `mailflow status`, the
+# health check, and releasing what a dead instance had claimed.
+instances = Table(
+    "instances", metadata,
+    Column("id", String(128), primary_key=True),          # host:pid
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTC_DT, nullable=False),
+    Column("heartbeat_at", UTC_DT, nullable=False),
+    Column("state", String(16), nullable=False),          # running | stopped | dead
+    Column("version", String(32), nullable=False, default=""),
+    Column("detail", JSON, nullable=True),                # spool depth, oldest item, ...
+)
