@@ -524,7 +524,10 @@ def thread_extend(ctx: Ctx, thread_id: int, ext_id: str | None) -> None:
         t = tx.thread(thread_id)
         if t is None:
             raise tx.no_thread(thread_id)
-        law = site.rules.laws[t.law]
+        law = site.rules.laws.get(t.law)
+        if law is None:
+            raise MailflowError(f"thread {thread_id} is a {t.kind} with no statutory clock "
+                                f"(no law applies to it), so it cannot be extended")
         exts = {e.id: e for e in law.extensions}
         if not exts:
             raise MailflowError(f"{law.name} ({law.id}) allows no extension")
@@ -837,19 +840,66 @@ def outbox_flush(ctx: Ctx) -> None:
 # -- status -----------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--check", is_flag=True,
+              help="Exit 1 unless this host's daemon beat recently and the database answers "
+                   "(for a supervisor or a monitoring check).")
 @pass_ctx
-def status(ctx: Ctx, as_json: bool) -> None:
-    """Counts that say whether the site is healthy: spool, outbox, queue."""
+def status(ctx: Ctx, as_json: bool, check: bool) -> None:
+    """Whether the site is healthy: each daemon's heartbeat, the spool, outbox and queue."""
+    from mailflow.instances import (STALE_AFTER, Registry, _aware, read_health, spool_depth)
+    from mailflow.store.repository import utcnow
     site = ctx.site
-    with site.store.read() as tx:
-        data: dict[str, Any] = tx.counts()
-    data["spool_pending"] = len(site.spool.pending())
-    data["spool_failed"] = len(site.spool.failed())
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    try:
+        with site.store.read() as tx:
+            data.update(tx.counts())
+        instances = Registry(site.store).all()
+    except MailflowError as e:
+        problems.append(f"database: {e}")
+        instances = []
+    depth = spool_depth(site.spool)
+    data.update({"spool_pending": depth["pending"], "spool_in_work": depth["in_work"],
+                 "spool_failed": depth["failed"],
+                 "oldest_unprocessed_seconds": depth["oldest"]})
+    now = utcnow()
+    data["instances"] = [{
+        "id": i.id, "hostname": i.hostname, "pid": i.pid, "state": i.state,
+        "alive": i.alive(now), "started_at": i.started_at,
+        "heartbeat_age_seconds": round((now - _aware(i.heartbeat_at)).total_seconds(), 1),
+        **{k: v for k, v in i.detail.items() if k in ("spool_pending", "outbox_backlog",
+                                                     "oldest_unprocessed_seconds")}}
+        for i in instances]
+    health = read_health(site.settings.var / "health.json")
+    if check:
+        if health is None:
+            problems.append("no health file: the daemon has not run here")
+        elif not health.get("ok"):
+            problems.append(f"the daemon says: {health.get('problem', 'not ok')}")
+        else:
+            age = (now - _aware(datetime.fromisoformat(health["at"]))).total_seconds()
+            if age > STALE_AFTER.total_seconds():
+                problems.append(f"the daemon's last heartbeat was {age:.0f} s ago")
+    data["problems"] = problems
     if as_json:
         print_json(data)
-        return
-    for k, v in data.items():
-        console.print(f"{k:<16} {v}")
+    else:
+        if instances:
+            table = Table("instance", "state", "heartbeat", "spool", "oldest", box=None)
+            for i in data["instances"]:
+                table.add_row(i["id"], i["state"] if i["alive"] or i["state"] != "running"
+                              else "silent", f"{i['heartbeat_age_seconds']:.0f} s ago",
+                              str(i.get("spool_pending", "-")),
+                              "-" if i.get("oldest_unprocessed_seconds") is None
+                              else f"{i['oldest_unprocessed_seconds']:.0f} s")
+            console.print(table)
+        for k, v in data.items():
+            if k not in ("instances", "problems"):
+                console.print(f"{k:<27} {'-' if v is None else v}", highlight=False)
+        for p in problems:
+            err_console.print(f"[bold red]problem:[/] {escape(p)}", highlight=False)
+    if check and problems:
+        sys.exit(1)
 
 
 # -- demo -------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from mailflow.archive.queue import queue_withheld
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
+from mailflow.instances import HEARTBEAT, Registry, spool_depth, write_health
 from mailflow.pipeline import Gatekeeper, Pipeline
 from mailflow.reminders import Reminders
 from mailflow.site import Site
@@ -37,6 +38,7 @@ class Daemon:
         self._outbox_lock = asyncio.Lock()
         self._archive_lock = asyncio.Lock()
         self._archive_timer: asyncio.TimerHandle | None = None
+        self.registry = Registry(site.store)
 
     # -- the door ----------------------------------------------------------------------------
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
@@ -124,7 +126,37 @@ class Daemon:
             log.info("reminders: %d sent, %d skipped, %d due dates moved", len(result.sent),
                      len(result.skipped), len(result.recomputed))
 
+    # -- being one of several ------------------------------------------------------------------
+    def _health(self) -> dict[str, object]:
+        depth = spool_depth(self.site.spool)
+        with self.site.store.read() as tx:
+            counts = tx.counts()
+        return {"spool_pending": depth["pending"], "spool_in_work": depth["in_work"],
+                "spool_failed": depth["failed"], "oldest_unprocessed_seconds": depth["oldest"],
+                "outbox_backlog": counts["outbox_queued"], "queue_open": counts["queue_open"]}
+
+    async def heartbeat(self) -> None:
+        """Say we are alive (database and health file), and free what dead instances held."""
+        path = self.site.settings.var / "health.json"
+        now = datetime.now(timezone.utc)
+        try:
+            detail = await asyncio.to_thread(self._health)
+            await asyncio.to_thread(self.registry.beat, detail)
+            released = await asyncio.to_thread(self.registry.release_claims)
+        except Exception as e:  # noqa: BLE001 - the health file says so; the next beat retries
+            log.warning("heartbeat failed: %s", e)
+            await asyncio.to_thread(write_health, path, {
+                "ok": False, "instance": self.registry.id, "at": now.isoformat(),
+                "problem": f"database: {type(e).__name__}: {e}"[:500]})
+            return
+        await asyncio.to_thread(write_health, path, {
+            "ok": True, "instance": self.registry.id, "at": now.isoformat(), **detail})
+        if released:
+            log.info("released %d outbox rows held by instances that died", released)
+            await self.flush_outbox()
+
     async def cleanup(self) -> None:
+        await asyncio.to_thread(self.registry.forget_old)
         n = await asyncio.to_thread(self.site.spool.cleanup_done,
                                     self.site.settings.spool.keep_done_days)
         if n:
@@ -140,6 +172,11 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         self.site.store  # migrate before accepting mail  # noqa: B018
         self.site.signer  # a missing DKIM key is an error now, not at the first send  # noqa: B018
+        from mailflow import __version__
+        await asyncio.to_thread(self.registry.register, __version__,
+                                {"spool": str(s.spool.dir), "listen":
+                                 f"{s.smtp.listen_host}:{s.smtp.listen_port}"})
+        await self.heartbeat()
         recovered = await asyncio.to_thread(self.site.spool.recover)
         if recovered:
             log.info("recovered %d spool items left by a crash", recovered)
@@ -168,6 +205,8 @@ class Daemon:
         # Overdue lists move with the date even when no mail comes.
         scheduler.add_job(self.refresh_archive, "cron", hour=0, minute=10, id="archive",
                           max_instances=1, coalesce=True)
+        scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT.total_seconds(),
+                          id="heartbeat", max_instances=1, coalesce=True)
         scheduler.add_job(self.cleanup, "interval", hours=6, id="cleanup",
                           max_instances=1, coalesce=True)
         scheduler.start()
@@ -196,6 +235,13 @@ class Daemon:
                 await asyncio.wait_for(worker, timeout=30)
             except asyncio.TimeoutError:
                 log.warning("worker did not finish in 30 s; its item stays in the spool")
+            try:
+                self.registry.stopped()
+                write_health(s.var / "health.json", {
+                    "ok": False, "instance": self.registry.id,
+                    "at": datetime.now(timezone.utc).isoformat(), "problem": "stopped"})
+            except Exception:  # noqa: BLE001 - a stale heartbeat says the same, a little later
+                log.warning("could not record the stop", exc_info=True)
             self.site.close()
             log.info("stopped")
 

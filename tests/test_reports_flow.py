@@ -471,6 +471,11 @@ def test_reports_do_not_trouble_the_foi_clock(site: Site) -> None:
     assert r.returncode == 0, r.stderr.decode()
     r = site.run("reminders", "run", "--now", far)
     assert r.returncode == 0, r.stderr.decode()
+    # An admin who tries to extend a report's (non-existent) clock is told why, not crashed.
+    (t,) = site.json("thread", "list")
+    r = site.run("thread", "extend", str(t["id"]))
+    assert r.returncode == 1 and b"no statutory clock" in r.stderr
+    assert b"Traceback" not in r.stderr
 
 
 def test_premoderation_holds_a_report_until_approved(site: Site) -> None:
