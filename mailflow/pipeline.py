@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Any
 
+from mailflow import logs
 from mailflow.clock import Clock
 from mailflow.core import addresses as A
 from mailflow.core.commands import STATE_WORDS, parse_command
@@ -123,12 +124,14 @@ class Pipeline:
                 return result
             plan = self.plan(tx, pm, envelope)
             for step in plan.steps:
+                logs.set_thread(step.thread_id)   # every log line of this step names it
                 if tx.delivery_seen(sha, step.key):
                     result.outcomes.append(Outcome(step.key, "duplicate", step.thread_id))
                     continue
                 c = StepContext(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
                          envelope=envelope, result=result, step=step)
                 outcome = self.execute(c)
+                logs.set_thread(outcome.thread_id)   # a new request has one only now
                 tx.record_delivery(sha, step.key, envelope.to_json(), outcome.outcome,
                                    {"thread_id": outcome.thread_id, **outcome.detail,
                                     "classification": plan.classification.kind.value,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from mailflow import logs
 from mailflow.clock import Clock
 from mailflow.core import reminders as R
 from mailflow.core.deadlines import add_days
@@ -79,6 +80,7 @@ class Reminders:
         with self.site.store.read() as tx:
             due = tx.due_reminders(now)
         for r in due:
+            logs.set_thread(r.thread_id)
             with self.site.store.tx() as tx:
                 thread = tx.thread(r.thread_id)
                 ok, why = self._applies(r, thread, now)

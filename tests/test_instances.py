@@ -103,3 +103,18 @@ def test_a_restarted_daemon_sends_what_its_killed_predecessor_held(site: Site) -
         assert len(site.mail_to(JANE)) == 1      # and not twice
     finally:
         d2.stop()
+
+
+def test_json_log_lines_name_the_instance_and_the_thread(site: Site) -> None:
+    raw = compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "Gritting", "Which roads?")
+    r = site.run("-v", "--log-format", "json", "ingest", "--rcpt", f"camden@{DOMAIN}",
+                 "--sender", JANE, input=raw)
+    assert r.returncode == 0, r.stderr.decode()
+    lines = [json.loads(line) for line in r.stderr.decode().splitlines() if line.startswith("{")]
+    assert lines and all(set(line) >= {"time", "level", "logger", "instance", "thread_id",
+                                       "message"} for line in lines)
+    (thread,) = site.json("thread", "list")
+    assert any(line["thread_id"] == thread["id"] and "new_request" in line["message"]
+               for line in lines), lines
+    bad = site.run("--log-format", "xml", "status")
+    assert bad.returncode == 2
