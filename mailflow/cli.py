@@ -846,7 +846,8 @@ def outbox_flush(ctx: Ctx) -> None:
 @pass_ctx
 def status(ctx: Ctx, as_json: bool, check: bool) -> None:
     """Whether the site is healthy: each daemon's heartbeat, the spool, outbox and queue."""
-    from mailflow.instances import (STALE_AFTER, Registry, _aware, read_health, spool_depth)
+    from mailflow.instances import (STALE_AFTER, Registry, _aware, health_path, read_health,
+                                    spool_depth)
     from mailflow.store.repository import utcnow
     site = ctx.site
     problems: list[str] = []
@@ -870,7 +871,7 @@ def status(ctx: Ctx, as_json: bool, check: bool) -> None:
         **{k: v for k, v in i.detail.items() if k in ("spool_pending", "outbox_backlog",
                                                      "oldest_unprocessed_seconds")}}
         for i in instances]
-    health = read_health(site.settings.var / "health.json")
+    health = read_health(health_path(site))
     if check:
         if health is None:
             problems.append("no health file: the daemon has not run here")

@@ -19,7 +19,7 @@ from mailflow.archive.queue import queue_withheld
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
-from mailflow.instances import HEARTBEAT, Registry, spool_depth, write_health
+from mailflow.instances import HEARTBEAT, Registry, health_path, spool_depth, write_health
 from mailflow.pipeline import Gatekeeper, Pipeline
 from mailflow.reminders import Reminders
 from mailflow.site import Site
@@ -137,7 +137,7 @@ class Daemon:
 
     async def heartbeat(self) -> None:
         """Say we are alive (database and health file), and free what dead instances held."""
-        path = self.site.settings.var / "health.json"
+        path = health_path(self.site)
         now = datetime.now(timezone.utc)
         try:
             detail = await asyncio.to_thread(self._health)
@@ -237,7 +237,7 @@ class Daemon:
                 log.warning("worker did not finish in 30 s; its item stays in the spool")
             try:
                 self.registry.stopped()
-                write_health(s.var / "health.json", {
+                write_health(health_path(self.site), {
                     "ok": False, "instance": self.registry.id,
                     "at": datetime.now(timezone.utc).isoformat(), "problem": "stopped"})
             except Exception:  # noqa: BLE001 - a stale heartbeat says the same, a little later

@@ -4,7 +4,7 @@ Each `mailflow serve` registers itself in the `instances` table when it starts a
 every few seconds with its spool's depth. That serves three purposes:
 
 - `mailflow status` shows every instance, its last heartbeat and its queues;
-- a health file (`var/health.json`) that a supervisor or a monitoring check can read, and
+- a health file (`health.json` in the instance's spool folder) that a supervisor or a monitoring check can read, and
   `mailflow status --check` that exits non-zero when this host's daemon is not healthy;
 - claims outlive their holder only as long as needed: an outbox row leased by an instance
   that is known to be dead (it stopped, its process is gone from this host, or its heartbeat
@@ -146,6 +146,12 @@ def spool_depth(spool: Any) -> dict[str, Any]:
             oldest = max(0.0, round(time.time() - first / 1e9, 1))
     return {"pending": len(pending), "in_work": len(in_work), "failed": len(failed),
             "oldest": oldest}
+
+
+def health_path(site: Any) -> Path:
+    """Next to the spool: each instance has its own spool, so its own health file, even when
+    several run from one folder."""
+    return Path(site.settings.spool.dir) / "health.json"
 
 
 def write_health(path: Path, data: dict[str, Any]) -> None:

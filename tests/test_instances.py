@@ -19,7 +19,7 @@ from mailflow.store.tables import instances, outbox
 
 def _health(site: Site) -> dict | None:  # type: ignore[type-arg]
     try:
-        return json.loads((site.dir / "var" / "health.json").read_text())
+        return json.loads((site.dir / "var" / "spool" / "health.json").read_text())
     except (OSError, ValueError):
         return None
 
