@@ -8,7 +8,9 @@ Three guarantees, each for a reader of the public site:
   removed them all; this is the last line of defence, and it raises instead of writing.
 - **Never half a site.** Files are staged as temporary files inside the output folder first;
   only when every file of the build has been staged (and checked) are they moved into place,
-  each with `os.replace`. A failed build leaves the published site as it was.
+  each with `os.replace`. A failed build leaves the published site as it was. Every staged
+  file is fsynced before it is renamed, and every folder a rename or removal changed is
+  fsynced after, so a crash or power cut leaves each file either old or new, never empty.
 - **Only what changed.** A manifest (path → sha256) in `.mailflow-cache/manifest.json` says
   what the last build wrote; an unchanged file is not touched (its mtime stays, so HTTP caches
   and rsync stay quiet), and a file the new build no longer produces is removed.
@@ -103,12 +105,20 @@ def _trie_pattern(words: list[bytes]) -> bytes:
     return emit(trie)
 
 
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|]")
+_MAX_NAME = 255    # bytes in one path component (ext4, most file systems)
+
+
 def safe_rel(rel: str) -> str:
     """A path inside the output folder, or ValueError: no absolute paths, no '..', no dot
-    folders (the cache), nothing in the reserved folders."""
+    folders (the cache), nothing in the reserved folders, no control characters,
+    backslashes or characters Windows and web servers treat specially, no name too long for
+    a file system."""
     p = PurePosixPath(rel)
-    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") or part.startswith(".")
-                                             for part in p.parts):
+    if (p.is_absolute() or not p.parts or _BAD_PATH_CHARS.search(rel)
+            or any(part in ("", ".", "..") or part.startswith(".")
+                   or len(part.encode("utf-8", "surrogatepass")) > _MAX_NAME
+                   for part in p.parts)):
         raise ValueError(f"not a publishable path: {rel!r}")
     if p.parts[0] in RESERVED:
         raise ValueError(f"{rel!r} is in a folder the writer does not own")
@@ -168,6 +178,8 @@ class Writer:
         tmp = self._staging / f"{len(self._staged):07d}.tmp"
         with open(tmp, "wb") as f:
             f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
         self._staged.append((tmp, target))
         self.result.written.append(rel)
         return digest
@@ -179,9 +191,11 @@ class Writer:
     def commit(self) -> WriteResult:
         """Move every staged file into place, remove what is no longer produced, save the
         manifest. Only called once every file of the build has been checked."""
+        changed: set[Path] = set()
         for tmp, target in self._staged:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _makedirs(target.parent, self.root, changed)
             os.replace(tmp, target)
+            changed.add(target.parent)
         self._staged.clear()
         shutil.rmtree(self._staging, ignore_errors=True)
         for rel in sorted(set(self.previous) - set(self.manifest)):
@@ -192,8 +206,11 @@ class Writer:
             path = self.root / rel
             if path.is_file():
                 path.unlink()
+                changed.add(path.parent)
             self.result.removed.append(rel)
-            _prune_empty(path.parent, self.root)
+            _prune_empty(path.parent, self.root, changed)
+        for folder in sorted(changed, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)   # deepest first: a folder's entry in its parent comes after
         save_manifest(self.root, self.manifest)
         return self.result
 
@@ -212,19 +229,49 @@ def save_manifest(root: Path, manifest: dict[str, str]) -> None:
 
 
 def write_private_json(path: Path, data: object) -> None:
-    """A cache file, written atomically (never published: it lives in the cache folder)."""
+    """A cache file, written atomically and durably (never published: it lives in the cache
+    folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":"), sort_keys=True), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, separators=(",", ":"), sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
-def _prune_empty(folder: Path, root: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of a folder (a rename, a new or removed file) durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        return      # pruned after it changed: its parent records that
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(folder: Path, root: Path, changed: set[Path]) -> None:
+    """mkdir -p, noting each parent that gained a folder (to fsync it)."""
+    missing = []
+    while not folder.is_dir() and folder != root and root in folder.parents:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+        changed.add(f.parent)
+
+
+def _prune_empty(folder: Path, root: Path, changed: set[Path] | None = None) -> None:
     while folder != root and root in folder.parents:
         try:
             folder.rmdir()
         except OSError:
             return
+        if changed is not None:
+            changed.add(folder.parent)
         folder = folder.parent
 
 
@@ -253,11 +300,14 @@ def swap_in(new: Path, out: Path) -> None:
     """
     if not out.exists():
         os.replace(new, out)
+        fsync_dir(out.parent)
         return
     if _exchange(new, out):
+        fsync_dir(out.parent)
         shutil.rmtree(new)
         return
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(new, out)
+    fsync_dir(out.parent)
     shutil.rmtree(old)

@@ -1,12 +1,30 @@
 """Raw bytes → ParsedMessage, without ever letting hostile mail crash or stall the pipeline.
 
-The standard `email` package (`policy.default`) is the parser of record. It has two failure
+The standard `email` package (`policy.default`) is the parser of record. It has three failure
 modes that matter to a daemon reading mail from strangers: deep MIME nesting makes it recurse
-until `RecursionError` (and same-boundary nesting makes `get_content()` raise `KeyError`), and
-its structured header parser is super-linear (40,000 addresses in one To: take ~25 s). So
-before the stdlib sees a message, a cheap line scanner with an explicit stack measures part
-count, nesting depth and header sizes; where a cap is hit, the message is cut at that point and
-a "cap: ..." defect is recorded, so whatever came before (headers, first text) is still used.
+until `RecursionError` (and same-boundary nesting makes `get_content()` raise `KeyError`), its
+structured header parser is super-linear (40,000 addresses in one To: take ~25 s), and its
+feedparser keeps a Python string per line, so a message costs it 8-19 times its size in memory
+(10 MB of short lines: ~150 MB). So before the stdlib sees a message:
+
+- the top-level header block is bounded (1,000 fields, 1 MB, 256 KB a field) with regular
+  expressions, never a Python loop per line;
+- a line scanner with an explicit stack measures part count, nesting depth and part headers
+  the way the feedparser reads them; where a cap is hit the message is cut at that point, and
+- every leaf body is replaced by a one-line token, so the stdlib parses headers and structure
+  only; bodies are decoded from the raw bytes as `get_payload(decode=True)` would. The
+  stdlib's reading is then checked against the scanner's (every token must be a whole part
+  payload, every multipart boundary one the scanner knew); when they differ, the message is
+  read again the stdlib's way alone (its first 8 MB).
+
+Text and HTML bodies are read up to 1 MB in all. Every cap hit is a "cap: ..." defect
+(`caps_hit`), so whatever came before (headers, first text) is still used and the raw message,
+stored whole, has the rest: a capped message is for a person to look at.
+
+Addresses: a From (or Reply-To) that two parsers read differently, or that is not one plain
+address, is rejected (CVE-2023-27043: `alice@good.example <bob@evil.example>`,
+`"a@good.example"@evil.example`, `a@good.example@evil.example`); a display name showing
+another address is dropped.
 
 mail-parser is deliberately not used here: what it adds for us (the `for <addr>` clauses of
 Received headers) is one regex, while it re-parses with compat32, recurses on deep nesting and
@@ -17,24 +35,26 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import html as html_lib
 import inspect
 import mimetypes
 import quopri
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email import policy as email_policy
 from email import utils as email_utils
+from email._encoded_words import decode_b
 from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
-from collections.abc import Iterator
 from typing import Any
 
 from mailflow.core.message import Attachment, ParsedMessage
 
-__all__ = ["Limits", "ParseError", "parse"]
+__all__ = ["Limits", "ParseError", "caps_hit", "parse"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,13 @@ class Limits:
     max_parts: int = 500
     max_depth: int = 20
     max_header_bytes: int = 1024 * 1024
+    # Text and HTML bodies together: what is read as text (the raw message keeps the rest).
+    # The longest in tests/corpus is 175 KB; every later step (DKIM-signing a forward,
+    # redaction, the page) costs a multiple of it.
+    max_text_bytes: int = 1024 * 1024
+    # Leaf bodies at least this long are decoded from the raw bytes instead of by the
+    # stdlib (see _Scan); 0: all of them. Tests set it huge to compare both readings.
+    inline_body_max: int = 0
 
 
 class ParseError(Exception):
@@ -54,6 +81,9 @@ _STRUCTURED_MAX = 16 * 1024          # a header value parsed with policy.default
 _FIELD_MAX = 256 * 1024              # any single header field is truncated to this
 _PART_HEADER_MAX = 64 * 1024         # a MIME part's header block
 _MAX_HEADER_FIELDS = 1000            # top-level fields decoded (real mail has < 200)
+# When the stdlib reads the MIME structure differently from our scanner, the message is read
+# again the stdlib's way alone, which costs up to ~20x its size in memory: only this much.
+_FALLBACK_MAX = 8 * 1024 * 1024
 _POLICY = email_policy.default
 
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
@@ -62,8 +92,9 @@ _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _CT_FIELD = re.compile(rb"content-type[ \t]*:", re.I)
 _CT_VALUE = re.compile(rb"content-type[ \t]*:\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*/\s*"
                        rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)", re.I)
-_BOUNDARY = re.compile(rb"""boundary\s*(?:\*\s*)?(?:0\s*\*?\s*)?=\s*(?:"([^"\r\n]*)"|([^\s;"]+))""",
-                       re.I)
+# An unquoted value ends where an RFC 2045 token ends, as the stdlib reads it ("a=b" is "a").
+_BOUNDARY = re.compile(rb"""boundary\s*(?:\*\s*)?(?:0\s*\*?\s*)?=\s*"""
+                       rb"""(?:"([^"\r\n]*)"|([^\s;"()<>@,:\\/\[\]?=]+))""", re.I)
 
 _LEADING_BLANK = re.compile(rb"(?:[ \t]*(?:\r\n|\r|\n))+")
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
@@ -76,6 +107,9 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _FOLD = re.compile(r"[ \t]*(?:\r\n|\r|\n)[ \t]*|\t")
 
 _ADDRESS_HEADERS = ("to", "cc", "bcc")
+# Control characters and the Unicode direction controls (LRM, RLM, ALM, embeddings,
+# overrides, isolates), removed from attachment names.
+_NAME_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 # Labels seen in real mail that Python does not know, or knows under a narrower codec.
 _CHARSET_ALIASES = {
@@ -253,10 +287,6 @@ def html_to_text(markup: str) -> str:
 
 # ------------------------------------------------------------------------- pre-parse caps
 
-def _lines(raw: bytes, start: int = 0) -> Iterator[re.Match[bytes]]:
-    return _LINE.finditer(raw, start)
-
-
 def _split_fields(lines: list[bytes]) -> list[list[bytes]]:
     fields: list[list[bytes]] = []
     for line in lines:
@@ -271,88 +301,196 @@ def _field_name(field: list[bytes]) -> str:
     return field[0].split(b":", 1)[0].strip().decode("ascii", "replace")[:60]
 
 
+# Where a header block ends: a line break followed by a line that is not part of a header
+# field (a blank line, or a line the stdlib would take as the first line of the body).
+_HEADER_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?![\t ]|From |[\041-\071\073-\176]*:)")
+# Where a header field ends: a line break not followed by a continuation line.
+_FIELD_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?![\t ])")
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def _header_end(raw: bytes) -> int:
+    """The offset just after the last line of the top-level header block (regular
+    expressions only: a block of millions of short lines costs no Python loop)."""
+    if not _HEADER_LINE.match(raw) or raw[:1] in (b"\r", b"\n"):
+        return 0
+    m = _HEADER_END.search(raw)
+    return m.end() if m is not None else len(raw)
+
+
 def _cap_top_headers(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
-    """Bound the top-level header block: huge fields are what make the stdlib slow."""
-    header_lines: list[bytes] = []
-    end = 0
-    separator = b""
-    for m in _lines(raw):
-        line = m.group()
-        if line in (b"\r\n", b"\n", b"\r"):
-            separator = line
-            end = m.end()
-            break
-        if not _HEADER_LINE.match(line):
-            end = m.start()
-            break
-        header_lines.append(line)
-        end = m.end()
-    header_size = sum(map(len, header_lines))
-    if header_size <= min(_STRUCTURED_MAX, limits.max_header_bytes):
+    """Bound the top-level header block: huge fields are what make the stdlib slow.
+
+    Fields are kept in order until a cap is reached (1000 fields, `max_header_bytes` in
+    all); a field over _FIELD_MAX is truncated and a Content-* field over _STRUCTURED_MAX
+    dropped. The work is bounded by what is kept, not by the size of the block."""
+    end = _header_end(raw)
+    if end <= min(_STRUCTURED_MAX, limits.max_header_bytes):
         return raw  # fast path: no field can be over any cap
     kept: list[bytes] = []
     total = 0
-    dropped = 0
+    fields = 0
     changed = False
-    fields = _split_fields(header_lines)
-    if len(fields) > _MAX_HEADER_FIELDS:
-        defects.append(f"cap: more than {_MAX_HEADER_FIELDS} header fields, "
-                       f"{len(fields) - _MAX_HEADER_FIELDS} dropped")
-        fields = fields[:_MAX_HEADER_FIELDS]
-        changed = True
-    for field in fields:
-        size = sum(map(len, field))
-        name = _field_name(field)
+    pos = 0
+    while pos < end:
+        found = _FIELD_END.search(raw, pos, end)
+        field_end = found.end() if found is not None else end
+        fields += 1
+        if fields > _MAX_HEADER_FIELDS:
+            defects.append(f"cap: more than {_MAX_HEADER_FIELDS} header fields, the rest dropped")
+            changed = True
+            break
+        size = field_end - pos
+        first = _EOL.search(raw, pos, field_end)
+        first_line = (first.end() if first is not None else field_end) - pos
+        name = _field_name([raw[pos:pos + min(first_line, 200)]])
         if name.lower().startswith("content-") and size > _STRUCTURED_MAX:
             defects.append(f"cap: {name} header over {_STRUCTURED_MAX} bytes, dropped")
             changed = True
+            pos = field_end
             continue
-        data = b"".join(field)
         if size > _FIELD_MAX:
-            cut = data[:_FIELD_MAX]
+            cut = raw[pos:pos + _FIELD_MAX]
             at = max(cut.rfind(b","), cut.rfind(b"\n"))
-            cut = cut[:at] if at > len(field[0]) // 2 else cut
+            cut = cut[:at] if at > first_line // 2 else cut
             data = cut.rstrip(b"\r\n") + b"\r\n"
             defects.append(f"cap: {name} header over {_FIELD_MAX} bytes, truncated")
             changed = True
+        else:
+            data = raw[pos:field_end]
         if total + len(data) > limits.max_header_bytes:
-            dropped += 1
+            defects.append(f"cap: header block over {limits.max_header_bytes} bytes, "
+                           "the rest dropped")
             changed = True
-            continue
+            break
         total += len(data)
         kept.append(data)
-    if dropped:
-        defects.append(f"cap: header block over {limits.max_header_bytes} bytes, "
-                       f"{dropped} field(s) dropped")
+        pos = field_end
     if not changed:
         return raw
-    return b"".join(kept) + (separator or b"\r\n") + raw[end:]
+    rest = raw[end:]
+    if _EOL.match(rest) is None:   # the body started without a blank line: keep it so
+        rest = b"\r\n" + rest
+    return b"".join(kept) + rest
 
 
-def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
+_TOTAL_PART_HEADERS = 2 * 1024 * 1024   # all MIME part headers of one message together
+
+
+@functools.lru_cache(maxsize=64)
+def _boundary_lines(boundaries: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """A boundary line of any of `boundaries`, found with the line break before it (in a
+    body, the scan position is always just after a line break)."""
+    alternatives = b"|".join(re.escape(b) for b in sorted(set(boundaries), key=len, reverse=True))
+    return re.compile(rb"[\r\n]--(?:" + alternatives + rb")(?:--)?[ \t]*(?=\r\n|\r|\n|\Z)")
+
+
+@dataclass
+class _Scan:
+    """What the stdlib is given, and what was taken out of it.
+
+    `raw` is the message cut where a cap was hit, with every leaf body of at least
+    `Limits.inline_body_max` bytes replaced by a one-line token; `bodies` maps each token to
+    (start, end) of the body it stands for in `source`. The stdlib then only ever holds
+    headers and small bodies, and large bodies are decoded from `source` directly (its
+    feedparser keeps a Python string per line: 10 MB of short lines cost it ~150 MB).
+    """
+    raw: bytes
+    source: bytes
+    bodies: dict[str, tuple[int, int]]
+    boundaries: frozenset[str]
+
+
+def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> _Scan:
     """Walk the MIME structure with an explicit stack, the way the stdlib's feedparser
     would, and cut the message where it first exceeds a cap so the stdlib never recurses
-    past it. Over-counting (a "boundary=" the stdlib would ignore) only makes us stricter."""
+    past it. Over-counting (a "boundary=" the stdlib would ignore) only makes us stricter;
+    where the two could read the structure differently, `_parse` checks and falls back."""
     stack: list[bytes | None] = []   # boundaries of open multiparts; None = a nested message
+    boundaries: set[bytes] = set()
     parts = 1
     in_header = True
     header: list[bytes] = []
     header_size = 0
+    part_headers = 0
     entity_start = 0                 # where the entity whose header we are reading begins
     top = True
+    leaf: int | None = None          # where the body of the leaf we are in began
+    leaf_strips_eol = True           # not for a multipart without boundary (stdlib's quirk)
+    spans: list[tuple[int, int, int]] = []
+    size = len(raw)
+    nonce = secrets.token_hex(8)
 
-    def cut(offset: int, why: str) -> bytes:
-        defects.append(why)
-        return raw[:offset]
+    def done(cut_at: int | None = None, why: str | None = None) -> _Scan:
+        if why is not None:
+            defects.append(why)
+        end = size if cut_at is None else cut_at
+        source = raw if cut_at is None else raw[:cut_at]
+        if not spans:
+            return _Scan(source, source, {}, _decoded(boundaries))
+        out: list[bytes] = []
+        bodies: dict[str, tuple[int, int]] = {}
+        at = 0
+        for n, (s, e, data_end) in enumerate(spans):
+            token = f"mailflow-body-{nonce}-{n:09d}"
+            out += [raw[at:s], token.encode("ascii")]
+            bodies[token] = (s, data_end)
+            at = e
+        out.append(raw[at:end])
+        return _Scan(b"".join(out), source, bodies, _decoded(boundaries))
 
-    for m in _lines(raw):
-        line = m.group()
+    def close_leaf(line_start: int, inside: bool) -> None:
+        """The leaf body that began at `leaf` ends before the boundary line at `line_start`;
+        inside a multipart the line break before the boundary belongs to the boundary."""
+        nonlocal leaf
+        if leaf is None:
+            return
+        end = line_start
+        if inside and end > leaf:
+            if raw[end - 1:end] == b"\n" and end - 1 > leaf and raw[end - 2:end - 1] == b"\r":
+                end -= 2
+            elif raw[end - 1:end] in (b"\r", b"\n"):
+                end -= 1
+        # The token replaces the body up to its last line break, which the boundary line
+        # needs; the body itself keeps that line break where the stdlib would keep it.
+        if end - leaf >= max(limits.inline_body_max, 1):
+            spans.append((leaf, end, end if leaf_strips_eol else line_start))
+        leaf = None
+
+    def boundary_of(line: bytes) -> tuple[int, bool] | None:
+        """(stack index, closing?) when the line is a boundary of an open multipart."""
+        if not line.startswith(b"--"):
+            return None
+        stripped = line.rstrip(b" \t\r\n")
+        for idx in range(len(stack) - 1, -1, -1):
+            b = stack[idx]
+            if b is None:
+                continue
+            if stripped == b"--" + b + b"--":
+                return idx, True
+            if stripped == b"--" + b:
+                return idx, False
+        return None
+
+    pos = 0
+    while True:
         if in_header:
-            if line not in (b"\r\n", b"\n", b"\r") and _HEADER_LINE.match(line):
+            m = _LINE.match(raw, pos)
+            if m is None:
+                return done()
+            line = m.group()
+            hit = boundary_of(line) if stack else None
+            if hit is None and line not in (b"\r\n", b"\n", b"\r") and _HEADER_LINE.match(line):
+                pos = m.end()
                 header.append(line)
                 header_size += len(line)
-                if not top and header_size > _PART_HEADER_MAX:
-                    return cut(entity_start, f"cap: part header over {_PART_HEADER_MAX} bytes")
+                if not top:
+                    part_headers += len(line)
+                    if header_size > _PART_HEADER_MAX:
+                        return done(entity_start, f"cap: part header over {_PART_HEADER_MAX} bytes")
+                    if part_headers > _TOTAL_PART_HEADERS:
+                        return done(entity_start, f"cap: part headers over "
+                                                  f"{_TOTAL_PART_HEADERS} bytes in total")
                 continue
             # End of this entity's header block: decide what its body is.
             ctype = b""
@@ -361,7 +499,7 @@ def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
                 if _CT_FIELD.match(field[0]):
                     data = b"".join(field)
                     if not top and len(data) > _STRUCTURED_MAX:
-                        return cut(entity_start, f"cap: part Content-Type over {_STRUCTURED_MAX} bytes")
+                        return done(entity_start, f"cap: part Content-Type over {_STRUCTURED_MAX} bytes")
                     ct = _CT_VALUE.match(data)
                     if ct:
                         ctype = (ct.group(1) + b"/" + ct.group(2)).lower()
@@ -371,51 +509,79 @@ def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> bytes:
                     break
             if not top and any(len(b"".join(f)) > _STRUCTURED_MAX for f in _split_fields(header)
                                if f[0][:8].lower() == b"content-"):
-                return cut(entity_start, f"cap: part header field over {_STRUCTURED_MAX} bytes")
+                return done(entity_start, f"cap: part header field over {_STRUCTURED_MAX} bytes")
+            was_top = top
             top = False
             header = []
             header_size = 0
+            if hit is not None:
+                # A boundary where a header or body should start: an empty part (the stdlib
+                # sees the end of this part here, whatever its header announced).
+                in_header = False
+                continue     # handled below as a boundary line, with pos still at it
             in_header = False
             is_blank = line in (b"\r\n", b"\n", b"\r")
+            body_start = m.end() if is_blank else m.start()
+            pos = body_start  # a non-header line is the body's first line (and may be a
+                              # multipart's first boundary)
             if ctype.startswith(b"multipart/") and boundary:
                 stack.append(boundary)
+                boundaries.add(boundary)
             elif ctype.startswith(b"message/") and ctype != b"message/delivery-status":
                 stack.append(None)
                 parts += 1
                 if parts > limits.max_parts:
-                    return cut(entity_start, f"cap: more than {limits.max_parts} parts")
+                    return done(entity_start, f"cap: more than {limits.max_parts} parts")
                 in_header = True
-                if not is_blank:
-                    header.append(line)
-                    header_size = len(line)
+                entity_start = body_start
+            elif None not in stack and not ctype.startswith(b"message/"):
+                leaf = body_start
+                leaf_strips_eol = not ctype.startswith(b"multipart/")
+                if was_top:  # a single-part message: the body runs to the end
+                    close_leaf(size, inside=False)
+                    return done()
             if len(stack) + 1 > limits.max_depth:
-                return cut(entity_start, f"cap: nesting deeper than {limits.max_depth}")
-            if in_header:
-                entity_start = m.start() if not is_blank else m.end()
-            elif not stack:
-                return raw   # a single-part body: nothing further can nest
+                return done(entity_start, f"cap: nesting deeper than {limits.max_depth}")
+            if not in_header and not any(b is not None for b in stack):
+                return done()   # a single-part body: nothing further can nest
             continue
-        if not stack:
-            return raw       # epilogue after the outermost closing boundary
-        if not line.startswith(b"--"):
+        # In a body: only a line starting with "--" can change anything.
+        if not any(b is not None for b in stack):
+            close_leaf(size, inside=bool(stack))
+            return done()    # epilogue after the outermost closing boundary
+        d = _boundary_lines(tuple(b for b in stack if b is not None)).search(raw, max(pos - 1, 0))
+        if d is None:
+            close_leaf(size, inside=True)
+            return done()
+        m = _LINE.match(raw, d.start() + 1)
+        assert m is not None
+        pos = m.end()
+        hit = boundary_of(m.group())
+        if hit is None:
             continue
-        stripped = line.rstrip(b" \t\r\n")
-        for idx in range(len(stack) - 1, -1, -1):
-            b = stack[idx]
-            if b is None:
-                continue
-            if stripped == b"--" + b + b"--":
-                del stack[idx:]
+        idx, closing = hit
+        close_leaf(m.start(), inside=True)
+        if closing:
+            del stack[idx:]
+            continue
+        del stack[idx + 1:]
+        # The stdlib takes several separator lines in a row as one (unless an enclosing
+        # multipart has the same boundary: then the next one ends this one).
+        b = stack[idx]
+        while b not in stack[:idx]:
+            nxt = _LINE.match(raw, pos)
+            if nxt is None or nxt.group().rstrip(b" \t\r\n") not in (b"--" + b, b"--" + b + b"--"):  # type: ignore[operator]
                 break
-            if stripped == b"--" + b:
-                del stack[idx + 1:]
-                parts += 1
-                if parts > limits.max_parts:
-                    return cut(m.start(), f"cap: more than {limits.max_parts} parts")
-                in_header = True
-                entity_start = m.start()
-                break
-    return raw
+            pos = nxt.end()
+        parts += 1
+        if parts > limits.max_parts:
+            return done(m.start(), f"cap: more than {limits.max_parts} parts")
+        in_header = True
+        entity_start = m.start()
+
+
+def _decoded(boundaries: set[bytes]) -> frozenset[str]:
+    return frozenset(b.decode("ascii", "surrogateescape") for b in boundaries)
 
 
 # ---------------------------------------------------------------------------- header fields
@@ -478,10 +644,19 @@ def _addresses(h: _Header) -> tuple[list[tuple[str, str]], bool]:
     return good, ok
 
 
-def _one_from(h: _Header) -> tuple[str, str] | None:
-    """(name, address) from one From header; ("", "") when it names nobody; None when two
-    parsers read it differently, the CVE-2023-27043 pattern where a filter and the archive
-    would disagree about who wrote."""
+# What one plain address may contain: one "@", nothing quoted, no route, list or comment.
+_NOT_PLAIN = re.compile(r"[\"\\\s\x00-\x1f\x7f<>()\[\],;:]")
+
+
+def _plain(addr: str) -> bool:
+    return addr.count("@") == 1 and not addr.startswith("@") and not addr.endswith("@") \
+        and not _NOT_PLAIN.search(addr)
+
+
+def _agreed(h: _Header) -> list[tuple[str, str]] | None:
+    """(name, address) pairs of an address header when two parsers agree on them and each
+    is a plain address; None when they disagree, the CVE-2023-27043 pattern where a filter
+    and the archive would not agree about who wrote (`"a@x"@y`, `a@x <b@y>`, `a@x@y` ...)."""
     pairs, _ = _addresses(h)
     unfolded = _unfold(h.raw)
     try:
@@ -492,11 +667,28 @@ def _one_from(h: _Header) -> tuple[str, str] | None:
         other_addrs = [a.lower() for _, a in other if "@" in a]
     except Exception:
         other_addrs = []
-    if not pairs and not other_addrs:
-        return "", ""
-    if len(pairs) != 1 or len(other_addrs) > 1 or (other_addrs and other_addrs[0] != pairs[0][1]):
+    if [a for _, a in pairs] != other_addrs and not (len(pairs) == 1 and not other_addrs):
         return None
+    if not all(_plain(a) for _, a in pairs):
+        return None
+    return pairs
+
+
+def _one_from(h: _Header) -> tuple[str, str] | None:
+    """(name, address) from one From header; ("", "") when it names nobody; None when it
+    is ambiguous (see _agreed) or names more than one address."""
+    pairs = _agreed(h)
+    if pairs is None or len(pairs) > 1:
+        return None
+    if not pairs:
+        return "", ""
     return _unfold(pairs[0][0]), pairs[0][1]
+
+
+def _misleading_name(name: str, addr: str) -> bool:
+    """A display name that shows another address (`"alice@good.example" <bob@evil.example>`,
+    an encoded-word hiding one): a reader would take it for the sender."""
+    return any(a.lower().strip(".") != addr for a in _ADDRISH.findall(name))
 
 
 def _from_address(headers: list[_Header], defects: list[str]) -> tuple[str, str]:
@@ -514,6 +706,9 @@ def _from_address(headers: list[_Header], defects: list[str]) -> tuple[str, str]
     if not usable:
         return "", ""
     addr, name = next(iter(usable.items()))
+    if _misleading_name(name, addr):
+        defects.append("misleading From: the display name shows another address; name dropped")
+        name = ""
     return name, addr
 
 
@@ -595,13 +790,68 @@ def _filename(part: Message, hint: str | None) -> str | None:
             name = light_decode(name)
         except Exception:
             pass
-    # A name is a label, never a path: "../../etc/passwd" must not reach a file system.
+    # A name is a label, never a path: "../../etc/passwd" must not reach a file system, and
+    # direction controls must not turn "invoice\u202etxt.exe" into "invoiceexe.txt".
     name = re.split(r"[/\\]", _clean(name))[-1]
-    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip().lstrip(".").strip()
+    name = _NAME_CONTROLS.sub("", name).strip().lstrip(".").strip()
     return name[:255] or None
 
 
-def _payload_bytes(part: Message) -> bytes:
+_UU = ("x-uuencode", "uuencode", "uue", "x-uue")
+_TOKEN_LEN = len("mailflow-body-") + 16 + 1 + 9
+
+
+def _token_of(payload: object) -> str | None:
+    """The token a payload consists of (the stdlib leaves a line break after some), or None."""
+    if not isinstance(payload, str) or not _TOKEN_LEN <= len(payload) <= _TOKEN_LEN + 2:
+        return None
+    token = payload[:_TOKEN_LEN]
+    return token if payload[_TOKEN_LEN:] in ("", "\r\n", "\n", "\r") else None
+
+
+@dataclass
+class _Bodies:
+    """The leaf bodies the scanner took out of what the stdlib saw (see _Scan)."""
+    source: bytes
+    spans: dict[str, tuple[int, int]]
+
+    def take(self, part: Message, limit: int | None = None) -> bytes | None:
+        """The body a token stands for, decoded as get_payload(decode=True) would; with
+        `limit`, an undecoded body is only read that far (text beyond the text cap)."""
+        if not self.spans:
+            return None
+        span = self.spans.get(_token_of(part.get_payload()))
+        if span is None:
+            return None
+        start, end = span
+        view = memoryview(self.source)[start:end]   # no copy of a large body until decoded
+        cte = str(part.get("content-transfer-encoding", "")).lower()
+        if cte == "quoted-printable":
+            return quopri.decodestring(bytes(view))
+        if cte == "base64":
+            try:
+                # Line breaks are skipped, as the stdlib's join of bytes.splitlines() does.
+                # Whenever this lenient decoder succeeds, decode_b below (the stdlib's)
+                # returns the same bytes; it only differs on what it repairs or refuses.
+                return binascii.a2b_base64(view)
+            except (binascii.Error, ValueError):
+                value, _ = decode_b(bytes(view).translate(None, b"\r\n"))
+                return value
+        if cte in _UU:
+            helper = Message()
+            helper["Content-Transfer-Encoding"] = cte
+            helper.set_payload(bytes(view).decode("ascii", "surrogateescape"))
+            value = helper.get_payload(decode=True)
+            return value if isinstance(value, bytes) else bytes(view)
+        return bytes(view if limit is None else view[:limit])
+
+
+def _payload_bytes(part: Message, bodies: _Bodies | None = None,
+                   limit: int | None = None) -> bytes:
+    if bodies is not None:
+        data = bodies.take(part, limit)
+        if data is not None:
+            return data
     data = part.get_payload(decode=True)
     if isinstance(data, bytes):
         return data
@@ -653,10 +903,29 @@ class _Body:
     attachments: list[Attachment]
 
 
-def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str]) -> _Body:
+def _text_within(data: bytes, budget: int) -> bytes:
+    """At most `budget` bytes of a text body, cut at a line break when there is one."""
+    cut = data[:budget]
+    at = max(cut.rfind(b"\n"), cut.rfind(b"\r"))
+    return cut[:at + 1] if at > budget // 2 else cut
+
+
+def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str],
+          bodies: _Bodies | None = None) -> _Body:
     body = _Body([], [], [])
     stack: list[tuple[Message, int]] = [(root, 1)]
     seen = 0
+    text_budget = limits.max_text_bytes
+
+    def as_text(data: bytes, charset: str | None) -> str:
+        nonlocal text_budget
+        if len(data) > text_budget:
+            defects.append(f"cap: text over {limits.max_text_bytes} bytes, truncated")
+            data = _text_within(data, text_budget)
+        text_budget -= len(data)
+        text = decode_bytes(data, charset)
+        return _clean(text.replace("\r\n", "\n").replace("\r", "\n"))
+
     while stack:
         part, depth = stack.pop()
         seen += 1
@@ -669,8 +938,7 @@ def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str]) -
             if ctype.startswith("multipart/") and not part.is_multipart():
                 # No usable boundary: the stdlib keeps the body as one string. Read it as text
                 # rather than hide it (bounces with broken MIME still say who failed).
-                text = decode_bytes(_payload_bytes(part), None)
-                body.plain.append(_clean(text.replace("\r\n", "\n").replace("\r", "\n")))
+                body.plain.append(as_text(_payload_bytes(part, bodies, text_budget + 1), None))
                 continue
             if part.is_multipart() and ctype.startswith("multipart/"):
                 if depth >= limits.max_depth:
@@ -680,15 +948,16 @@ def _walk(root: Message, limits: Limits, hint: str | None, defects: list[str]) -
                 stack.extend((c, depth + 1) for c in reversed(children))
                 continue
             filename = _filename(part, hint)
+            disposition = part.get_content_disposition()
+            is_text = (ctype in ("text/plain", "text/html") and not filename
+                       and disposition != "attachment")
             if ctype.startswith("message/"):
                 data = _message_bytes(part)
             else:
-                data = _payload_bytes(part)
-            disposition = part.get_content_disposition()
-            if ctype in ("text/plain", "text/html") and not filename and disposition != "attachment":
+                data = _payload_bytes(part, bodies, text_budget + 1 if is_text else None)
+            if is_text:
                 charset = part.get_param("charset")
-                text = decode_bytes(data, charset if isinstance(charset, str) else None)
-                text = _clean(text.replace("\r\n", "\n").replace("\r", "\n"))
+                text = as_text(data, charset if isinstance(charset, str) else None)
                 (body.plain if ctype == "text/plain" else body.htmls).append(text)
                 continue
             n = len(body.attachments) + 1
@@ -713,6 +982,35 @@ def _body_charset_hint(raw_items: list[tuple[str, str]], raw: bytes) -> str | No
             break
     m = re.search(rb"charset\s*=\s*\"?([A-Za-z0-9_.:+-]+)", raw[:64 * 1024], re.I)
     return m.group(1).decode("ascii") if m else None
+
+
+def _same_structure(msg: Message, scan: _Scan) -> bool:
+    """Whether the stdlib read the structure the way the scanner did: every body token is
+    the whole payload of a leaf (never inside a header, another body, a preamble or an
+    epilogue, where it would stand for the wrong bytes), and every multipart has a boundary
+    the scanner knew."""
+    nonce = next(iter(scan.bodies))[:len("mailflow-body-") + 16]
+    for part in msg.walk():
+        if any(nonce in str(v) for _, v in part.raw_items()):
+            return False
+        if part.get_content_maintype() == "multipart":
+            b = part.get_boundary()
+            if b is not None and b not in scan.boundaries:
+                return False
+        if part.is_multipart():
+            if any(nonce in (x or "") for x in (part.preamble, part.epilogue)):
+                return False
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, str) and nonce in payload and _token_of(payload) not in scan.bodies:
+            return False
+    return True
+
+
+def caps_hit(pm: ParsedMessage) -> tuple[str, ...]:
+    """The caps a message hit: when there are any, part of it was not read (the raw bytes
+    have it all), so it is for a person to look at, not for automatic processing."""
+    return tuple(d for d in pm.defects if d.startswith("cap:"))
 
 
 def parse(raw: bytes, limits: Limits = Limits()) -> ParsedMessage:
@@ -741,19 +1039,44 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
         defects.append("leading blank lines")
         raw = raw[lead.end():]
     raw = _cap_top_headers(raw, limits, defects)
-    raw = _scan_structure(raw, limits, defects)
+    scan = _scan_structure(raw, limits, defects)
+    del raw
+    parsed = _read(scan, limits, list(defects))
+    if parsed is not None:
+        return parsed
+    # The stdlib read the MIME structure differently from the scanner (a malformed or
+    # hostile message): read it the stdlib's way alone, which holds every line in memory.
+    source = scan.source
+    if len(source) > _FALLBACK_MAX:
+        source = source[:_FALLBACK_MAX]
+        defects.append(f"cap: ambiguous MIME structure, only the first {_FALLBACK_MAX} bytes read")
+    parsed = _read(_Scan(source, source, {}, frozenset()), limits, defects)
+    assert parsed is not None
+    return parsed
 
+
+def _read(scan: _Scan, limits: Limits, defects: list[str]) -> ParsedMessage | None:
+    """The stdlib's reading of `scan.raw`, large bodies decoded from `scan.source`; None
+    when a body token turned up anywhere but as a whole part (see _Bodies)."""
     msg: Message | None
     try:
-        msg = BytesParser(policy=_POLICY).parsebytes(raw)
+        msg = BytesParser(policy=_POLICY).parsebytes(scan.raw)
     except Exception as exc:  # the scan should prevent this; if not, fall back to headers
         defects.append(f"parse-failed: {type(exc).__name__}")
         msg = None
     if msg is None:
         try:
-            msg = BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
+            msg = BytesParser(policy=_POLICY).parsebytes(scan.raw, headersonly=True)
         except Exception as exc:
             raise ParseError(f"headers unreadable: {type(exc).__name__}") from None
+    raw = scan.source
+    bodies = _Bodies(scan.source, scan.bodies) if scan.bodies else None
+    if bodies is not None:
+        try:
+            if not _same_structure(msg, scan):
+                return None
+        except Exception:  # noqa: BLE001 - whatever confused the check confuses the reading
+            return None
 
     raw_items = list(msg.raw_items())
     if not raw_items:
@@ -773,14 +1096,25 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
 
     raw_addr_chunks: list[str] = []
     address_lists: dict[str, list[str]] = {}
-    for name in ("to", "cc", "bcc", "reply-to"):
+    for name in ("to", "cc", "bcc"):
         found: list[str] = []
         for h in all_of(name):
             pairs, ok = _addresses(h)
             found.extend(a for _, a in pairs)
-            if not ok and name in _ADDRESS_HEADERS:
+            if not ok:
                 raw_addr_chunks.append(f"{h.name}: {_clean(_unfold(h.raw))}")
         address_lists[name] = found
+    # Reply-To says where answers go (a new request's citizen): all of it or none of it.
+    reply_to: list[str] = []
+    for h in all_of("reply-to"):
+        agreed = _agreed(h)
+        if agreed is None:
+            defects.append("ambiguous Reply-To: parsers disagree or an address is not plain; "
+                           "ignored")
+            reply_to = []
+            break
+        reply_to.extend(a for _, a in agreed)
+    address_lists["reply-to"] = reply_to
 
     date = None
     dh = first("date")
@@ -811,7 +1145,7 @@ def _parse(raw: bytes, limits: Limits) -> ParsedMessage:
     subject = _unfold(subject_h.value) if subject_h is not None else ""
 
     try:
-        body = _walk(msg, limits, hint, defects)
+        body = _walk(msg, limits, hint, defects, bodies)
     except Exception as exc:
         defects.append(f"body-error: {type(exc).__name__}")
         body = _Body([], [], [])

@@ -5,22 +5,32 @@ message is queued exactly when the state change that caused it is committed (no 
 change that rolled back, no change without its mail). `deliver_due` then hands rows to a
 transport; a row is leased while it is being sent, so a crashed sender's rows come back after
 the lease and nothing is sent twice by two workers.
+
+Retries follow RFC 5321 §4.5.4.1: a temporary failure is tried again after the intervals of
+`retry_schedule` (the last one repeating: the interval is capped), until GIVE_UP_AFTER (5 days)
+after the message was queued; then it fails with an admin notice, like a permanent failure. A
+5xx answer is never retried. When the server may have taken the message but never said so (the
+connection was lost or timed out after the whole message was sent, or a sender crashed
+mid-delivery and its lease ran out) the attempt is recorded as "maybe delivered" and retried
+anyway, as RFC 5321 §6.1 asks: a letter that arrives twice is better than one that is lost.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from mailflow.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailflow.outbound.compose import Outgoing, build
 from mailflow.outbound.signing import Signer
-from mailflow.outbound.transports import Transport
+from mailflow.outbound.transports import MaybeDeliveredError, Transport
 from mailflow.store.repository import OutboxRow, Store, Tx, utcnow
 
 log = logging.getLogger("mailflow.outbox")
 LEASE = timedelta(minutes=10)
+GIVE_UP_AFTER = timedelta(days=5)
+MAYBE = "maybe delivered"
 
 
 def queue_message(tx: Tx, signer: Signer | None, out: Outgoing, *, thread_id: int | None,
@@ -41,27 +51,55 @@ def queue_message(tx: Tx, signer: Signer | None, out: Outgoing, *, thread_id: in
 OnSent = Callable[[Tx, OutboxRow], None]
 
 
+def next_attempt(attempts: int, queued_at: datetime, now: datetime,
+                 retry_schedule: Sequence[int],
+                 give_up_after: timedelta = GIVE_UP_AFTER) -> datetime | None:
+    """When to try again after `attempts` failed attempts, or None to give up.
+
+    The n-th retry waits `retry_schedule[n-1]` seconds, the last interval repeating; the
+    final attempt is made when the give-up time is reached, never after it."""
+    deadline = queued_at + give_up_after
+    if now >= deadline:
+        return None
+    wait = timedelta(seconds=retry_schedule[min(max(attempts, 1) - 1, len(retry_schedule) - 1)])
+    return min(now + wait, deadline)
+
+
 async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequence[int],
-                      ids: list[int] | None = None, on_sent: OnSent | None = None) -> dict[str, int]:
-    """Make one delivery attempt for each due row (or the named rows); returns counts."""
+                      ids: list[int] | None = None, on_sent: OnSent | None = None, *,
+                      now: Callable[[], datetime] = utcnow,
+                      give_up_after: timedelta = GIVE_UP_AFTER) -> dict[str, int]:
+    """Make one delivery attempt for each due row (or the named rows); returns counts.
+
+    `now` is the clock the schedule is read and written with (tests move it forward instead
+    of sleeping)."""
     counts = {"sent": 0, "retry": 0, "failed": 0}
 
     def claim():  # type: ignore[no-untyped-def]
         with store.tx() as tx:
-            rows = tx.claim_outbox(utcnow(), LEASE, ids=ids)
-            return [(r, tx.get_raw(tx.message(r.message_pk).raw_sha256)) for r in rows]  # type: ignore[union-attr]
+            rows = tx.claim_outbox(now(), LEASE, ids=ids)
+            batch = []
+            for r in rows:
+                msg = tx.message(r.message_pk)
+                assert msg is not None
+                batch.append((r, msg.created_at, tx.get_raw(msg.raw_sha256)))
+            return batch
 
     while True:   # in batches: a large outbox is claimed a slice at a time, never all at once
         batch = await asyncio.to_thread(claim)
         if not batch:
             return counts
-        await _deliver_batch(batch, store, transport, retry_schedule, on_sent, counts)
+        await _deliver_batch(batch, store, transport, retry_schedule, on_sent, counts, now,
+                             give_up_after)
 
 
 async def _deliver_batch(batch, store: Store, transport: Transport,  # type: ignore[no-untyped-def]
                          retry_schedule: Sequence[int], on_sent: OnSent | None,
-                         counts: dict[str, int]) -> None:
-    for row, raw in batch:
+                         counts: dict[str, int], now: Callable[[], datetime],
+                         give_up_after: timedelta) -> None:
+    for row, queued_at, raw in batch:
+        # A row still "sending" when claimed: its sender stopped mid-delivery (a crash).
+        earlier_maybe = row.state == "sending" or (row.last_error or "").startswith(MAYBE)
         try:
             result = await transport.deliver(row.mail_from, row.rcpt, raw,
                                              delivery_id=f"outbox-{row.id}")
@@ -69,19 +107,35 @@ async def _deliver_batch(batch, store: Store, transport: Transport,  # type: ign
             await asyncio.to_thread(_failed, store, row, str(e))
             counts["failed"] += 1
             log.warning("outbox %s to %s failed permanently: %s", row.id, row.rcpt, e)
-        except (TemporaryDeliveryError, OSError) as e:
-            attempt = row.attempts + 1
-            if attempt >= len(retry_schedule) + 1:
-                await asyncio.to_thread(_failed, store, row,
-                                        f"gave up after {attempt} attempts: {e}")
+        except Exception as e:  # noqa: BLE001 - temporary, OSError, or a transport's bug
+            # Anything else a transport raises is a bug there; retrying (and, in the end,
+            # giving up with an admin notice) is safe, leaving the row leased is not.
+            if not isinstance(e, (TemporaryDeliveryError, OSError)):
+                log.exception("outbox %s: the transport raised %s", row.id, type(e).__name__)
+            error = str(e) or type(e).__name__
+            if isinstance(e, MaybeDeliveredError):
+                error = f"{MAYBE}: {error}"
+            elif row.state == "sending":
+                error = f"{MAYBE} (an earlier attempt was interrupted); then: {error}"
+            elif earlier_maybe:   # keep saying so: a later retry must not hide it
+                error = f"{MAYBE} (an earlier attempt); then: {error}"
+            t = now()
+            at = next_attempt(row.attempts + 1, queued_at, t, retry_schedule, give_up_after)
+            if at is None:
+                days = give_up_after.total_seconds() / 86400
+                await asyncio.to_thread(
+                    _failed, store, row,
+                    f"gave up after {row.attempts + 1} attempts over {days:g} days: {error}")
                 counts["failed"] += 1
+                log.warning("outbox %s to %s: gave up: %s", row.id, row.rcpt, error)
             else:
-                at = utcnow() + timedelta(seconds=retry_schedule[min(attempt - 1, len(retry_schedule) - 1)])
-                await asyncio.to_thread(_retry, store, row.id, str(e), at)
+                await asyncio.to_thread(_retry, store, row.id, error, at)
                 counts["retry"] += 1
                 log.info("outbox %s to %s: temporary failure, retry at %s: %s",
-                         row.id, row.rcpt, at.isoformat(timespec="seconds"), e)
+                         row.id, row.rcpt, at.isoformat(timespec="seconds"), error)
         else:
+            if earlier_maybe:
+                result = f"{result} (an earlier attempt may also have been delivered)"
             await asyncio.to_thread(_sent, store, row, result, on_sent)
             counts["sent"] += 1
             log.info("outbox %s delivered to %s: %s", row.id, row.rcpt, result)
@@ -102,7 +156,7 @@ def _retry(store: Store, row_id: int, error: str, at) -> None:  # type: ignore[n
 
 
 def _failed(store: Store, row: OutboxRow, error: str) -> None:
-    """A permanent failure is recorded on the thread and put before an admin."""
+    """A permanent failure (or giving up) is recorded on the thread and put before an admin."""
     with store.tx() as tx:
         tx.outbox_failed(row.id, error)
         msg = tx.message(row.message_pk)

@@ -24,7 +24,14 @@ import aiosmtplib
 from mailflow.config import OutboundSettings, SmarthostSettings
 from mailflow.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 
-__all__ = ["MaildirTransport", "SmtpTransport", "Transport", "make_transport"]
+__all__ = ["MaildirTransport", "MaybeDeliveredError", "SmtpTransport", "Transport",
+           "make_transport"]
+
+
+class MaybeDeliveredError(TemporaryDeliveryError):
+    """The whole message was sent and the server never answered the final dot (the
+    connection closed or timed out): it may have been delivered. Still temporary: the
+    outbox retries (RFC 5321 §6.1 prefers a duplicate to a loss) and records the doubt."""
 
 
 class Transport(Protocol):
@@ -195,6 +202,7 @@ class SmtpTransport:
             if not (mail_from + rcpt).isascii() or (
                     _header_is_8bit(raw) and smtp.supports_extension("smtputf8")):
                 options.append("SMTPUTF8")
+            progress = _watch(smtp)
             try:
                 errors, message = await smtp.sendmail(mail_from, [rcpt], raw,
                                                       mail_options=options)
@@ -215,15 +223,58 @@ class SmtpTransport:
             except ValueError as e:  # aiosmtplib's own check of the envelope addresses
                 raise PermanentDeliveryError(f"unusable envelope address: {e}") from e
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as e:
-                # Includes a timeout waiting for the answer to DATA: the smarthost may have
-                # taken the message, so a retry can duplicate it. SMTP offers no way out.
-                raise TemporaryDeliveryError(f"delivery to {where} interrupted: {e}") from e
+                # The connection was lost or timed out. If that happened after the whole
+                # message and its final dot had gone out, the smarthost may have taken it
+                # (RFC 5321 §4.1.1.4): a retry can duplicate it, and SMTP offers no way out.
+                # A reset connection means the server closed with our bytes unread, so it
+                # never saw the final dot.
+                what = str(e) or type(e).__name__
+                if progress.content_sent and not _was_reset(e):
+                    raise MaybeDeliveredError(
+                        f"the whole message went to {where} and the connection was lost or "
+                        f"timed out before it answered ({what}): it may have been "
+                        "delivered") from e
+                raise TemporaryDeliveryError(f"delivery to {where} interrupted: {what}") from e
             if rcpt in errors:  # cannot happen with one recipient, but never claim success
                 code, text = errors[rcpt].code, errors[rcpt].message
                 raise _by_code(code, f"{where} refused recipient {rcpt}: {code} {text}")
             return f"250 {message}".strip()
         finally:
             await _close(smtp)
+
+
+class _Progress:
+    """How far a transaction got: whether the message and its final dot were handed over."""
+    content_sent = False
+
+
+def _watch(smtp: aiosmtplib.SMTP) -> _Progress:
+    """Note when the message content (which ends with CRLF "." CRLF, unlike any command) is
+    written to the connection, to tell "never sent" from "sent, no answer"."""
+    progress = _Progress()
+    protocol = getattr(smtp, "protocol", None)
+    write = getattr(protocol, "write", None)
+    if write is None:
+        return progress
+
+    def watched(data: bytes) -> None:
+        write(data)
+        if data.endswith(b"\r\n.\r\n"):
+            progress.content_sent = True
+
+    protocol.write = watched  # type: ignore[union-attr]
+    return progress
+
+
+def _was_reset(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (ConnectionResetError, BrokenPipeError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # 5xx answers inside the transaction that still mean "our session is wrong", not "this
