@@ -71,11 +71,22 @@ def configure(level: int, fmt: str | None = None) -> None:
     fmt = (fmt or os.environ.get("MAILFLOW_LOG_FORMAT") or "text").lower()
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
+    # dkimpy logs every signature it cannot verify at ERROR; mailflow records the verdict
+    # itself, so those lines are noise to an operator.
+    logging.getLogger("dkimpy").setLevel(logging.CRITICAL)
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if getattr(h, "_mailflow", False):
+            root.removeHandler(h)
+        else:
+            # Someone else set logging up (a test runner, an embedding program): as
+            # logging.basicConfig does, leave their handlers be, and only add our fields.
+            if not any(isinstance(f, _ContextFilter) for f in h.filters):
+                h.addFilter(_ContextFilter())
+            return
     handler = logging.StreamHandler()
+    handler._mailflow = True  # type: ignore[attr-defined]
     handler.addFilter(_ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(level)
