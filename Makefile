@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SITE   ?= site
 DOMAIN ?= ask.example
 
-.PHONY: run test setup demo check clean corpus-report messages
+.PHONY: run test setup demo check clean corpus-report messages bench
 
 $(BIN)/mailflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(BIN)/mailflow
 ## test: the whole suite
 test: $(BIN)/mailflow
 	$(BIN)/python -m pytest -q
+
+## bench: the performance benchmarks (bench/README.md); `make bench ARGS=--quick` for tiny sizes
+bench: $(BIN)/mailflow
+	$(BIN)/python -m bench $(ARGS)
 
 ## corpus-report: classification accuracy over tests/corpus, written to tests/corpus-report.md
 corpus-report: $(BIN)/mailflow

@@ -1,0 +1,1 @@
+"""mailflow's benchmark suite: `python -m bench` (see bench/README.md)."""

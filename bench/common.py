@@ -1,0 +1,284 @@
+"""Shared helpers for the benchmarks: sites, machine facts, timing, the corpus, results."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "corpus"
+SHARED_CORPUS = ROOT.parent / "shared" / "corpus"
+MAILFLOW = [sys.executable, "-m", "mailflow"]
+DOMAIN = "ask.example"
+SRC: Path | None = None
+"""Where mailflow is imported from when not the checkout (`--src`): set by `use_src`."""
+
+
+def use_src(src: Path | None) -> None:
+    """Benchmark the mailflow in `src` (e.g. an unpacked `git archive` of a commit) instead of
+    the checkout: in this process and in every subprocess."""
+    global SRC
+    SRC = Path(src).resolve() if src else None
+    if SRC is not None:
+        sys.path.insert(0, str(SRC))
+        for name in [m for m in sys.modules if m == "mailflow" or m.startswith("mailflow.")]:
+            del sys.modules[name]
+
+
+def env() -> dict[str, str]:
+    """The environment of every subprocess: mailflow from SRC (if set), then the checkout
+    (for `bench` itself). Subprocesses run with another cwd, so the checkout's mailflow/
+    does not shadow SRC."""
+    paths = [str(SRC)] if SRC else []
+    paths.append(str(ROOT))
+    old = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
+
+
+# -- results -----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One line of the table. `ratio` is mailflow's figure over the baseline's, in the unit
+    the target is stated in; `ok` is None when the issue sets no target for the row."""
+    bench: str
+    case: str
+    measured: str
+    baseline: str
+    ratio: str
+    target: str = ""
+    ok: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Section:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}/s" if x >= 100 else f"{x:,.1f}/s" if x >= 1 else f"{x:.3f}/s"
+
+
+def fmt_s(x: float) -> str:
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} µs"
+    if x < 1:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x:.2f} s"
+
+
+def fmt_mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+# -- the machine -------------------------------------------------------------------------------
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def machine(tmp: Path) -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    mem = re.search(r"MemTotal:\s+(\d+) kB", _read("/proc/meminfo"))
+    ram = f"{int(mem.group(1)) / 2**20:.1f} GiB" if mem else "unknown"
+    disk = "unknown"
+    try:
+        src = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "-T", str(tmp)],
+                             capture_output=True, text=True, timeout=5).stdout.split()
+        if src:
+            dev = Path(src[0]).name
+            base = re.sub(r"p?\d+$", "", dev) if not Path(f"/sys/block/{dev}").exists() else dev
+            rot = _read(f"/sys/block/{base}/queue/rotational").strip()
+            kind = {"0": "non-rotational", "1": "rotational"}.get(rot, "?") + " per the kernel"
+            st = os.statvfs(tmp)
+            disk = (f"{src[0]} ({src[1] if len(src) > 1 else '?'}, {kind}, "
+                    f"{st.f_blocks * st.f_frsize / 2**30:.0f} GiB)")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    virt = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        hv = re.search(r"Hypervisor vendor:\s*(\S+)", lscpu)
+        virt = f"{hv.group(1)} guest" if hv else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import sqlalchemy
+    load = " ".join(_read("/proc/loadavg").split()[:3])
+    return {
+        "Date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "CPU": cpu + (f" ({virt})" if virt else ""),
+        "Cores": str(os.cpu_count()),
+        "RAM": ram,
+        "Disk": disk,
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": platform.python_version(),
+        "SQLite": sqlite3.sqlite_version,
+        "SQLAlchemy": sqlalchemy.__version__,
+        "Load average at start": load,
+        "mailflow": _git_commit(),
+    }
+
+
+def export_commit(rev: str, dest: Path) -> str:
+    """Unpack mailflow (package, templates, rules) as committed at `rev` into `dest`."""
+    dest.mkdir(parents=True)
+    full = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", full, "mailflow", "templates", "rules",
+                              "config.example.toml"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return f"commit {full} (`git archive`, not the working tree)"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mailflow"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out + (" + uncommitted changes in mailflow/" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def rss_of(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    out = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+# -- sites -------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_site(folder: Path, domain: str = DOMAIN) -> Path:
+    """A site as an admin makes one: `mailflow init`. Returns its config.toml."""
+    r = subprocess.run([*MAILFLOW, "init", str(folder), "--domain", domain],
+                       capture_output=True, timeout=120, cwd=folder.parent, env=env())
+    if r.returncode != 0:
+        raise RuntimeError(f"mailflow init failed: {r.stderr.decode()}")
+    return folder / "config.toml"
+
+
+def set_config(config: Path, table: str, key: str, value: str) -> None:
+    """Set `key = value` (TOML literal) in `[table]` of a config written by `mailflow init`."""
+    text = config.read_text()
+    m = re.search(rf"(?ms)^(\[{re.escape(table)}\]\n)(.*?)(?=^\[|\Z)", text)
+    if not m:
+        text += f"\n[{table}]\n{key} = {value}\n"
+    else:
+        body = re.sub(rf"(?m)^#?\s*{re.escape(key)} = .*\n", "", m.group(2))
+        text = text[:m.start()] + m.group(1) + f"{key} = {value}\n" + body + text[m.end():]
+    config.write_text(text)
+
+
+def open_site(config: Path) -> Any:
+    from mailflow.site import Site
+    return Site.open(config)
+
+
+class Daemon:
+    """`mailflow serve` in a subprocess, on a free port of 127.0.0.1."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config, self.logfile = config, log
+        self.port = free_port()
+        set_config(config, "smtp", "listen", f'"127.0.0.1:{self.port}"')
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> "Daemon":
+        self.proc = subprocess.Popen([*MAILFLOW, "--config", str(self.config), "serve"],
+                                     stdout=open(self.logfile, "ab"), stderr=subprocess.STDOUT,
+                                     cwd=self.config.parent, start_new_session=True,
+                                     env=env())
+        wait_for_banner(self.port, self.proc, timeout, self.logfile)
+        return self
+
+    def stop(self) -> None:
+        import signal
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def __enter__(self) -> "Daemon":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_banner(port: int, proc: subprocess.Popen[bytes], timeout: float,
+                    log: Path | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited at start-up: "
+                               + (log.read_text()[-2000:] if log and log.exists() else ""))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no SMTP banner on port {port} after {timeout} s")
+
+
+# -- the corpus --------------------------------------------------------------------------------
+def corpus_index() -> list[tuple[Path, str]]:
+    """(file, category) for every message of tests/corpus/INDEX.md (or ../shared/corpus)."""
+    for base in (CORPUS, SHARED_CORPUS):
+        index = base / "INDEX.md"
+        if index.exists():
+            out = []
+            for line in index.read_text().splitlines():
+                parts = [p.strip() for p in line.split("|")]
+                if len(parts) >= 2 and (base / parts[0]).is_file():
+                    out.append((base / parts[0], parts[1]))
+            if out:
+                return out
+    return []
