@@ -7,6 +7,7 @@ Skipped only where the browser is missing and this is not CI (CI installs `chrom
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -63,17 +64,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, st
                                     b"<p>hi</p><script>alert(20)</script>")]),
            req, "foi@edinburgh.gov.example")
     report = w.build(search=build_mod.pagefind_available())
-    handler = functools.partial(_Quiet, directory=str(w.out))
+    try:
+        with serve(w.out) as base:
+            yield w, base
+    finally:
+        w.mf.close()
+    assert report.written > 0
+
+
+@contextlib.contextmanager
+def serve(folder: Path) -> Iterator[str]:
+    """The folder over HTTP on 127.0.0.1, as a static host serves it; yields the base URL."""
+    handler = functools.partial(_Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield w, f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
-        w.mf.close()
-    assert report.written > 0
 
 
 @pytest.fixture(scope="module")
@@ -185,5 +195,84 @@ def test_search_works_offline(served, browser) -> None:  # type: ignore[no-untyp
     result.wait_for(timeout=10_000)
     assert "Gritting" in result.inner_text()
     assert result.get_attribute("href") == "/" + w.thread_dir(w.a)
+    page.assert_clean(base)
+    page.close()
+
+
+# -- fault reports ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served_reports(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The reports world of test_archive_reports, plus a report with hostile text everywhere."""
+    from test_archive_reports import make_world as make_reports_world, report, photo_with_gps
+    w = make_reports_world(tmp_path_factory.mktemp("browser-reports"))
+    hostile = report(w.mf, "jane.citizen@citizen.example", f"Jane {XSS}", f"Pothole {XSS}",
+                     f"A pothole at 51.1804, -1.3021. {XSS}", photos=[photo_with_gps(51.18, -1.30)])
+    w.build(search=build_mod.pagefind_available())
+    try:
+        with serve(w.out) as base:
+            yield w, hostile, base
+    finally:
+        w.mf.close()
+
+
+def test_report_pages_draw_their_maps_and_load_nothing_else(served_reports, browser,  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
+    w, hostile, base = served_reports
+    for path in (f"report/{w.r1}/", f"report/{hostile}/", "report/", "area/wessex/",
+                 "category/pothole/", "body/wessex/", "body/", ""):
+        page = Watched(browser)
+        page.open(base + path)
+        p = page.page
+        assert p.locator("main h1").count() == 1
+        if path.startswith(("report/", "area/", "category/")):
+            svg = p.locator("svg.map")
+            assert svg.count() == 1 and svg.is_visible(), path
+            box = svg.bounding_box()
+            assert box is not None and box["width"] > 200 and box["height"] > 100
+            pins = p.locator("svg.map .pin")
+            assert pins.count() >= 1, path
+            for i in range(pins.count()):   # every pin drawn inside the map
+                pb = pins.nth(i).bounding_box()
+                assert pb is not None and box["x"] <= pb["x"] + pb["width"] / 2 <= box["x"] + box["width"]
+                assert box["y"] <= pb["y"] + pb["height"] / 2 <= box["y"] + box["height"]
+        p.screenshot(path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'index'}.png"),
+                     full_page=True)
+        page.assert_clean(base)
+        page.close()
+
+
+def test_report_photo_is_shown_inline_from_the_site(served_reports, browser) -> None:  # type: ignore[no-untyped-def]
+    w, hostile, base = served_reports
+    page = Watched(browser)
+    page.open(f"{base}report/{hostile}/")
+    p = page.page
+    assert p.locator("h1").inner_text() == f"Pothole {XSS}"
+    img = p.locator("ul.photos img").first
+    assert img.is_visible()
+    assert img.evaluate("i => i.complete && i.naturalWidth") > 0
+    assert img.get_attribute("src", timeout=1000).startswith("attachments/")
+    # The pin links nowhere on the report page; on the area page each pin opens its report.
+    page.open(f"{base}area/wessex/")
+    link = p.locator(f'svg.map a[href="../../report/{w.r1}/"]')
+    assert link.count() == 1
+    link.locator("circle").click()
+    p.wait_for_url(f"{base}report/{w.r1}/")
+    assert p.locator("h1").inner_text() == "Deep pothole outside the bakery"
+    page.assert_clean(base)
+    page.close()
+
+
+@pytest.mark.skipif(not build_mod.pagefind_available() and not os.environ.get("CI"),
+                    reason="pagefind is not installed")
+def test_search_finds_reports(served_reports, browser) -> None:  # type: ignore[no-untyped-def]
+    w, _, base = served_reports
+    page = Watched(browser)
+    page.open(base + "search/")
+    p = page.page
+    p.locator(".pagefind-ui__search-input").fill("bakery")
+    result = p.locator(".pagefind-ui__result-link").first
+    result.wait_for(timeout=10_000)
+    assert result.inner_text() == "Deep pothole outside the bakery"
+    assert result.get_attribute("href") == f"/report/{w.r1}/"
     page.assert_clean(base)
     page.close()

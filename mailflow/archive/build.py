@@ -2,7 +2,8 @@
 
 1. Read every thread in one read-only transaction, and gather every private value of every
    thread (including drafts never sent) for the writer's leak check.
-2. Build the public view of each sent thread (redacted; attachments published or withheld).
+2. Build the public view of each sent thread — FOI request or fault report (`reports`) —
+   redacted, attachments published or withheld.
 3. Render every page, feed and JSON twin from that view, and hand each file to the writer,
    which checks it and stages it.
 4. Commit: staged files move into place, files no longer produced go. With `full`, all of
@@ -38,6 +39,8 @@ from typing import Any
 from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
+from mailflow.archive import reports as R
+from mailflow.archive.charts import report_chart
 from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
                                      swap_in, write_private_json)
@@ -56,6 +59,7 @@ class BuildReport:
     unchanged: int = 0
     removed: int = 0
     threads: int = 0
+    reports: int = 0
     authorities: int = 0
     search: str = "not run"
     warnings: list[str] = field(default_factory=list)
@@ -138,13 +142,15 @@ class DkimCache:
 CACHE_VERSION = 1
 # The code that shapes a thread's public view: a change to any of them invalidates the cache.
 _VIEW_CODE = ("mailflow/archive/context.py", "mailflow/archive/attachments.py",
-              "mailflow/core/redaction.py", "mailflow/mail/sanitise.py", "mailflow/mail/parse.py")
+              "mailflow/archive/reports.py", "mailflow/core/redaction.py",
+              "mailflow/mail/sanitise.py", "mailflow/mail/parse.py")
 
 
 class ThreadCache:
     """Each public thread's view from the last build, keyed by a fingerprint of everything it
     was made from (the thread row, its messages, its clock events, its authority and law, the
-    redaction rules and the code that makes views).
+    redaction rules and the code that makes views; for a fault report also its report row —
+    state, fixed_at, place — and the names of its category and area).
 
     Parsing and redacting mail is most of a build's time; with this, a build after one new
     message parses one thread, not thousands. Pages are still rendered and checked every time
@@ -172,7 +178,8 @@ class ThreadCache:
             h.update(p.read_bytes() if p.exists() else rel.encode())
         return h.digest()
 
-    def fingerprint(self, inp: C.ThreadInput, authority: Any, law: Any) -> str:
+    def fingerprint(self, inp: C.ThreadInput, authority: Any, law: Any,
+                    extra: list[Any] | None = None) -> str:
         t = inp.thread
         data = [asdict(t),
                 [(m.id, m.kind, m.direction, m.hidden, m.raw_sha256, m.created_at, m.subject,
@@ -180,6 +187,8 @@ class ThreadCache:
                  for m in inp.messages if (m.direction, m.kind) in C.SHOWN or m.kind == "response"],
                 [e for e in inp.events if e["kind"] in ("clock", "attachment_released")],
                 asdict(authority) if authority else None, asdict(law) if law else None]
+        if extra is not None:
+            data.append(extra)
         h = hashlib.sha256(self.salt)
         h.update(json.dumps(data, default=str, sort_keys=True).encode("utf-8"))
         return h.hexdigest()
@@ -187,20 +196,30 @@ class ThreadCache:
     def get(self, t: Any, fp: str, writer: Writer, today: date) -> C.ThreadView | None:
         """The cached view, if its fingerprint matches and its files are on disk as written
         (they are then kept in the manifest without being produced again)."""
-        e = self.entries.get(str(t.id))
+        view = self._get(str(t.id), fp, writer, C.view_from_dict)
+        return replace(view, list_state=C.list_state(t, today)) if view is not None else None
+
+    def get_report(self, t: Any, fp: str, writer: Writer) -> R.ReportView | None:
+        return self._get(f"report-{t.id}", fp, writer, R.view_from_dict)
+
+    def _get(self, key: str, fp: str, writer: Writer, decode: Callable[[Any], Any]) -> Any:
+        e = self.entries.get(key)
         if not e or e.get("fp") != fp or not all(writer.has(r, d) for r, d in e["files"].items()):
             return None
         try:
-            view = C.view_from_dict(e["view"])
+            view = decode(e["view"])
         except (KeyError, TypeError, ValueError):
             return None
         for rel, digest in e["files"].items():
             writer.keep(rel, digest)
-        self.fresh[str(t.id)] = e
-        return replace(view, list_state=C.list_state(t, today))
+        self.fresh[key] = e
+        return view
 
     def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str]) -> None:
         self.fresh[str(t.id)] = {"fp": fp, "view": C.view_to_dict(view), "files": files}
+
+    def put_report(self, t: Any, fp: str, view: R.ReportView, files: dict[str, str]) -> None:
+        self.fresh[f"report-{t.id}"] = {"fp": fp, "view": R.view_to_dict(view), "files": files}
 
     def save(self) -> None:
         write_private_json(self.path, {"salt": self.salt.hex(), "threads": self.fresh})
@@ -322,6 +341,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
     cache = ThreadCache(root / CACHE_DIR / "threads.json", ThreadCache.salt_for(site, redactions))
     domain = site.domain
     views: list[C.ThreadView] = []
+    report_views: list[R.ReportView] = []
     writer: Writer | None = None
     try:
         with site.store.read() as tx:
@@ -333,13 +353,26 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 secrets.extend((v, label) for v, label in private_values(t, domain)
                                if not isinstance(v, PrivatePattern))
             writer = Writer(root, LeakGuard(secrets))
+            rows = ({r.thread_id: r for r in tx.reports()}
+                    if any(R.is_public(t) for t in every) else {})
             for t in every:
-                if C.is_public(t):
+                if R.is_public(t):
+                    report_views.append(_report(site, tx, t, rows.get(t.id), rules, verify,
+                                                cache, writer))
+                elif C.is_public(t):
                     views.append(_thread(site, tx, t, rules, verify, cache, writer, today))
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
+        report_rules = getattr(site.rules, "reports", None)
+        lists = None
+        if report_rules is not None or report_views:
+            geography = R.Geography(getattr(report_rules, "areas", None) or ())
+            lists = R.report_lists(report_views, rules=report_rules,
+                                   authorities=site.rules.authorities, geography=geography)
         site_view = C.SiteView(
             name=site.settings.site.name, base_url=base_url, today=today, threads=tuple(views),
-            authorities=C.authority_views(site.rules.authorities, site.rules.laws, views))
+            authorities=_with_reports(
+                C.authority_views(site.rules.authorities, site.rules.laws, views), report_views),
+            reports=lists)
         _write_pages(site, site_view, writer)
         result = writer.commit()
         cache.save()
@@ -349,9 +382,11 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         raise
     withheld = [{"thread_id": t.id, "message_id": m.pk, "n": a.n, "filename": a.filename,
                  "reason": a.withheld}
-                for t in views for m in t.messages for a in m.attachments if a.withheld]
+                for t in [*views, *report_views] for m in t.messages for a in m.attachments
+                if a.withheld]
     return BuildReport(out=root, written=len(result.written), unchanged=len(result.unchanged),
                        removed=len(result.removed), threads=len(views),
+                       reports=len(report_views),
                        authorities=len(site_view.authorities),
                        written_paths=sorted(result.written), removed_paths=result.removed,
                        withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
@@ -378,12 +413,67 @@ def _thread(site: Site, tx: Any, t: Any, rules: list[Any], verify: DkimCache,
     return view
 
 
+def _report(site: Site, tx: Any, t: Any, row: Any, rules: list[Any], verify: DkimCache,
+            cache: ThreadCache, writer: Writer) -> R.ReportView:
+    """One fault report's public view: from the cache when nothing it shows has changed
+    (its state, fixed_at and place are in the fingerprint, so a fix rebuilds its page)."""
+    authority = site.rules.authorities.get(t.authority)
+    report_rules = getattr(site.rules, "reports", None)
+    category = getattr(row, "category", None) or ""
+    area = getattr(row, "area", None) or ""
+    cat = (getattr(report_rules, "categories", None) or {}).get(category)
+    area_rule = next((a for a in getattr(report_rules, "areas", None) or () if a.id == area), None)
+    category_name = cat.name if cat else category
+    area_name = area_rule.name if area_rule else area
+    inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
+    fp = cache.fingerprint(inp, authority, None,
+                           extra=R.fingerprint_data(row, category_name, area_name))
+    view = cache.get_report(t, fp, writer)
+    if view is not None:
+        return view
+    red = Redactor(rules, thread_id=t.id, authority=t.authority,
+                   private=private_values(t, site.domain))
+    transient = verify.transient
+    view, files = R.report_view(inp, row,
+                                authority_name=authority.name if authority else t.authority,
+                                category_name=category_name, area_name=area_name, red=red,
+                                verify=verify)
+    written = {rel: writer.write(rel, data) for rel, data in files.files}
+    if verify.transient == transient:
+        cache.put_report(t, fp, view, written)
+    return view
+
+
+def _with_reports(authorities: tuple[C.AuthorityView, ...],
+                  reports: list[R.ReportView]) -> tuple[C.AuthorityView, ...]:
+    """Each authority with the reports it was sent and its record of fixing them; an
+    authority that only reports still name (gone from the rules) gets a page too."""
+    if not reports:
+        return authorities
+    by_slug: dict[str, list[R.ReportView]] = {}
+    for r in sorted(reports, key=lambda r: (r.sent_at, r.id), reverse=True):
+        if r.authority:
+            by_slug.setdefault(r.authority, []).append(r)
+    views = list(authorities)
+    known = {a.slug for a in views}
+    for slug, mine in by_slug.items():
+        if slug not in known:
+            views.append(C.AuthorityView(slug, mine[0].authority_name, "", (), "", (), (),
+                                         C.record([])))
+    views = [replace(a, reports=tuple(by_slug[a.slug]),
+                     report_record=R.report_record(by_slug[a.slug]))
+             if a.slug in by_slug else a for a in views]
+    return tuple(sorted(views, key=lambda v: v.name.lower()))
+
+
 def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
 def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
     r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
+    r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
+                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
     base = sv.base_url
     counts = {k: len(sv.by_state(k)) for k in C.LIST_STATES}
     responses = sum(1 for t in sv.threads for m in t.messages
@@ -404,11 +494,24 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
     w.write("body/index.html", r.page("authorities.html", "body/index.html"))
     for a in sv.authorities:
         w.write(f"{a.path}index.html", r.page("authority.html", f"{a.path}index.html", a=a))
-        w.write(f"{a.path}index.json", _json(authority_json(a, base)))
-        w.write(f"{a.path}feed.atom", feeds.atom(
-            title=a.name, base_url=base, page=a.path, feed=f"{a.path}feed.atom",
-            entries=feeds.thread_entries(a.threads), author=sv.name))
-        sitemap.append((a.path, max((t.last_activity.date() for t in a.threads), default=None)))
+        data = authority_json(a, base)
+        if a.reports:
+            data["report_record"] = R.record_json(a.report_record)
+            data["reports"] = [R.summary_json(rp, base) for rp in a.reports]
+            w.write(f"{a.path}feed.atom", feeds.atom_feed(
+                title=a.name, base_url=base, page=a.path, feed=f"{a.path}feed.atom",
+                entries=feeds.message_entries(feeds.thread_entries(a.threads), base)
+                + feeds.report_entries(a.reports, base), author=sv.name))
+        else:
+            w.write(f"{a.path}feed.atom", feeds.atom(
+                title=a.name, base_url=base, page=a.path, feed=f"{a.path}feed.atom",
+                entries=feeds.thread_entries(a.threads), author=sv.name))
+        w.write(f"{a.path}index.json", _json(data))
+        sitemap.append((a.path, max([*(t.last_activity.date() for t in a.threads),
+                                     *(rp.last_activity.date() for rp in a.reports)],
+                                    default=None)))
+    if sv.reports is not None:
+        _write_reports(site, r, sv, sv.reports, w, sitemap)
     w.write("list/index.html", r.page("lists.html", "list/index.html", counts=counts))
     for key, words in C.LIST_STATES.items():
         path = f"list/{key}/index.html"
@@ -422,3 +525,45 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
     lines = "".join(json.dumps(thread_json(t, base), ensure_ascii=False) + "\n"
                     for t in sorted(sv.threads, key=lambda t: t.id)).encode("utf-8")
     w.write("data/threads.jsonl.gz", gzip.compress(lines, mtime=0), scan=lines)
+
+
+def _write_reports(site: Site, r: Renderer, sv: C.SiteView, lists: R.ReportLists, w: Writer,
+                   sitemap: list[tuple[str, date | None]]) -> None:
+    """Each fault report's page, JSON twin and feed; the list of all reports and the lists by
+    area and by category, each with its map and feed; the reports as data. Rendered from the
+    views every build (the writer keeps what did not change), so a report fixed since the last
+    build changes its page, its lists, their maps and feeds together."""
+    base = sv.base_url
+    geo = lists.geography
+    link = getattr(getattr(site.settings, "reports", None), "map_link", "") or ""
+    for rp in lists.reports:
+        page = f"{rp.path}index.html"
+        map_url = (link.replace("{lat}", f"{rp.lat:.6f}").replace("{lon}", f"{rp.lon:.6f}")
+                   if link and rp.has_location else "")
+        w.write(page, r.page("report.html", page, rp=rp, geo=geo, map_url=map_url))
+        w.write(f"{rp.path}index.json", _json(R.report_json(rp, base)))
+        w.write(f"{rp.path}feed.atom", feeds.atom_feed(
+            title=rp.title, base_url=base, page=rp.path, feed=f"{rp.path}feed.atom",
+            entries=feeds.report_entries([rp], base), author=sv.name))
+        sitemap.append((rp.path, rp.last_activity.date()))
+    w.write("report/index.html", r.page("reports.html", "report/index.html", lists=lists, geo=geo))
+    w.write("report/feed.atom", feeds.atom_feed(
+        title=f"{sv.name}: fault reports", base_url=base, page="report/", feed="report/feed.atom",
+        entries=feeds.report_entries(lists.reports, base), author=sv.name))
+    sitemap.append(("report/", max((rp.last_activity.date() for rp in lists.reports),
+                                   default=None)))
+    for kind, items in (("area", lists.areas), ("category", lists.categories)):
+        for item in items:
+            page = f"{item.path}index.html"
+            w.write(page, r.page("report_list.html", page, geo=geo,
+                                 area=item if kind == "area" else None,
+                                 category=item if kind == "category" else None))
+            w.write(f"{item.path}feed.atom", feeds.atom_feed(
+                title=f"{sv.name}: fault reports, {item.name}", base_url=base, page=item.path,
+                feed=f"{item.path}feed.atom", entries=feeds.report_entries(item.reports, base),
+                author=sv.name))
+            sitemap.append((item.path, max((rp.last_activity.date() for rp in item.reports),
+                                           default=None)))
+    lines = "".join(json.dumps(R.report_json(rp, base), ensure_ascii=False) + "\n"
+                    for rp in sorted(lists.reports, key=lambda rp: rp.id)).encode("utf-8")
+    w.write("data/reports.jsonl.gz", gzip.compress(lines, mtime=0), scan=lines)

@@ -43,7 +43,8 @@ def N_(message: str) -> str:
 
 
 KIND_WORDS = {"request": N_("Request"), "followup": N_("Follow-up"), "response": N_("Response"),
-              "auto_reply": N_("Automatic reply"), "bounce": N_("Delivery failure report")}
+              "auto_reply": N_("Automatic reply"), "bounce": N_("Delivery failure report"),
+              "report": N_("Report")}   # a fault report's first letter (archive/reports.py)
 HIDDEN_NOTE = N_("This message has been hidden by the site's moderators.")
 NO_ARCHIVE_NOTE = N_("This message is not published: its sender asked for it not to be "
                      "archived.")
@@ -143,6 +144,11 @@ class ThreadView:
         return f"request/{self.id}-{self.slug}/"
 
     @property
+    def id_path(self) -> str:
+        """The stable part of a feed entry's id (it survives a change of title)."""
+        return f"request/{self.id}"
+
+    @property
     def state_words(self) -> str:
         return LIST_STATES.get(self.list_state, self.state.replace("_", " "))
 
@@ -193,6 +199,8 @@ class AuthorityView:
     tags: tuple[str, ...]
     threads: tuple[ThreadView, ...]    # newest first
     record: Record
+    reports: tuple[Any, ...] = ()      # its public fault reports (reports.ReportView), newest first
+    report_record: Any = None          # reports.ReportRecord, when it has any
 
     @property
     def path(self) -> str:
@@ -206,6 +214,7 @@ class SiteView:
     today: date
     threads: tuple[ThreadView, ...]    # newest first
     authorities: tuple[AuthorityView, ...]
+    reports: Any = None                # reports.ReportLists when the site takes fault reports
 
     def by_state(self, state: str) -> list[ThreadView]:
         return [t for t in self.threads if t.list_state == state]
@@ -228,9 +237,10 @@ def _n(value: float, word: str) -> str:
 
 
 def is_public(thread: Thread) -> bool:
-    """Only a request that went out is public; a draft awaiting confirmation never is."""
+    """Only a request that went out is public; a draft awaiting confirmation never is.
+    (Fault reports have their own rule and pages: archive/reports.py.)"""
     return (thread.sent_at is not None and thread.state not in _NOT_PUBLIC_STATES
-            and not getattr(thread, "hidden", False))
+            and not getattr(thread, "hidden", False) and getattr(thread, "kind", "") != "report")
 
 
 def slugify(text: str, limit: int = 60) -> str:
@@ -460,11 +470,15 @@ def view_to_dict(v: ThreadView) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(v), default=lambda o: o.isoformat()))
 
 
-def view_from_dict(d: dict[str, Any]) -> ThreadView:
-    messages = tuple(MessageView(**{
+def messages_from_dict(messages: list[dict[str, Any]]) -> tuple[MessageView, ...]:
+    return tuple(MessageView(**{
         **m, "at": datetime.fromisoformat(m["at"]),
         "attachments": tuple(AttachmentView(**a) for a in m["attachments"]),
-        "dkim": Dkim(**m["dkim"]) if m["dkim"] else None}) for m in d["messages"])
+        "dkim": Dkim(**m["dkim"]) if m["dkim"] else None}) for m in messages)
+
+
+def view_from_dict(d: dict[str, Any]) -> ThreadView:
+    messages = messages_from_dict(d["messages"])
     return ThreadView(**{**d, "sent": date.fromisoformat(d["sent"]), "due": _day(d["due"]),
                          "very_late": _day(d["very_late"]), "clock_start": _day(d["clock_start"]),
                          "first_response": _day(d["first_response"]),

@@ -1,4 +1,5 @@
-"""Atom feeds (site, authority, thread), the sitemap and robots.txt, from the public view.
+"""Atom feeds (site, authority, thread, fault reports), the sitemap and robots.txt, from the
+public view.
 
 XML is built with ElementTree, which escapes every text and attribute, so a subject such as
 `</title><script>` stays text in a feed reader. Characters XML 1.0 cannot carry at all
@@ -11,7 +12,9 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from typing import Any
 
 from mailflow.archive.context import MessageView, SiteView, ThreadView
 
@@ -51,27 +54,67 @@ def summary(m: MessageView, limit: int = 600) -> str:
     return body if len(body) <= limit else body[:limit].rsplit(" ", 1)[0] + " …"
 
 
-def atom(*, title: str, base_url: str, page: str, feed: str,
-         entries: Iterable[tuple[ThreadView, MessageView]], author: str) -> bytes:
-    """One Atom feed: `page` and `feed` are paths under the site (e.g. "request/1-x/")."""
-    items = sorted(entries, key=lambda e: (e[1].at, e[1].pk), reverse=True)[:FEED_SIZE]
+@dataclass(frozen=True)
+class Entry:
+    """One Atom entry: `id` and `link` are full URLs."""
+    id: str
+    title: str
+    updated: datetime
+    link: str
+    author: str
+    summary: str
+
+
+def atom_feed(*, title: str, base_url: str, page: str, feed: str, entries: Iterable[Entry],
+              author: str) -> bytes:
+    """One Atom feed of the newest FEED_SIZE `entries`: `page` and `feed` are paths under
+    the site (e.g. "area/north/"). Entries updated at the same moment keep their order."""
+    items = sorted(entries, key=lambda e: e.updated, reverse=True)[:FEED_SIZE]
     ET.register_namespace("", ATOM)
     root = ET.Element(f"{{{ATOM}}}feed")
     _sub(root, "id", base_url + page)
     _sub(root, "title", title)
-    _sub(root, "updated", _iso(items[0][1].at if items else EPOCH))
+    _sub(root, "updated", _iso(items[0].updated if items else EPOCH))
     _sub(root, "link", rel="self", type="application/atom+xml", href=base_url + feed)
     _sub(root, "link", rel="alternate", type="text/html", href=base_url + page)
     _sub(_sub(root, "author"), "name", author)
-    for t, m in items:
+    for item in items:
         e = _sub(root, "entry")
-        _sub(e, "id", f"{base_url}request/{t.id}#m{m.pk}")
-        _sub(e, "title", f"{m.kind_words}: {t.title}")
-        _sub(e, "updated", _iso(m.at))
-        _sub(e, "link", rel="alternate", type="text/html", href=f"{base_url}{t.path}#m{m.pk}")
-        _sub(_sub(e, "author"), "name", m.sender)
-        _sub(e, "summary", summary(m), type="text")
+        _sub(e, "id", item.id)
+        _sub(e, "title", item.title)
+        _sub(e, "updated", _iso(item.updated))
+        _sub(e, "link", rel="alternate", type="text/html", href=item.link)
+        _sub(_sub(e, "author"), "name", item.author)
+        _sub(e, "summary", item.summary, type="text")
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def message_entries(pairs: Iterable[tuple[Any, MessageView]], base_url: str) -> list[Entry]:
+    """An entry per (thread, message), newest first (by time, then message number)."""
+    items = sorted(pairs, key=lambda e: (e[1].at, e[1].pk), reverse=True)
+    return [Entry(f"{base_url}{t.id_path}#m{m.pk}", f"{m.kind_words}: {t.title}", m.at,
+                  f"{base_url}{t.path}#m{m.pk}", m.sender, summary(m)) for t, m in items]
+
+
+def atom(*, title: str, base_url: str, page: str, feed: str,
+         entries: Iterable[tuple[ThreadView, MessageView]], author: str) -> bytes:
+    """One Atom feed of messages: `page` and `feed` are paths under the site (e.g.
+    "request/1-x/")."""
+    return atom_feed(title=title, base_url=base_url, page=page, feed=feed, author=author,
+                     entries=message_entries(entries, base_url))
+
+
+def report_entries(reports: Iterable[Any], base_url: str) -> list[Entry]:
+    """A fault report's feed entries: the report as sent, each public message after it, and
+    its fix (the fix has no message of its own: the citizen said so in a reply to us)."""
+    out = message_entries([(r, m) for r in reports for m in r.messages
+                           if m.placeholder is None], base_url)
+    for r in reports:
+        if r.is_fixed and r.fixed_at is not None:
+            out.append(Entry(f"{base_url}{r.id_path}#fixed", f"Fixed: {r.title}", r.fixed_at,
+                             f"{base_url}{r.path}#fixed", r.reporter,
+                             f"Marked as fixed on {r.fixed_at.date().isoformat()}."))
+    return out
 
 
 def thread_entries(threads: Iterable[ThreadView]) -> list[tuple[ThreadView, MessageView]]:
