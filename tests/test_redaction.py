@@ -178,6 +178,20 @@ def test_another_threads_address_is_hidden_with_its_number() -> None:
     assert out == ("see [FOI #99 email] and [FOI #7 email] and [FOI email], camden@ask.example")
 
 
+def test_a_fault_reports_address_is_hidden_whole() -> None:
+    """report-<id>-<token>@ is a thread address too (the authority side of a fault report)."""
+    report = Redactor([], thread_id=12, authority=None,
+                      private=private_values(_Report(), DOMAIN))
+    assert report.text("write to report-12-abcdefghjkmn@ask.example") == \
+        "write to [FOI #12 email]"
+    assert redactor().text("and Report-40-ZZZZZZZZZZZZ@ask.example") == "and [FOI #40 email]"
+
+
+@dataclass(frozen=True)
+class _Report(FakeThread):
+    kind: str = "report"
+
+
 def test_our_local_part_is_hidden_at_any_domain() -> None:
     assert redactor().text("request-12-abcdefghjkmn@old-site.example") == "[FOI #12 email]@old-site.example"
 

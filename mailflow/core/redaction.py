@@ -167,7 +167,7 @@ def load_redactions(text: str, source: str) -> list[RedactionRule]:
 def _generic_thread_pattern(domain: str) -> PrivatePattern:
     """Any thread-shaped address at our domain, retyped or not (see addresses.find_...)."""
     return PrivatePattern(
-        r"(?:foi[-_.]?)?(?:requests?|reqeust|reqest|req|replies|reply)[-_.+]{0,4}"
+        r"(?:foi[-_.]?)?(?:requests?|reqeust|reqest|req|replies|reply|reports?)[-_.+]{0,4}"
         r"(?P<id>[0-9]{1,12})[-_.+]{0,4}[0-9a-z]{4,40}(?:\+[^\s@<>\"']{0,64})?"
         + _AT + re.escape(domain) + r"(?![a-z0-9-])")
 
@@ -198,6 +198,9 @@ def private_values(thread: ThreadSecrets, domain: str) -> list[tuple[str, str]]:
     addresses = [thread_address(kind, thread.id, token, domain)
                  for kind, token in ((AddressKind.REQUEST, thread.request_token),
                                      (AddressKind.REPLY, thread.reply_token)) if token]
+    if getattr(thread, "kind", "foi") == "report" and thread.request_token:
+        # A fault report's authority side is report-<id>-<token>@ (the same secret).
+        addresses.append(f"report-{thread.id}-{thread.request_token}@{domain}")
     if thread.confirm_token:
         addresses.append(confirm_address(thread.confirm_token, domain))
     for addr in addresses:
