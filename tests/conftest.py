@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
@@ -108,12 +109,50 @@ class Site:
         self.config.write_text(text)
 
 
-@pytest.fixture()
-def site(tmp_path: Path) -> Site:
+# The databases every site-based test runs against: "sqlite" (the embedded default) and/or
+# "postgresql" (a fresh database per test on 127.0.0.1:5432). `make test` runs both.
+DATABASES = [d.strip() for d in os.environ.get("MAILFLOW_TEST_DATABASES", "sqlite").split(",")
+             if d.strip()]
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _fresh_pg_database() -> "Iterator[str]":
+    import secrets
+
+    import psycopg
+    name = f"mailflow_site_{secrets.token_hex(5)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=DATABASES)
+def site(tmp_path: Path, request: pytest.FixtureRequest) -> "Iterator[Site]":
     d = tmp_path / "site"
     r = subprocess.run([*MAILFLOW, "init", str(d), "--domain", DOMAIN], capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
-    return Site(d)
+    s = Site(d)
+    if request.param == "sqlite":
+        yield s
+        return
+    assert request.param == "postgresql", f"MAILFLOW_TEST_DATABASES: {request.param}?"
+    gen = _fresh_pg_database()
+    s.set("database", "url", f'"{next(gen)}"')
+    try:
+        yield s
+    finally:
+        for daemon in [x for x in _RUNNING if x.site is s]:
+            daemon.stop(signal.SIGKILL)
+        next(gen, None)
 
 
 _RUNNING: list["Daemon"] = []

@@ -118,3 +118,56 @@ def test_json_log_lines_name_the_instance_and_the_thread(site: Site) -> None:
                for line in lines), lines
     bad = site.run("--log-format", "xml", "status")
     assert bad.returncode == 2
+
+
+def test_one_archive_writer_for_the_site_across_instances(site: Site) -> None:
+    """On PostgreSQL the writer holds a session advisory lock: another instance that wants to
+    build is told the archive is busy (the daemon retries later); an admin's build waits."""
+    import threading
+    from dataclasses import replace
+
+    import psycopg
+    import pytest
+    from mailflow.archive.build import ArchiveBusy, _writer_key, build
+    from test_store_backends import _pg_database
+
+    gen = _pg_database()
+    url = next(gen)
+    mf = MfSite.open(site.config)
+    mf = MfSite(settings=replace(mf.settings, database=replace(mf.settings.database, url=url)),
+                rules=mf.rules)
+    try:
+        mf.store  # noqa: B018 - migrated
+        holder = psycopg.connect(url.replace("postgresql://", "postgresql://", 1),
+                                 autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", (_writer_key(mf),))
+        with pytest.raises(ArchiveBusy):
+            build(mf, search=False, wait=False)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (build(mf, search=False), done.set()))
+        t.start()
+        assert not done.wait(2)            # the admin's build waits for the writer ...
+        holder.execute("SELECT pg_advisory_unlock(%s)", (_writer_key(mf),))
+        assert done.wait(60)               # ... and goes ahead once it is done
+        t.join()
+        holder.close()
+        assert build(mf, search=False, wait=False) is not None   # free again
+    finally:
+        mf.close()
+        next(gen, None)
+
+
+def test_on_sqlite_the_archive_folder_lock_is_the_writer_lock(site: Site) -> None:
+    import fcntl
+
+    import pytest
+    from mailflow.archive.build import ArchiveBusy, build
+    mf = MfSite.open(site.config)
+    out = site.dir / "var" / "archive"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".archive.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(ArchiveBusy):
+            build(mf, out, search=False, wait=False)
+    assert build(mf, out, search=False, wait=False) is not None
+    mf.close()

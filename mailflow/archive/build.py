@@ -45,6 +45,7 @@ from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
                                      swap_in, write_private_json)
 from mailflow.core.redaction import PrivatePattern, Redactor, load_redactions, private_values
+from mailflow.errors import MailflowError
 from mailflow.outbound.signing import verify as dkim_verify
 from mailflow.site import Site
 
@@ -261,34 +262,75 @@ def run_pagefind(root: Path) -> str:
 
 
 # -- the build ------------------------------------------------------------------------------------
+class ArchiveBusy(MailflowError):
+    """Another process (on this machine or, on PostgreSQL, any machine) is building."""
+
+
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path, wait: bool = True) -> Iterator[None]:
     """One build at a time per output folder (the daemon's and an admin's, say). The lock file
     sits beside the folder, so it survives a full rebuild swapping the folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArchiveBusy(f"another process is building {out}") from None
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _writer_key(site: Site) -> int:
+    """The site's advisory-lock number: the same on every machine that serves the site."""
+    digest = hashlib.sha256(f"mailflow-archive:{site.domain}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def _one_writer(site: Site, out: Path, wait: bool = True) -> Iterator[None]:
+    """One archive writer for the whole site. Several daemons sharing a PostgreSQL database
+    take a session advisory lock on a connection of its own (released by PostgreSQL if the
+    holder dies), so any instance can take over; on SQLite one machine is all there is, and
+    the file lock is enough."""
+    with _locked(out, wait):
+        engine = site.store.engine
+        if engine.dialect.name != "postgresql":
+            yield
+            return
+        from sqlalchemy import text as sql
+        with engine.connect() as conn:
+            key = _writer_key(site)
+            if wait:
+                conn.execute(sql("SELECT pg_advisory_lock(:k)"), {"k": key})
+            elif not conn.execute(sql("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.rollback()
+                raise ArchiveBusy("another instance of this site is building the archive")
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sql("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+
 def build(site: Site, out: Path | None = None, full: bool = False, *,
           dns_txt: DnsTxt | None = None, today: date | None = None,
-          search: bool = True) -> BuildReport:
+          search: bool = True, wait: bool = True) -> BuildReport:
     """Build (or bring up to date) the public archive; returns what was written.
 
     `out`: the output folder (default: `[archive] dir`). `full`: rebuild everything aside and
     swap it in. `dns_txt`: the DNS TXT lookup for DKIM checks (default: real DNS). `today`:
     the date that decides which requests are overdue (default: today, UTC). `search`: run
-    Pagefind afterwards when pages changed.
+    Pagefind afterwards when pages changed. `wait`: False raises ArchiveBusy at once when
+    another writer holds the site's archive (the daemon then tries again later).
     """
     started = time.monotonic()
     default_out, base_url = archive_settings(site)
     out = Path(out or default_out).resolve()
     today = today or datetime.now(timezone.utc).date()
-    with _locked(out):
+    with _one_writer(site, out, wait):
         if full:
             work = out.with_name(f".{out.name}.new-{os.getpid()}")
             shutil.rmtree(work, ignore_errors=True)
