@@ -264,7 +264,7 @@ def test_thread_page(world: World) -> None:
     for bad in ("onclick", "alert(2)", "tracker.example", "javascript:", 'style="'):
         assert bad not in page, bad
     # Attachments: published with type, size and a link; the archive withheld with a reason.
-    m = re.search(r'<a href="(attachments/(\d+)/1-[^"]+\.csv)" download>([^<]+)</a> '
+    m = re.search(r'<a href="(attachments/([0-9a-f]{32})\.csv)" download="[^"]+">([^<]+)</a> '
                   r'<span class="meta">\(text/csv[^,]*, (\d+) bytes\)</span>', page)
     assert m, page
     assert "[requester email]" in m.group(3)
@@ -402,9 +402,10 @@ def test_files_no_longer_produced_are_removed(fresh: World) -> None:
     a = fresh.thread_dir(fresh.a)
     attachments = [p for p in all_files(fresh.out / a / "attachments")]
     assert len(attachments) == 1
-    with fresh.mf.store.tx() as tx:   # a moderator hides the answer with the attachment
+    with fresh.mf.store.tx() as tx:   # a moderator hides the answers (one has the attachment)
         tx.c.execute(update(messages_table).where(
-            messages_table.c.id == int(attachments[0].parent.name)).values(hidden=True))
+            messages_table.c.thread_id == fresh.a, messages_table.c.direction == "in")
+            .values(hidden=True))
     r = fresh.build()
     assert r.removed_paths == [str(attachments[0].relative_to(fresh.out))]
     assert not (fresh.out / a / "attachments").exists()

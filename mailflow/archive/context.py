@@ -12,6 +12,7 @@ builder can stage them and let them go: a site's attachments need not fit in mem
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
@@ -84,7 +85,7 @@ class AttachmentView:
 
     @property
     def href(self) -> str:
-        """The link from the thread's own page: "attachments/<message>/<n>-<name>"."""
+        """The link from the thread's own page: "attachments/<sha256 of the content>.<ext>"."""
         return (self.path or "").split("/", 2)[-1]
 
 
@@ -345,14 +346,26 @@ def _attachments(pm_attachments: Any, m: StoredMessage, base: str, red: Redactor
             continue
         assert isinstance(result, PublicAttachment)
         shown = result.filename or "attachment"   # publish_attachment redacted it
-        name = f"{n}-{safe_filename(shown, result.content_type)}"
-        while name in used:
-            name = f"{n}-{name}"
-        used.add(name)
-        path = f"{base}attachments/{m.id}/{name}"
-        files.files.append((path, result.data))
+        # Stored by content hash only: nothing a sender wrote becomes part of a path. The
+        # name is shown on the page and offered with the link's `download` attribute.
+        digest = hashlib.sha256(result.data).hexdigest()[:32]
+        ext = _safe_ext(safe_filename(shown, result.content_type))
+        path = f"{base}attachments/{digest}{ext}"
+        if path not in used:
+            used.add(path)
+            files.files.append((path, result.data))
         views.append(AttachmentView(n, shown, result.content_type, result.size, path))
     return tuple(views)
+
+
+_EXT = re.compile(r"\.[a-z0-9]{1,8}$")
+
+
+def _safe_ext(name: str) -> str:
+    """The file's extension, when it is a short plain one (so a web server sends the right
+    type); nothing else of the name."""
+    m = _EXT.search(name.lower())
+    return m.group(0) if m else ""
 
 
 def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,

@@ -7,7 +7,7 @@ real pipeline and the real archive build; the whole file tree around the site is
 and after, and nothing may appear outside the site's `var/` (the store: database, spool and
 outbox, where messages are kept by content hash and id, never by a sender's name) and the
 archive folder. Inside the archive, attachment files sit at
-`attachments/<message>/<n>-<safe name>` and the pages show each name escaped.
+`attachments/<content hash>.<ext>` and the pages show each name escaped.
 
 Archive files are also durable: each is fsynced before its rename and each folder a rename
 changed is fsynced after (Writer.commit).
@@ -150,15 +150,14 @@ def test_hostile_attachment_names_write_nothing_outside_the_store_and_archive(
     for target in (Path("/tmp"), Path("/etc"), Path.home(), site.dir.parent.parent):
         assert not [n for n in os.listdir(target) if TOKEN in n], target
 
-    # inside the archive: attachments only at attachments/<message id>/<n>-<safe name>
+    # inside the archive: attachments only at attachments/<content hash>.<ext>
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
              and ".mailflow-cache" not in p.parts]
     attachments = [f for f in files if "/attachments/" in f or f.startswith("attachments/")]
     assert attachments, files
     for f in attachments:
         name = f.rsplit("/attachments/", 1)[-1] if "/attachments/" in f else f[len("attachments/"):]
-        assert re.fullmatch(r"[0-9]+/[0-9]+-[A-Za-z0-9._-]+", name), f
-        assert not name.split("/")[-1].split("-", 1)[1].startswith(".")
+        assert re.fullmatch(r"[0-9a-f]{32}(\.[a-z0-9]{1,8})?", name), f
         safe_rel(f)
     for f in files:
         assert not any(part.startswith(".") for part in Path(f).parts), f
