@@ -113,6 +113,20 @@ class ReportSettings:
 class ClassifySettings:
     spam_header: str | None
     spam_threshold: float
+    # Who sent it: DKIM, SPF and DMARC for every incoming message (mailflow/mail/authenticate.py).
+    authenticate: bool = True
+    dns_timeout: float = 5.0              # seconds per DNS question (four times that per message)
+    hold_unverified: str = "failed"       # failed | unverified | never (core.authentication)
+    # The site's own mail servers: a connection from one of them is not the client; the client
+    # is read from the Received headers they wrote. Loopback: a Postfix or Exim in front.
+    trusted_relays: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # ingest and IMAP: read the client address from the topmost Received header (written by
+    # the site's own MTA or mailbox); off, SPF is "none" for mail taken in that way.
+    spf_from_received: bool = False
+    # RFC 3834: at most one automatic answer per this many days to an address that never
+    # confirmed a request (0: no limit). Off by default: with it, a new citizen who writes
+    # to three authorities in a week gets one confirmation and two queue items.
+    automatic_answer_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,7 +201,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "transport": (str, "maildir"),
         "maildir": (str, "var/outbox"),
         "bounce_address": (str, ""),
-        "retry_schedule": (list, [60, 300, 900, 3600, 14400, 43200, 86400]),
+        "retry_schedule": (list, [300, 900, 1800, 3600, 7200, 14400]),
     },
     "outbound.smtp": {
         "host": (str, "localhost"),
@@ -211,6 +225,12 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "classify": {
         "spam_header": (str, ""),
         "spam_threshold": ((int, float), 5.0),
+        "authenticate": (bool, True),
+        "dns_timeout": ((int, float), 5.0),
+        "hold_unverified": (str, "failed"),
+        "trusted_relays": (list, ["127.0.0.0/8", "::1/128"]),
+        "spf_from_received": (bool, False),
+        "automatic_answer_days": (int, 0),
     },
     "reminders": {
         "sweep_seconds": (int, 300),
@@ -380,6 +400,28 @@ def _reports(path: Path, given: Any) -> ReportSettings:
                           map_link=link)
 
 
+def _classify(path: Path, values: dict[str, Any]) -> ClassifySettings:
+    import ipaddress
+    if values["dns_timeout"] <= 0:
+        raise ConfigError(f"{_where(path, 'classify', 'dns_timeout')}: expected a positive "
+                          f"number of seconds, got {values['dns_timeout']!r}")
+    relays = values["trusted_relays"]
+    for r in relays:
+        try:
+            ipaddress.ip_network(r, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{_where(path, 'classify', 'trusted_relays')}: expected IP "
+                              f"addresses or networks such as \"10.0.0.0/8\", got {r!r}") from None
+    return ClassifySettings(
+        spam_header=values["spam_header"] or None,
+        spam_threshold=float(values["spam_threshold"]),
+        authenticate=values["authenticate"], dns_timeout=float(values["dns_timeout"]),
+        hold_unverified=_choice(path, "classify", "hold_unverified", values["hold_unverified"],
+                                ("failed", "unverified", "never")),
+        trusted_relays=tuple(relays), spf_from_received=values["spf_from_received"],
+        automatic_answer_days=max(0, int(values["automatic_answer_days"])))
+
+
 def from_dict(data: dict[str, Any], path: Path) -> Settings:
     base = path.parent
     for table in data:
@@ -473,8 +515,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
                 timeout=float(host["timeout"]))),
         dkim=DkimSettings(selector=dkim["selector"], domain=(dkim["domain"] or domain).lower(),
                           key_file=_resolve(base, dkim["key_file"])),
-        classify=ClassifySettings(spam_header=cls["spam_header"] or None,
-                                  spam_threshold=float(cls["spam_threshold"])),
+        classify=_classify(path, cls),
         reminders=reminders,
         reports=reports,
         archive=ArchiveSettings(dir=_resolve(base, arc["dir"]), base_url=arc["base_url"] or url,

@@ -183,14 +183,20 @@ class ReportFlow:
     def new_report(self, c: "StepContext") -> "Outcome":
         p, pm = self.p, c.pm
         assert c.addr is not None
-        if not p._may_answer(c):
-            return p._queue(c, "automatic", f"automatic mail to {c.step.key} ({c.cls.reason})")
+        no = p._no_answer(c)
+        if no is not None:
+            return p._queue(c, *no)
         rules = self.rules
         if rules is None:   # the door refuses report@ then; a header-only recipient can get here
             return p._queue(c, "no_reports", "a report, but the site has no report categories")
         citizen = pm.reply_to[0] if pm.reply_to else pm.from_addr
         if not citizen or A.is_our_domain(citizen, self.domain):
             return p._queue(c, "no_sender", "new report without a usable sender address")
+        # Every way on from here writes to her (a question, "not covered", a confirmation)
+        # unless she has confirmed before: only to the envelope sender, and not too often.
+        refused = p._refuse_to_answer(c, citizen)
+        if refused is not None:
+            return refused
         subject = " ".join(pm.subject.split())[:200]
         body = pm.text.strip()
         mine = "\n".join(own_text(body))   # not her signature's postcode, not a quoted mail

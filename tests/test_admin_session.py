@@ -94,5 +94,8 @@ def test_ten_kinds_of_queue_item_each_decided(site: Site) -> None:
     assert site.run("archive", "build", "--no-search").returncode == 0
     html = "\n".join(p.read_text() for p in (site.dir / "var/archive").rglob("*.html"))
     assert "Routes A-C." in html and "Mixed up." in html and "Pills" not in html
-    assert list(Path(site.dir / "var/archive").rglob("*all.zip*"))
+    # released: published under its content hash, offered under its own name
+    assert [p for p in Path(site.dir / "var/archive").rglob("*") if p.parent.name == "attachments"]
+    assert any('download="all.zip"' in p.read_text()
+               for p in Path(site.dir / "var/archive").rglob("index.html"))
     assert len(site.json("audit")) == 10 + len(others)

@@ -69,4 +69,7 @@ def test_released_attachment_is_published_at_the_next_build(site: Site) -> None:
     r = site.run("queue", "release", str(item["id"]), "--reason", "checked")
     assert r.returncode == 0, r.stderr.decode()
     assert site.run("archive", "build", "--no-search").returncode == 0
-    assert list(Path(site.dir / "var/archive").rglob("*budget.zip*"))
+    # released: published under its content hash, offered under its own name
+    assert [p for p in Path(site.dir / "var/archive").rglob("*") if p.parent.name == "attachments"]
+    assert any('download="budget.zip"' in p.read_text()
+               for p in Path(site.dir / "var/archive").rglob("index.html"))

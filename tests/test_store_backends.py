@@ -13,6 +13,9 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
+
+from mailflow.store.tables import messages as messages_t
 from aiosmtpd.controller import Controller
 
 from conftest import DOMAIN, JANE, Site, compose, free_port
@@ -191,3 +194,15 @@ def test_a_large_outbox_is_delivered_in_one_call(mf: MfSite) -> None:
     assert counts["sent"] == 60
     with mf.store.read() as tx:
         assert {r.state for r in tx.outbox_rows()} == {"sent"}
+
+
+def test_a_nul_in_decoded_text_is_stored_on_every_backend(mf: MfSite) -> None:
+    """PostgreSQL refuses NUL in text; real mail (an Office 365 bounce in the corpus) has it."""
+    with mf.store.tx() as tx:
+        sha = tx.put_raw(b"Subject: x\r\n\r\nbad \x00 byte\r\n")
+        pk = tx.add_message(thread_id=None, direction="in", kind="response", message_id="<n@x>",
+                            from_addr="a@x.example", from_name="A\x00", to_addrs=[],
+                            subject="x\x00y", date=None, text="bad \x00 byte", raw_sha256=sha)
+    with mf.store.read() as tx:
+        m = [m for m in tx.c.execute(select(messages_t)).all() if m.id == pk][0]
+    assert m.text == "bad \ufffd byte" and m.subject == "x\ufffdy"

@@ -274,10 +274,19 @@ class Tx:
         return [_thread(r) for r in self.c.execute(q)]
 
     # -- messages -----------------------------------------------------------------------
-    def add_message(self, **values: Any) -> int:
+    def add_message(self, *, authentication: str | None = None, **values: Any) -> int:
+        """Store one message. `authentication`: our own Authentication-Results value (RFC
+        8601) for mail received, as `mailflow.core.authentication` writes it."""
+        if authentication is not None:
+            values["authentication"] = authentication[:4000]
         values.setdefault("created_at", utcnow())
         values.setdefault("flags", [])
         values.setdefault("hidden", False)
+        # PostgreSQL's text cannot hold NUL, which decoded mail sometimes has (the raw bytes,
+        # kept whole in raw_messages, are untouched): U+FFFD marks where one was.
+        for key in ("text", "subject", "from_name", "from_addr", "message_id"):
+            if isinstance(values.get(key), str) and "\x00" in values[key]:
+                values[key] = values[key].replace("\x00", "\ufffd")
         return int(self.c.execute(insert(messages).values(**values)).inserted_primary_key[0])
 
     def messages(self, thread_id: int) -> list[StoredMessage]:

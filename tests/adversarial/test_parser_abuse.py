@@ -427,8 +427,6 @@ def test_hostile_mail_through_ingest_is_kept_whole_within_budget(site: Site, nam
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs Pipeline.plan to queue a message whose parse hit "
-                   "a cap (mailflow.mail.parse.caps_hit): pipeline.py is not ours to edit")
 @pytest.mark.parametrize("name", ["million_parts", "deep_nesting"])
 def test_a_capped_message_ends_in_the_admin_queue_with_its_raw_bytes(site: Site,
                                                                      name: str) -> None:
