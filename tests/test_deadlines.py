@@ -10,6 +10,7 @@ import ast
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -439,6 +440,33 @@ def test_working_lines() -> None:
                          "(20 working days after the due date)")
     au = dl("au-foi", date(2026, 3, 4)).working()
     assert "Due: Tuesday 7 April 2026 (the 30th day; moved from Friday 3 April 2026)" in au
+
+
+def test_working_is_written_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reminder sweep needs the dates of thousands of clocks, never their working."""
+    written: list[date] = []
+    real = D.long_date
+    monkeypatch.setattr(D, "long_date", lambda d: written.append(d) or real(d))
+    d = dl("uk-foia", date(2026, 12, 17))
+    assert written == [] and d.due == date(2027, 1, 20)
+    lines = d.working()
+    assert written and lines[1] == "Day 1: Friday 18 December 2026"
+    count = len(written)
+    assert d.working() == lines and len(written) == count   # written once
+    # The law it was counted with is not part of the value.
+    assert d == dl("uk-foia", date(2026, 12, 17)) and "law_def" not in repr(d)
+    assert hash(d) == hash(dl("uk-foia", date(2026, 12, 17)))
+
+
+def test_calendar_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    uk = LAWS["uk-foia"]
+    years = range(2026, 2028)
+    fp = D.calendar_fingerprint([uk, LAWS["nz-oia"]], years)
+    assert fp == D.calendar_fingerprint([LAWS["nz-oia"], uk], list(years) + [2027])
+    assert fp != D.calendar_fingerprint([uk, LAWS["nz-oia"]], range(2026, 2029))
+    assert fp != D.calendar_fingerprint([replace(uk, days=21), LAWS["nz-oia"]], years)
+    monkeypatch.setattr(D.holidays_lib, "__version__", "0.0-other")
+    assert fp != D.calendar_fingerprint([uk, LAWS["nz-oia"]], years)
 
 
 def test_due_date_is_the_deadline_due() -> None:

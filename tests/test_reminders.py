@@ -236,3 +236,84 @@ def test_admin_records_an_extension_and_the_due_date_moves(site: Site) -> None:
     assert [e["kind"] for e in t["events"]].count("clock") == 3
     bad = site.run("thread", "extend", str(tid), "--extension", "nonsense")
     assert bad.returncode == 1 and b"has no extension" in bad.stderr
+
+
+# -- when the calendar is applied (issue #10: not every clock on every sweep) -------------------
+def _count_checks(monkeypatch: pytest.MonkeyPatch, rem: Reminders) -> list[int]:
+    """How many times `rem` checked every running clock against the calendar."""
+    calls: list[int] = []
+    stale = rem.clock.stale
+
+    def counting(tx):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return stale(tx)
+    monkeypatch.setattr(rem.clock, "stale", counting)
+    return calls
+
+
+def test_every_clock_is_checked_once_a_day_and_when_the_calendar_changes(
+        mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid = request_sent_on(mf, START)
+    rem = Reminders(mf)   # as the daemon keeps one for all its sweeps
+    checks = _count_checks(monkeypatch, rem)
+    morning = datetime(2027, 3, 2, 8, tzinfo=timezone.utc)
+    assert rem.run(morning).recomputed == [] and len(checks) == 1
+    with mf.store.tx() as tx:   # as if another process had stored an older calendar's date
+        tx.update_thread(tid, due_date=date(2027, 3, 29))
+    # The same day, the same calendar: later sweeps do not look at every clock again ...
+    for minutes in (5, 10, 300):
+        assert rem.run(morning + timedelta(minutes=minutes)).recomputed == []
+    assert len(checks) == 1
+    # ... the first sweep of the next day does, and records the move.
+    moved = rem.run(morning + timedelta(days=1)).recomputed
+    assert [(c["thread_id"], c["old_due"], c["due"]) for c in moved] == [
+        (tid, "2027-03-29", "2027-04-01")]
+    assert len(checks) == 2
+    assert rem.run(morning + timedelta(days=1, minutes=5)).recomputed == []
+    assert len(checks) == 2
+    # A new `holidays` package is a new calendar: every clock is checked at the next sweep.
+    import holidays
+    monkeypatch.setattr(holidays, "__version__", holidays.__version__ + ".post1")
+    assert rem.run(morning + timedelta(days=1, minutes=10)).recomputed == []
+    assert len(checks) == 3
+    # So is an edited law: here the UK's 20 working days become 21 (the 21st: Friday 2 April).
+    uk = mf.rules.laws["uk-foia"]
+    rem.clock.rules = replace(mf.rules, laws={**mf.rules.laws, "uk-foia": replace(uk, days=21)})
+    moved = rem.run(morning + timedelta(days=1, minutes=15)).recomputed
+    assert [(c["old_due"], c["due"]) for c in moved] == [("2027-04-01", "2027-04-02")]
+    assert len(checks) == 4
+    with mf.store.read() as tx:
+        t = tx.thread(tid)
+        events = [e for e in tx.events(tid) if e["kind"] == "due_changed"]
+    assert t is not None and t.due_date == date(2027, 4, 2) and len(events) == 2
+
+
+def test_a_due_reminder_is_checked_against_the_calendar_before_it_goes_out(
+        mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid = request_sent_on(mf, START)
+    rem = Reminders(mf)
+    checks = _count_checks(monkeypatch, rem)
+    early = datetime(2027, 4, 1, 7, tzinfo=timezone.utc)   # before the 09:00 reminders
+    assert rem.run(early).sent == [] and len(checks) == 1
+    with mf.store.tx() as tx:   # a wrong due date, written after this morning's check
+        tx.update_thread(tid, due_date=date(2027, 3, 29))
+    result = rem.run(early + timedelta(hours=5))
+    assert len(checks) == 1     # not a check of every clock: only the thread whose reminder fell due
+    assert [(c["old_due"], c["due"]) for c in result.recomputed] == [("2027-03-29", "2027-04-01")]
+    assert [r["kind"] for r in result.sent] == ["citizen_due"]
+    assert result.skipped == []
+
+
+def test_the_sweep_does_not_write_the_working(mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only `mailflow deadline` and the archive show how a due date was worked out."""
+    from mailflow.core import deadlines
+    tid = request_sent_on(mf, START)
+    with mf.store.tx() as tx:
+        tx.update_thread(tid, due_date=date(2027, 3, 29))
+
+    def no(d: date) -> str:
+        raise AssertionError("the sweep wrote a working line")
+    monkeypatch.setattr(deadlines, "long_date", no)
+    sent = sweep_days(mf, START, 35)
+    assert sent == {date(2027, 4, 1): ["citizen_due"],
+                    date(2027, 4, 2): ["authority_followup", "citizen_late"]}

@@ -19,10 +19,11 @@ and year: the reminder sweep asks about thousands of threads.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import date, timedelta
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 
 import holidays as holidays_lib
@@ -64,7 +65,17 @@ class Deadline:
     extra_days: int = 0              # an extension claimed, counted the law's way
     moved: tuple[Skipped, ...] = ()  # days the due or very-late date of a calendar-day law
                                      # moved off: counted days, so not in `skipped`
-    working_lines: tuple[str, ...] = ()
+    # The law itself, to write the working when it is asked for (not part of the value).
+    law_def: Law | None = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def working_lines(self) -> tuple[str, ...]:
+        """The calculation, written on first use (the sweep never needs it)."""
+        if self.law_def is None:
+            return ()
+        lines: list[str] = []
+        _count(self.law_def, self.sent, self.extra_days, lines)
+        return tuple(lines)
 
     def working(self) -> list[str]:
         """The calculation, one line a day, e.g. "Day 1: Friday 18 December 2026"."""
@@ -127,6 +138,22 @@ def holiday_names(law: Law, years: range) -> dict[date, str]:
 def holiday_dates(law: Law, years: range) -> set[date]:
     """The union of the holidays of every subdivision the law names (or the whole country)."""
     return set(holiday_names(law, years))
+
+
+def calendar_fingerprint(laws: Iterable[Law], years: Iterable[int]) -> str:
+    """Which calendar these laws count with in these years: a digest of the laws themselves,
+    the `holidays` package's version and every holiday, weekend and swapped working day of
+    each law's calendar in each year. Two equal fingerprints give the same due dates for
+    clocks within those years; a new package, an edited laws.toml or another year do not."""
+    h = hashlib.sha256(f"holidays {holidays_lib.__version__}\n".encode())
+    ys = sorted(set(years))
+    for law in sorted(laws, key=lambda law: law.id):
+        h.update(f"{law!r}\n".encode())
+        for y in ys:
+            cal = _year(law.country, law.subdivisions, y)
+            h.update(repr((y, sorted(cal.holidays.items()), sorted(cal.weekend),
+                           sorted(cal.weekend_workdays))).encode())
+    return h.hexdigest()
 
 
 def _excluded(law: Law, d: date) -> list[str]:
@@ -248,26 +275,43 @@ def deadline(law: Law, sent: date, *, extra_days: int = 0) -> Deadline:
 
     `extra_days` is an extension the authority claimed, counted the law's way: the law's
     period becomes `law.days + extra_days` from the same start, then moves as the law says.
+
+    The working lines are written only when asked for (`Deadline.working()`): the reminder
+    sweep and the pipeline need the dates, and only `mailflow deadline` and the archive's
+    thread page show the lines.
     """
     if extra_days < 0:
         raise ValueError(f"extra_days must not be negative, got {extra_days}")
+    day_one, due, very_late, skipped, moved = _count(law, sent, extra_days, None)
+    return Deadline(law=law.id, sent=sent, day_one=day_one, due=due, very_late=very_late,
+                    skipped=tuple(Skipped(d, r) for d, r in sorted(skipped.items())),
+                    working_days=law.working_days, days=law.days, extra_days=extra_days,
+                    moved=moved, law_def=law)
+
+
+def _count(law: Law, sent: date, extra_days: int, lines: list[str] | None,
+           ) -> tuple[date, date, date, dict[date, str], tuple[Skipped, ...]]:
+    """(day one, due, very late, the days not counted and why, the days moved off), and the
+    working, one line a day, appended to `lines` unless it is None."""
     total = law.days + extra_days
     unit = "working day" if law.working_days else "day"
     skipped: dict[date, str] = {}
-    lines: list[str] = []
 
     def skip(d: date, why: str | None) -> None:
         skipped.setdefault(d, why or "")
-        lines.append(f"  not counted: {long_date(d)} — {why}")
+        if lines is not None:
+            lines.append(f"  not counted: {long_date(d)} — {why}")
 
     # Day one.
     if law.day_one == "same_day":
-        lines.append(f"Sent {long_date(sent)}; the day of sending counts")
+        if lines is not None:
+            lines.append(f"Sent {long_date(sent)}; the day of sending counts")
         candidate = sent
     else:
         why = _non_working(law, sent)
         skipped[sent] = "day of sending" + (f" ({'; '.join(why)})" if why else "")
-        lines.append(f"Sent {long_date(sent)}; the day of sending does not count")
+        if lines is not None:
+            lines.append(f"Sent {long_date(sent)}; the day of sending does not count")
         candidate = sent + ONE_DAY
     for _ in range(_MAX_GAP_DAYS):
         ok, why = is_counted(law, candidate)
@@ -282,25 +326,30 @@ def deadline(law: Law, sent: date, *, extra_days: int = 0) -> Deadline:
     day_one = candidate
 
     # Count to the due date.
-    lines.append(f"Day 1: {long_date(day_one)}")
+    if lines is not None:
+        lines.append(f"Day 1: {long_date(day_one)}")
     nominal, n = day_one, 1
     walk = _walk(law, day_one)
     while n < total:
         d, ok, why = next(walk)
         if ok:
             n, nominal = n + 1, d
-            lines.append(f"Day {n}: {long_date(d)}" + (" (extension)" if n > law.days else ""))
+            if lines is not None:
+                lines.append(f"Day {n}: {long_date(d)}"
+                             + (" (extension)" if n > law.days else ""))
         else:
             skip(d, why)
     due, moved = _move(law, nominal, floor=day_one)
-    for m in moved:
-        lines.append(f"  {long_date(m.date)} is not a working day — {m.reason}: the deadline moves")
-    how = f"the {_ordinal(total)} {unit}"
-    if extra_days:
-        how += f", with {extra_days} {unit}s of extension"
-    if due != nominal:
-        how += f"; moved from {long_date(nominal)}"
-    lines.append(f"Due: {long_date(due)} ({how})")
+    if lines is not None:
+        for m in moved:
+            lines.append(f"  {long_date(m.date)} is not a working day — {m.reason}: "
+                         "the deadline moves")
+        how = f"the {_ordinal(total)} {unit}"
+        if extra_days:
+            how += f", with {extra_days} {unit}s of extension"
+        if due != nominal:
+            how += f"; moved from {long_date(nominal)}"
+        lines.append(f"Due: {long_date(due)} ({how})")
 
     # Count on to "very late".
     nominal_late, n = due, 0
@@ -309,19 +358,18 @@ def deadline(law: Law, sent: date, *, extra_days: int = 0) -> Deadline:
         d, ok, why = next(walk)
         if ok:
             n, nominal_late = n + 1, d
-            lines.append(f"Late day {n}: {long_date(d)}")
+            if lines is not None:
+                lines.append(f"Late day {n}: {long_date(d)}")
         else:
             skip(d, why)
     very_late, moved_late = _move(law, nominal_late, floor=due + ONE_DAY)
-    for m in moved_late:
-        lines.append(f"  {long_date(m.date)} is not a working day — {m.reason}: the date moves")
-    lines.append(f"Very late after: {long_date(very_late)} "
-                 f"({law.very_late_days} {unit}s after the due date)")
-
-    return Deadline(law=law.id, sent=sent, day_one=day_one, due=due, very_late=very_late,
-                    skipped=tuple(Skipped(d, r) for d, r in sorted(skipped.items())),
-                    working_days=law.working_days, days=law.days, extra_days=extra_days,
-                    moved=tuple(moved + moved_late), working_lines=tuple(lines))
+    if lines is not None:
+        for m in moved_late:
+            lines.append(f"  {long_date(m.date)} is not a working day — {m.reason}: "
+                         "the date moves")
+        lines.append(f"Very late after: {long_date(very_late)} "
+                     f"({law.very_late_days} {unit}s after the due date)")
+    return day_one, due, very_late, skipped, tuple(moved + moved_late)
 
 
 def due_date(sent: date, law: Law) -> date:
