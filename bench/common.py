@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: sites, machine facts, timing, the corpus, results."""
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import re
@@ -21,6 +22,11 @@ MAILFLOW = [sys.executable, "-m", "mailflow"]
 DOMAIN = "ask.example"
 SRC: Path | None = None
 """Where mailflow is imported from when not the checkout (`--src`): set by `use_src`."""
+DATABASES = ("sqlite", "postgresql")
+DB_LABEL = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+PG_ADMIN = os.environ.get("MAILFLOW_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+"""The PostgreSQL server the benchmarks make their databases on (a superuser's URL to its
+`postgres` database); `--pg URL` or $MAILFLOW_BENCH_PG to change it."""
 
 
 def use_src(src: Path | None) -> None:
@@ -57,6 +63,10 @@ class Row:
     target: str = ""
     ok: bool | None = None
     note: str = ""
+    value: float | None = None
+    """The row's figure as a number, for the SQLite-beside-PostgreSQL table: a rate (per
+    second) when `higher_is_better`, otherwise a time in seconds."""
+    higher_is_better: bool = True
 
 
 @dataclass
@@ -66,6 +76,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    database: str | None = None
+    """"sqlite" or "postgresql" for the benchmarks run on either (set by the runner)."""
 
 
 def fmt_rate(x: float) -> str:
@@ -110,7 +122,7 @@ def _read(path: str) -> str:
         return ""
 
 
-def machine(tmp: Path) -> dict[str, str]:
+def machine(tmp: Path, postgresql: bool = False) -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")
     mem = re.search(r"MemTotal:\s+(\d+) kB", _read("/proc/meminfo"))
@@ -148,9 +160,23 @@ def machine(tmp: Path) -> dict[str, str]:
         "Python": platform.python_version(),
         "SQLite": sqlite3.sqlite_version,
         "SQLAlchemy": sqlalchemy.__version__,
+        **(pg_facts() if postgresql else {}),
         "Load average at start": load,
         "mailflow": _git_commit(),
     }
+
+
+def pg_facts() -> dict[str, str]:
+    """The PostgreSQL server's version and the settings that decide its commit cost."""
+    import psycopg
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as c:
+        version = c.execute("SHOW server_version").fetchone()[0]
+        settings = {k: c.execute(f"SHOW {k}").fetchone()[0] for k in (
+            "fsync", "synchronous_commit", "wal_sync_method", "shared_buffers", "max_connections")}
+    host = PG_ADMIN.split("@")[-1].split("/")[0]
+    local = " (this machine)" if host.split(":")[0] in ("127.0.0.1", "localhost", "::1") else ""
+    return {"PostgreSQL": f"{version} at {host}{local}, psycopg {psycopg.__version__}",
+            "PostgreSQL settings": ", ".join(f"{k}={v}" for k, v in settings.items())}
 
 
 def export_commit(rev: str, dest: Path) -> str:
@@ -192,13 +218,170 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_site(folder: Path, domain: str = DOMAIN) -> Path:
-    """A site as an admin makes one: `mailflow init`. Returns its config.toml."""
+def make_site(folder: Path, domain: str = DOMAIN, database: str = "sqlite") -> Path:
+    """A site as an admin makes one: `mailflow init`. Returns its config.toml. On
+    `database="postgresql"` its `[database] url` names a fresh, empty PostgreSQL database
+    (`fresh_pg_database`), which the site's first opening migrates."""
     r = subprocess.run([*MAILFLOW, "init", str(folder), "--domain", domain],
                        capture_output=True, timeout=120, cwd=folder.parent, env=env())
     if r.returncode != 0:
         raise RuntimeError(f"mailflow init failed: {r.stderr.decode()}")
-    return folder / "config.toml"
+    config = folder / "config.toml"
+    if database == "postgresql":
+        set_config(config, "database", "url", f'"{fresh_pg_database()}"')
+    elif database != "sqlite":
+        raise ValueError(f"database: {database!r}?")
+    return config
+
+
+# -- PostgreSQL databases ------------------------------------------------------------------------
+_PG_MADE: list[str] = []
+
+
+def _pg_admin():  # type: ignore[no-untyped-def]
+    import psycopg
+    return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+
+
+def pg_url(name: str) -> str:
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+
+def pg_available() -> str | None:
+    """None when the PostgreSQL server answers, else why not."""
+    try:
+        with _pg_admin() as c:
+            c.execute("SELECT 1")
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def fresh_pg_database(template: str | None = None) -> str:
+    """CREATE DATABASE a new one (a copy of `template` if given; nobody may be connected to
+    it) and return its URL. `drop_pg_databases` drops every one made; so does exit."""
+    import secrets
+    name = f"mailflow_bench_{secrets.token_hex(5)}"
+    with _pg_admin() as c:
+        c.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    _PG_MADE.append(name)
+    return pg_url(name)
+
+
+def drop_pg_databases() -> None:
+    """DROP every database this process made (WITH (FORCE): connections a stopped daemon
+    left are ended)."""
+    if not _PG_MADE:
+        return
+    try:
+        with _pg_admin() as c:
+            while _PG_MADE:
+                c.execute(f'DROP DATABASE IF EXISTS "{_PG_MADE.pop()}" WITH (FORCE)')
+    except Exception as e:  # noqa: BLE001 - never hide the benchmark's own result
+        print(f"could not drop the benchmark databases {_PG_MADE}: {e}", file=sys.stderr)
+
+
+atexit.register(drop_pg_databases)
+
+
+def db_name(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?")[0]
+
+
+# -- CPU accounting ------------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def runqueue_wait(pid: int | str = "self") -> float | None:
+    """Seconds the live threads of a process have spent runnable but waiting for a core
+    (/proc/PID/task/*/schedstat, second field); None if the kernel does not say."""
+    total, found = 0.0, False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        parts = _read(f"/proc/{pid}/task/{task}/schedstat").split()
+        if len(parts) >= 2:
+            total += int(parts[1]) / 1e9
+            found = True
+    return total if found else None
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    line = _read("/proc/stat").splitlines()[0].split()
+    vals = [int(x) for x in line[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)       # idle + iowait
+    total = sum(vals[:8])                                      # guest time is inside user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+_PG_BACKGROUND = {"walwriter", "checkpointer", "background writer", "autovacuum launcher",
+                  "logical replication launcher"}
+
+
+class PgWatch:
+    """CPU of the PostgreSQL processes that work for one database, and the WAL counters."""
+
+    def __init__(self, dbname: str, skip_pid: int | None):
+        self.admin = _pg_admin()
+        self.dbname, self.skip = dbname, skip_pid
+
+    def sample(self) -> tuple[dict[int, tuple[str, float, float]], int]:
+        """({pid: (kind, CPU s, run-queue wait s)}, WAL fsyncs so far); kind is "db" for the
+        backends connected to the database, "bg" for the server's background processes."""
+        rows = self.admin.execute("SELECT pid, backend_type, datname FROM pg_stat_activity"
+                                  ).fetchall()
+        out = {}
+        for pid, btype, dat in rows:
+            kind = ("db" if dat == self.dbname and pid != self.skip else
+                    "bg" if btype in _PG_BACKGROUND else None)
+            cs = cpu_seconds(pid) if kind else None
+            if cs is not None:
+                out[pid] = (kind, cs, runqueue_wait(pid) or 0.0)
+        wal = self.admin.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()
+        return out, int(wal[0]) if wal else 0
+
+    @staticmethod
+    def delta(a: dict[int, tuple[str, float, float]], b: dict[int, tuple[str, float, float]]
+              ) -> dict[str, float]:
+        """CPU used between two samples by kind ("db", "bg"), and the database backends'
+        run-queue wait ("db wait"); a backend that appeared meanwhile counts from zero, one
+        that ended meanwhile is lost (the daemons' pools keep theirs open)."""
+        out = {"db": 0.0, "bg": 0.0, "db wait": 0.0}
+        for pid, (kind, cs, wait) in b.items():
+            out[kind] += cs - (a[pid][1] if pid in a else 0.0)
+            if kind == "db":
+                out["db wait"] += wait - (a[pid][2] if pid in a else 0.0)
+        return out
+
+    def close(self) -> None:
+        self.admin.close()
+
+
+def wait_quiet(pids: list[int], settle: float = 2.0, timeout: float = 120) -> float:
+    """Wait until none of `pids` has used CPU for `settle` seconds (start-up sweeps over)."""
+    t0 = time.monotonic()
+    last = [cpu_seconds(p) for p in pids]
+    quiet_since = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.25)
+        now = [cpu_seconds(p) for p in pids]
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= settle:
+            break
+    return time.monotonic() - t0
 
 
 def set_config(config: Path, table: str, key: str, value: str) -> None:

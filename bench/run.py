@@ -1,8 +1,10 @@
-"""Run mailflow's benchmarks and write the table: `python -m bench [--quick] [--only NAME]`.
+"""Run mailflow's benchmarks and write the table: `python -m bench [--quick] [--only NAME]
+[--database sqlite|postgresql|both]`.
 
 Every figure is a ratio against a baseline measured in the same invocation on the same
 machine (see bench/README.md). The table is printed and written to bench/results.md
-(bench/results-quick.md with --quick) together with the machine it ran on.
+(bench/results-postgresql.md when PostgreSQL is in --database, bench/results-quick.md with
+--quick) together with the machine it ran on.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ if __package__ in (None, ""):   # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
-from bench.common import Section  # noqa: E402
+from bench.common import Row, Section  # noqa: E402
 
-BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders"]
+BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders", "instances"]
 TITLES = {"smtp": "1. SMTP accept", "pipeline": "2. Pipeline", "archive": "3. Archive",
-          "memory": "4. Memory", "reminders": "5. Reminders"}
+          "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances"}
 IN_PROCESS = {"pipeline", "archive", "reminders"}   # what --profile can see
+PER_DATABASE = {"smtp", "pipeline", "reminders"}    # run once per database of --database
+SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages"}
 HERE = Path(__file__).resolve().parent
 
 
@@ -48,7 +52,7 @@ def print_table(sections: list[Section]) -> None:
         table.add_column(col, overflow="fold")
     for s in sections:
         if s.error:
-            table.add_row(s.name, "[red]error[/red]", s.error.splitlines()[-1][:80], "", "", "",
+            table.add_row(_shown(s), "[red]error[/red]", s.error.splitlines()[-1][:80], "", "", "",
                           "[red]error[/red]")
         for r in s.rows:
             v = _verdict(r.ok)
@@ -56,7 +60,45 @@ def print_table(sections: list[Section]) -> None:
             table.add_row(r.bench, r.case, r.measured, r.baseline, r.ratio, r.target,
                           f"[{style}]{v}[/{style}]")
         table.add_section()
-    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+    console = Console(width=max(160, shutil.get_terminal_size().columns))
+    console.print(table)
+    both = comparison(sections)
+    if both:
+        t2 = Table(title="SQLite beside PostgreSQL (same run)", expand=False)
+        for col in ("bench", "case", "SQLite", "PostgreSQL", "PostgreSQL vs SQLite"):
+            t2.add_column(col, overflow="fold")
+        for row in both:
+            t2.add_row(*row)
+        console.print(t2)
+
+
+def _shown(s: Section) -> str:
+    db = s.database if s.name in PER_DATABASE else None
+    return s.name + (f" ({common.DB_LABEL[db]})" if db else "")
+
+
+def _with_ratio(r: Row) -> str:
+    return f"{r.measured} [{r.ratio}]" if r.ratio else r.measured
+
+
+def comparison(sections: list[Section]) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, case, SQLite, PostgreSQL, PostgreSQL against SQLite) for every row that both
+    databases' runs of a benchmark have."""
+    by = {(s.name, s.database): s for s in sections if not s.error}
+    out = []
+    for name in [n for n in BENCHES if n in PER_DATABASE]:
+        lite, pg = by.get((name, "sqlite")), by.get((name, "postgresql"))
+        if lite is None or pg is None:
+            continue
+        pg_rows = {r.case: r for r in pg.rows}
+        for r in lite.rows:
+            q = pg_rows.get(r.case)
+            if r.value is None or q is None or q.value is None or not r.value:
+                continue
+            against = (f"{q.value / r.value:.0%} of the rate" if r.higher_is_better else
+                       f"{q.value / r.value:.2f}× the time")
+            out.append((name, r.case, _with_ratio(r), _with_ratio(q), against))
+    return out
 
 
 def _md(s: str) -> str:
@@ -83,21 +125,46 @@ def write_markdown(path: Path, sections: list[Section], machine: dict[str, str],
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in sections:
         if s.error:
-            lines.append(f"| {s.name} | error | {_md(s.error.strip().splitlines()[-1])} | | | | "
+            lines.append(f"| {_shown(s)} | error | {_md(s.error.strip().splitlines()[-1])} | | | | "
                          "error | |")
         for r in s.rows:
             v = _verdict(r.ok)
             v = f"**{v}**" if v == "FAIL" else v
             lines.append(f"| {r.bench} | {_md(r.case)} | {_md(r.measured)} | {_md(r.baseline)} "
                          f"| {_md(r.ratio)} | {_md(r.target)} | {v} | {_md(r.note)} |")
+    both = comparison(sections)
+    if both:
+        lines += ["", "## SQLite beside PostgreSQL", "",
+                  "The same benchmark on each database, in this run: mailflow's figures, in "
+                  "brackets each one's ratio to its own baseline from the same run (the SMTP "
+                  "and pipeline baselines touch no database, so their ratios compare the two "
+                  "runs despite the machine's drift; the reminders baseline is the bare sweep "
+                  "on the same database). Last column: for a rate, PostgreSQL's as a "
+                  "percentage of SQLite's (higher is better for PostgreSQL); for a time, "
+                  "PostgreSQL's as a multiple of SQLite's (lower is better).", "",
+                  "| benchmark | case | SQLite | PostgreSQL | PostgreSQL vs SQLite |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {' | '.join(_md(x) for x in row)} |" for row in both]
     lines += ["", "Where the time goes in the rows that miss their targets, with profiles and the "
               "proposed fixes: [README.md, Findings](README.md#findings).", "", "## Notes", ""]
     for s in sections:
-        lines.append(f"**{TITLES.get(s.name, s.name)}** ({s.seconds:.0f} s). "
-                     + " ".join(s.notes) if s.notes else
-                     f"**{TITLES.get(s.name, s.name)}** ({s.seconds:.0f} s).")
+        title = _title(s.name, s.database if s.name in PER_DATABASE else None)
+        lines.append(f"**{title}** ({s.seconds:.0f} s). " + " ".join(s.notes) if s.notes else
+                     f"**{title}** ({s.seconds:.0f} s).")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _title(name: str, database: str | None) -> str:
+    return TITLES.get(name, name) + (f" on {common.DB_LABEL[database]}" if database else "")
+
+
+def _size(text: str) -> tuple[str, int]:
+    name, sep, n = text.partition("=")
+    if not sep or name not in SIZED or not n.replace("_", "").replace(",", "").isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=N with NAME one of {', '.join(SIZED)}, got {text!r}")
+    return name, int(n.replace("_", "").replace(",", ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=BENCHES, metavar="NAME",
                     help=f"run only this benchmark (repeatable): {', '.join(BENCHES)}")
     ap.add_argument("--out", type=Path, help="where to write the table (default: "
-                    "bench/results.md, or bench/results-quick.md with --quick)")
+                    "bench/results.md; bench/results-postgresql.md when PostgreSQL is used; "
+                    "bench/results-quick.md with --quick)")
     ap.add_argument("--tmp", type=Path, help="folder for the sites (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the sites afterwards")
     ap.add_argument("--src", type=Path, help="benchmark the mailflow package in this folder "
@@ -118,12 +186,39 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmarks (pipeline, archive, reminders) into bench/profiles/ (their "
                     "figures are then slowed by the profiler: the table goes to "
                     "bench/results-profile.md)")
+    ap.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite",
+                    help="the store the SMTP, pipeline and reminders benchmarks use (`both`: "
+                    "each runs twice, and the table shows them side by side). The instances "
+                    "benchmark always runs on PostgreSQL (plus a 1-daemon SQLite reference "
+                    "when SQLite is included), and is part of the default list only when "
+                    "PostgreSQL is in --database")
+    ap.add_argument("--pg", metavar="URL", help="the PostgreSQL server to make the "
+                    "databases on, as a superuser's URL (default: $MAILFLOW_BENCH_PG or "
+                    f"{common.PG_ADMIN}); each benchmark gets a fresh database, dropped after")
+    ap.add_argument("--size", action="append", type=_size, default=[], metavar="NAME=N",
+                    help="override a benchmark's size: " + ", ".join(
+                        f"{k}=N {v}" for k, v in SIZED.items()))
     args = ap.parse_args(argv)
-    names = args.only or BENCHES
+    databases = (["sqlite", "postgresql"] if args.database == "both" else [args.database])
+    names = args.only or [n for n in BENCHES
+                          if n != "instances" or "postgresql" in databases]
+    sizes = dict(args.size)
+    if args.pg:
+        common.PG_ADMIN = args.pg
+    needs_pg = "postgresql" in databases or "instances" in names
+    if needs_pg:
+        why = common.pg_available()
+        if why:
+            print(f"PostgreSQL at {common.PG_ADMIN} is needed (--database {args.database}"
+                  f"{', instances' if 'instances' in names else ''}) and does not answer: {why}",
+                  file=sys.stderr)
+            return 2
+    label_db = databases != ["sqlite"]   # name the database in the table's rows
     out = args.out or HERE / ("results-profile.md" if args.profile else
-                              "results-quick.md" if args.quick else "results.md")
+                              "results-quick.md" if args.quick else
+                              "results-postgresql.md" if needs_pg else "results.md")
     base = Path(tempfile.mkdtemp(prefix="mailflow-bench-", dir=args.tmp))
-    machine = common.machine(base)
+    machine = common.machine(base, postgresql=needs_pg)
     if args.commit:
         args.src = base / "src"
         machine["mailflow"] = common.export_commit(args.commit, args.src)
@@ -135,24 +230,39 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     sections: list[Section] = []
     try:
-        for name in names:
-            print(f"== {TITLES[name]}{' (quick)' if args.quick else ''} ...", flush=True)
-            folder = base / name
+        for name, database in [(n, d) for n in names
+                               for d in (databases if n in PER_DATABASE else [None])]:
+            title = _title(name, database if label_db else None)
+            print(f"== {title}{' (quick)' if args.quick else ''} ...", flush=True)
+            folder = base / (name + (f"-{database}" if database else ""))
             folder.mkdir()
             prof = cProfile.Profile() if args.profile and name in IN_PROCESS else None
+            kwargs: dict[str, object] = {}
+            if database:
+                kwargs["database"] = database
+            if name == "instances":
+                kwargs["databases"] = tuple(databases)
+            if name in sizes:
+                kwargs["size"] = sizes[name]
             t0 = time.monotonic()
             try:
-                sec = _module(name).run(folder, args.quick, prof)
+                sec = _module(name).run(folder, args.quick, prof, **kwargs)
             except Exception:  # noqa: BLE001 - one broken benchmark must not hide the rest
                 sec = Section(name, error=traceback.format_exc())
                 print(sec.error, file=sys.stderr)
+            finally:
+                common.drop_pg_databases()
             sec.seconds = time.monotonic() - t0
+            if label_db and database:   # name the database (a SQLite-only run, as before)
+                sec.database = database
+                for r in sec.rows:
+                    r.bench = f"{r.bench} ({common.DB_LABEL[database]})"
             sections.append(sec)
             for r in sec.rows:
                 print(f"   {r.case}: {r.measured} vs {r.baseline} → {r.ratio} "
                       f"[{_verdict(r.ok)}]", flush=True)
             if prof is not None:
-                _save_profile(prof, name)
+                _save_profile(prof, name + (f"-{database}" if label_db and database else ""))
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
