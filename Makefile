@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 SITE   ?= site
 DOMAIN ?= ask.example
 
+
+.PHONY: test-postgresql
 .PHONY: run test setup demo check clean corpus-report messages bench
 
 $(BIN)/mailflow: pyproject.toml
@@ -29,6 +31,10 @@ demo: $(BIN)/mailflow
 ## test: the whole suite
 test: $(BIN)/mailflow
 	$(BIN)/python -m pytest -q
+
+## test-postgresql: the whole suite again, every site on a fresh PostgreSQL database
+test-postgresql: $(BIN)/mailflow
+	MAILFLOW_TEST_DATABASES=postgresql $(BIN)/python -m pytest -q
 
 ## bench: the performance benchmarks (bench/README.md); `make bench ARGS=--quick` for tiny sizes
 bench: $(BIN)/mailflow

@@ -25,9 +25,9 @@ def _run(tmp_path: Path, *args: str) -> str:
 
 
 def test_sigkill_during_a_stream_of_mail_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--messages", str(int(400 * SCALE)), "--kills", str(int(20 * SCALE)),
+    out = _run(tmp_path, "--messages", str(int(300 * SCALE)), "--kills", str(int(15 * SCALE)),
                "--threads", "6")
-    assert "20 kills" in out or SCALE != 1
+    assert "15 kills" in out or SCALE != 1
 
 
 def test_three_daemons_on_postgresql_do_each_thing_once_while_one_is_killed(
