@@ -25,9 +25,9 @@ def _run(tmp_path: Path, *args: str) -> str:
 
 
 def test_sigkill_during_a_stream_of_mail_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--messages", str(int(300 * SCALE)), "--kills", str(int(15 * SCALE)),
+    out = _run(tmp_path, "--messages", str(int(250 * SCALE)), "--kills", str(int(12 * SCALE)),
                "--threads", "6")
-    assert "15 kills" in out or SCALE != 1
+    assert "12 kills" in out or SCALE != 1
 
 
 def test_three_daemons_on_postgresql_do_each_thing_once_while_one_is_killed(
@@ -36,7 +36,7 @@ def test_three_daemons_on_postgresql_do_each_thing_once_while_one_is_killed(
     url = next(gen)
     try:
         _run(tmp_path, "--daemons", "3", "--database", url,
-             "--messages", str(int(2000 * SCALE)), "--kills", str(int(6 * SCALE)),
+             "--messages", str(int(1200 * SCALE)), "--kills", str(int(5 * SCALE)),
              "--threads", "8")
     finally:
         next(gen, None)

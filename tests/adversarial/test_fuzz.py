@@ -36,7 +36,7 @@ from mailflow.mail.sanitise import redact_html, sanitise_html
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-settings.register_profile("ci", max_examples=300, **_COMMON)
+settings.register_profile("ci", max_examples=150, **_COMMON)
 settings.register_profile("long", max_examples=20_000, **_COMMON)
 settings.register_profile("nightly", max_examples=200_000, **_COMMON)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
