@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import select
 
-from mailflow.archive.build import build as build_archive
+from mailflow.archive.build import ArchiveBusy, build as build_archive
 from mailflow.archive.queue import queue_withheld
+from mailflow.core.addresses import OurAddress
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.delivery import deliver
@@ -23,8 +26,14 @@ from mailflow.instances import HEARTBEAT, Registry, health_path, spool_depth, wr
 from mailflow.pipeline import Gatekeeper, Pipeline
 from mailflow.reminders import Reminders
 from mailflow.site import Site
+from mailflow.store.tables import blocked_senders
 
 log = logging.getLogger("mailflow.daemon")
+
+BLOCKLIST_REFRESH_SECONDS = 5.0
+"""How stale the RCPT check's copy of the blocked senders may be (see `Daemon.check_rcpt`)."""
+
+_BLOCKED_REPLY = "550 5.7.1 Mail from this sender is not accepted here"
 
 
 class Daemon:
@@ -39,17 +48,67 @@ class Daemon:
         self._archive_lock = asyncio.Lock()
         self._archive_timer: asyncio.TimerHandle | None = None
         self.registry = Registry(site.store)
+        # The RCPT check's copy of the blocked_senders table (see check_rcpt).
+        self._blocked: frozenset[str] = frozenset()
+        self._blocked_read_at = float("-inf")  # time.monotonic() of the last read (or try)
 
     # -- the door ----------------------------------------------------------------------------
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
+        """Refuse at RCPT what the pipeline would only drop or queue: unknown addresses,
+        blocked senders, senders a thread's policy does not let in.
+
+        At most one thread hop and one read transaction per RCPT (the thread's policy, for a
+        thread address), because every RCPT of every connection waits for it. Blocked senders
+        are checked against a copy of the table held here and read again at most every
+        `BLOCKLIST_REFRESH_SECONDS`, in the same hop: blocks are rare, made by an admin
+        command in another process (so nothing here could be told), and a block is never
+        lifted. A sender blocked in the last few seconds may still get a 250; the pipeline
+        checks the table itself and drops that message, so the only cost is its bytes in
+        the spool. If the table cannot be read, the last copy stays in use: the check fails
+        open, as the thread policy does, since losing mail is worse than taking spam.
+        """
         d = self.site.check_recipient(rcpt)
-        if d.accept and mail_from and await asyncio.to_thread(self.gatekeeper.blocked, mail_from):
-            return RcptDecision(False, "550 5.7.1 Mail from this sender is not accepted here")
-        if d.accept and d.address is not None and d.address.thread_id is not None:
-            refusal = await asyncio.to_thread(self.gatekeeper.refusal, d.address, mail_from)
-            if refusal is not None:
-                return RcptDecision(False, refusal)
+        if not d.accept:
+            return RcptDecision(d.accept, d.reply)
+        addr = d.address if d.address is not None and d.address.thread_id is not None else None
+        now = time.monotonic()
+        refresh = now - self._blocked_read_at >= BLOCKLIST_REFRESH_SECONDS
+        if refresh:
+            self._blocked_read_at = now  # concurrent RCPTs use the old copy meanwhile
+        if not refresh and addr is None:
+            refusal = _BLOCKED_REPLY if self._is_blocked(mail_from) else None  # no hop
+        else:
+            refusal = await asyncio.to_thread(self._rcpt_refusal, mail_from, addr, refresh)
+        if refusal is not None:
+            return RcptDecision(False, refusal)
         return RcptDecision(d.accept, d.reply)
+
+    def _rcpt_refusal(self, mail_from: str, addr: OurAddress | None,
+                      refresh: bool) -> str | None:
+        """check_rcpt's work off the event loop (one hop)."""
+        if refresh:
+            self._read_blocked()
+        if self._is_blocked(mail_from):
+            return _BLOCKED_REPLY
+        if addr is not None:
+            return self.gatekeeper.refusal(addr, mail_from)  # fails open by itself
+        return None
+
+    def _read_blocked(self) -> None:
+        try:
+            with self.site.store.read() as tx:
+                patterns = frozenset(r[0] for r in tx.c.execute(select(blocked_senders.c.pattern)))
+        except Exception as e:  # noqa: BLE001 - fail open: keep the last copy, try again later
+            log.warning("cannot read the blocked senders; using the list read before: %s", e)
+            return
+        self._blocked = patterns
+
+    def _is_blocked(self, sender: str) -> bool:
+        """`Tx.is_blocked` on the copy: the address, or "@" + its domain, is a pattern."""
+        sender = sender.strip().lower()
+        if not sender or "@" not in sender:
+            return False
+        return sender in self._blocked or "@" + sender.rpartition("@")[2] in self._blocked
 
     def on_spooled(self, spool_id: str) -> None:
         self.wakeup.put_nowait(spool_id)
@@ -88,7 +147,14 @@ class Daemon:
     async def refresh_archive(self) -> None:
         async with self._archive_lock:
             try:
-                report = await asyncio.to_thread(build_archive, self.site, None, False)
+                report = await asyncio.to_thread(build_archive, self.site, None, False,
+                                                 wait=False)
+            except ArchiveBusy as e:
+                # Another instance is the writer just now: what changed here is in the
+                # database, so a build a little later picks it up (ours, or theirs).
+                log.info("archive: %s; trying again later", e)
+                self.archive_soon()
+                return
             except Exception:  # noqa: BLE001 - the published archive stays as it was
                 log.exception("archive build failed; the published archive is unchanged")
                 return
@@ -177,6 +243,8 @@ class Daemon:
                                 {"spool": str(s.spool.dir), "listen":
                                  f"{s.smtp.listen_host}:{s.smtp.listen_port}"})
         await self.heartbeat()
+        await asyncio.to_thread(self._read_blocked)  # before the first RCPT, not during it
+        self._blocked_read_at = time.monotonic()
         recovered = await asyncio.to_thread(self.site.spool.recover)
         if recovered:
             log.info("recovered %d spool items left by a crash", recovered)

@@ -20,6 +20,15 @@ The ``.eml`` file's directory *is* the item's state: moving it is the state chan
 finds its envelope next to it; out of ``new/`` and ``work/`` the ``.eml`` moves first, so a
 rename that wins is the claim. ``recover()`` reunites the pairs a crash split.
 
+Durability costs fsyncs, and waiting for them is what limits how fast mail can be taken in.
+``put`` fsyncs the ``.eml`` and the ``.json`` in ``tmp/`` (which itself is never synced:
+nothing there survives a crash on purpose) at the same time, in two threads, so the file
+system can commit them together; then, after the renames, it shares the fsync of ``new/``
+with every ``put`` running at the same time (group commit, `_DirSync`): each waits for an
+fsync of ``new/`` that *started after its own renames*, and one such fsync covers every rename
+made before it began. A put thus waits for two fsyncs where it waited for three one after the
+other, and N puts that overlap share as few as one fsync of ``new/`` instead of making N.
+
 The ``.eml``'s modification time says when the item entered its state (in ``new/``: when it
 becomes due, which a delayed retry sets in the future). ``cleanup_done``, the delay and
 ``recover(min_age_seconds=...)`` read it; nothing else relies on it, so losing it in a crash
@@ -28,12 +37,15 @@ costs at most an early retry or an early clean-up.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import secrets
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,17 +153,102 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write a new file and fsync it; O_EXCL so two writers can never share a file."""
+class _DirSync:
+    """Group commit of one directory's fsync, for the threads of one process.
+
+    ``sync()`` returns once an fsync of the directory that began after the call has finished
+    (so every rename the caller made before calling is durable), or raises the OSError of
+    that fsync. At most one fsync runs at a time; callers that arrive while it runs form the
+    next batch, whose fsync one of them starts as soon as the running one ends, and all of
+    whom it answers. A batch whose fsync fails fails as a whole, even if a later fsync
+    succeeds: after an fsync error Linux may report a later fsync as clean although the
+    earlier changes were lost, so only the fsync that covered a rename can vouch for it.
+
+    Processes sharing a spool each have their own: correctness does not depend on sharing
+    it, only the saving does.
+    """
+
+    class _Batch:
+        __slots__ = ("done", "error")
+
+        def __init__(self) -> None:
+            self.done = False
+            self.error: OSError | None = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._running = False                      # an fsync is under way
+        self._pending: _DirSync._Batch | None = None  # callers waiting for the next fsync
+
+    def sync(self) -> None:
+        with self._cond:
+            batch = self._pending
+            if batch is None:
+                batch = self._pending = _DirSync._Batch()
+            while not batch.done:
+                if not self._running:
+                    # A batch leaves _pending only when its fsync starts, and is done before
+                    # _running drops: so ours is still pending and nobody syncs for it. Lead.
+                    self._running = True
+                    self._pending = None
+                    break
+                self._cond.wait()
+            else:
+                if batch.error is not None:
+                    raise OSError(batch.error.errno, batch.error.strerror, str(self.path))
+                return
+        try:
+            _fsync_dir(self.path)
+        except BaseException as e:
+            # Whatever stopped it (even a KeyboardInterrupt), the batch was not synced.
+            batch.error = e if isinstance(e, OSError) else OSError(
+                errno.EIO, f"directory fsync interrupted: {e!r}")
+            raise
+        finally:
+            with self._cond:
+                batch.done = True
+                self._running = False
+                self._cond.notify_all()
+
+
+def _write_new(path: Path, data: bytes) -> int:
+    """Create a file (O_EXCL, so two writers can never share one), write it, return its fd."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it."""
+    fd = _write_new(path, data)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_side: tuple[int, ThreadPoolExecutor] | None = None
+_side_lock = threading.Lock()
+
+
+def _side_fsync(fd: int) -> Future[None]:
+    """fsync `fd` in a helper thread, so that a put's two file fsyncs run at the same time
+    (the file system commits them together; one after the other they cost two waits).
+    One pool per process: a pool inherited through fork() has no threads behind it."""
+    global _side
+    with _side_lock:
+        if _side is None or _side[0] != os.getpid():
+            _side = (os.getpid(), ThreadPoolExecutor(16, thread_name_prefix="spool-fsync"))
+        pool = _side[1]
+    return pool.submit(os.fsync, fd)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -186,6 +283,7 @@ class Spool:
                 d.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"cannot create spool directories under {self.root}: {e}") from e
+        self._sync_new = _DirSync(self.dirs["new"])
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -208,9 +306,11 @@ class Spool:
     def put(self, raw: bytes, envelope: Envelope) -> str:
         """Take a message durably; the returned id is the promise that it survives a crash.
 
-        Both files are fsynced in ``tmp/``, renamed (``.json`` first, so a claimer never sees
-        an ``.eml`` without its envelope) and ``new/`` is fsynced before returning: only then
-        may SMTP answer 250. The caller's envelope is not modified.
+        Both files are fsynced in ``tmp/`` (concurrently), renamed (``.json`` first, so a
+        claimer never sees an ``.eml`` without its envelope) and ``new/`` is fsynced before
+        returning: only then may SMTP answer 250. That fsync may be one shared with concurrent
+        puts, but it always began after this put's renames. Thread-safe. The caller's envelope
+        is not modified.
         """
         if not isinstance(raw, (bytes, bytearray, memoryview)):
             raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
@@ -224,11 +324,22 @@ class Spool:
         tmp_eml, tmp_meta = self._eml("tmp", id), self._meta("tmp", id)
         new_eml, new_meta = self._eml("new", id), self._meta("new", id)
         try:
-            _write_durable(tmp_eml, raw)
-            _write_durable(tmp_meta, _dump(meta))
+            # Both files durable in tmp/ before either name appears in new/: a rename that
+            # outran its data would show a claimer an empty file after a crash.
+            fd = _write_new(tmp_eml, raw)
+            try:
+                eml_synced = _side_fsync(fd)
+                try:
+                    _write_durable(tmp_meta, _dump(meta))
+                finally:
+                    error = eml_synced.exception()  # waits; never close an fd being synced
+                if error is not None:
+                    raise error
+            finally:
+                os.close(fd)
             os.rename(tmp_meta, new_meta)
             os.rename(tmp_eml, new_eml)
-            _fsync_dir(self.dirs["new"])
+            self._sync_new.sync()
         except OSError as e:
             # Leave nothing half-taken behind: the client will be told 4xx and send again,
             # and a second copy of the same message must not appear out of the debris.
@@ -358,7 +469,7 @@ class Spool:
             item.meta = new_meta
             os.rename(item.eml, new_eml)
             item.eml = new_eml
-            _fsync_dir(self.dirs["new"])
+            self._sync_new.sync()
         except OSError as e:
             raise SpoolError(f"cannot return spool item {item.id} for retry: {e}") from e
 
@@ -387,7 +498,7 @@ class Spool:
             os.rename(item.meta, self._meta("new", id))
             os.rename(eml, self._eml("new", id))
             self._touch(self._eml("new", id))
-            _fsync_dir(self.dirs["new"])
+            self._sync_new.sync()
         except FileNotFoundError:
             return False
         except OSError as e:
@@ -457,7 +568,7 @@ class Spool:
                 recovered += 1
                 log.info("spool: recovered %s from work/", id)
             if recovered:
-                _fsync_dir(self.dirs["new"])
+                self._sync_new.sync()
             self._reunite_orphan_meta(now)
             for name in os.listdir(self.dirs["tmp"]):
                 p = self.dirs["tmp"] / name

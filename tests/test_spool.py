@@ -330,3 +330,181 @@ def test_processes_racing_on_named_ids(tmp_path: Path) -> None:
     results = race(NAMED_CLAIMER, 3, tmp_path / "gate", str(spool.root), *ids)
     claimed = [i for got in results for i in got]
     assert sorted(claimed) == sorted(ids)
+
+
+# --- group commit of new/'s fsync ------------------------------------------------------------
+
+class FsyncLog:
+    """Records, in one order, each rename into new/ and the start and end of each fsync."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, dir_delay: float = 0.0,
+                 dir_error: bool = False) -> None:
+        import stat
+        import threading
+        self.events: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        real_fsync, real_rename = os.fsync, os.rename
+        self.fail = dir_error
+
+        def fsync(fd: int) -> None:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                self.add("file-fsync", "")
+                return real_fsync(fd)
+            self.add("dir-start", "")
+            time.sleep(dir_delay)
+            if self.fail:
+                self.add("dir-error", "")
+                raise OSError(5, "Input/output error")
+            real_fsync(fd)
+            self.add("dir-end", "")
+
+        def rename(src: object, dst: object) -> None:
+            real_rename(src, dst)
+            if Path(str(dst)).parent.name == "new" and str(dst).endswith(".eml"):
+                self.add("rename", Path(str(dst)).name[:-4])
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+
+    def add(self, what: str, id: str) -> None:
+        with self.lock:
+            self.events.append((what, id))
+
+    def count(self, what: str) -> int:
+        return sum(1 for w, _ in self.events if w == what)
+
+
+def test_a_lone_put_makes_three_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    log = FsyncLog(monkeypatch)
+    spool.put(RAW, env())
+    assert [w for w, _ in log.events] == ["file-fsync", "file-fsync", "rename",
+                                          "dir-start", "dir-end"]
+
+
+def test_concurrent_puts_share_directory_fsyncs_that_began_after_their_renames(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: fewer fsyncs of new/ than puts, yet each put returns only after an fsync
+    of new/ that started after its own rename and finished successfully."""
+    from concurrent.futures import ThreadPoolExecutor
+    spool = Spool(tmp_path)
+    log = FsyncLog(monkeypatch, dir_delay=0.01)
+
+    def put(i: int) -> str:
+        id = spool.put(RAW + b"%d\r\n" % i, env())
+        log.add("return", id)
+        return id
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(put, range(80)))
+    assert sorted(spool.pending()) == sorted(ids) and len(set(ids)) == 80
+    assert log.count("file-fsync") == 160
+    assert log.count("dir-start") == log.count("dir-end") < 60   # shared: typically ~12
+    ev = log.events
+    for id in ids:
+        renamed = ev.index(("rename", id))
+        returned = ev.index(("return", id))
+        starts = [i for i in range(renamed + 1, returned) if ev[i][0] == "dir-start"]
+        assert starts, f"{id} returned without a directory fsync after its rename"
+        # that fsync ended before the put returned (fsyncs never overlap, so the next end)
+        end = next(i for i in range(starts[0], len(ev)) if ev[i][0] == "dir-end")
+        assert end < returned, id
+    # never two directory fsyncs at once
+    running = 0
+    for what, _ in ev:
+        running += {"dir-start": 1, "dir-end": -1}.get(what, 0)
+        assert running in (0, 1)
+
+
+def test_a_failed_shared_fsync_fails_every_put_it_covered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No 250 for anyone in a batch whose fsync failed, and none of their messages left where a
+    claimer would take it; once the disk is back, puts succeed again."""
+    from concurrent.futures import ThreadPoolExecutor
+    spool = Spool(tmp_path)
+    log = FsyncLog(monkeypatch, dir_delay=0.01, dir_error=True)
+
+    def put(i: int) -> str | None:
+        try:
+            return spool.put(RAW + b"%d\r\n" % i, env())
+        except SpoolError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(put, range(24)))
+    assert results == [None] * 24
+    assert spool.pending() == [] and files(tmp_path / "tmp") == []
+    assert [n for n in files(tmp_path / "new") if n.endswith(".eml")] == []
+    log.fail = False
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(put, range(8)))
+    assert None not in ids and sorted(spool.pending()) == sorted(ids)
+
+
+def test_batch_failure_is_not_excused_by_a_later_good_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an fsync error Linux may call the next fsync clean though the earlier writes were
+    lost: a waiter's answer is that of the fsync that covered it, not of whichever came last."""
+    import threading
+    from mailflow import spool as spool_mod
+    sync = spool_mod._DirSync(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def fake(path: Path) -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            entered.set()
+            release.wait(5)       # the first fsync runs while the waiters queue up
+        elif len(calls) == 2:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", fake)
+    outcome: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            sync.sync()
+            outcome[name] = "ok"
+        except OSError as e:
+            outcome[name] = e.errno
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert entered.wait(5)
+    waiters = [threading.Thread(target=call, args=(f"w{i}",)) for i in range(5)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.1)          # all five join the next batch
+    release.set()
+    for t in [first, *waiters]:
+        t.join(5)
+    sync.sync()              # a third fsync, clean
+    assert outcome == {"first": "ok", **{f"w{i}": 5 for i in range(5)}}
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("failing", [".eml", ".json"])
+def test_either_file_fsync_failing_fails_the_put_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """The two files are fsynced at the same time, the .eml in a helper thread: an error in
+    either is the put's error, nothing is left behind, and no file descriptor leaks."""
+    spool = Spool(tmp_path)
+    spool.put(RAW, env())  # the helper thread exists before fds are counted
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(failing):
+            time.sleep(0.05)  # still running while the other file is written and synced
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fds = len(os.listdir("/proc/self/fd"))
+    before = spool.pending()
+    for _ in range(3):
+        with pytest.raises(SpoolError, match="Input/output"):
+            spool.put(RAW, env())
+    assert spool.pending() == before
+    assert files(tmp_path / "tmp") == []
+    assert len(os.listdir("/proc/self/fd")) == fds
