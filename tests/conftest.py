@@ -113,28 +113,6 @@ class Site:
 # "postgresql" (a fresh database per test on 127.0.0.1:5432). `make test` runs both.
 DATABASES = [d.strip() for d in os.environ.get("MAILFLOW_TEST_DATABASES", "sqlite").split(",")
              if d.strip()]
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _fresh_pg_database() -> "Iterator[str]":
-    import secrets
-
-    import psycopg
-    name = f"mailflow_site_{secrets.token_hex(5)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable: {e}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 @pytest.fixture(params=DATABASES)
 def site(tmp_path: Path, request: pytest.FixtureRequest) -> "Iterator[Site]":
     d = tmp_path / "site"
@@ -145,7 +123,8 @@ def site(tmp_path: Path, request: pytest.FixtureRequest) -> "Iterator[Site]":
         yield s
         return
     assert request.param == "postgresql", f"MAILFLOW_TEST_DATABASES: {request.param}?"
-    gen = _fresh_pg_database()
+    from test_store_backends import _pg_database   # one way to make a test database
+    gen = _pg_database()
     s.set("database", "url", f'"{next(gen)}"')
     try:
         yield s
