@@ -38,6 +38,7 @@ CACHE_DIR = ".mailflow-cache"
 MANIFEST = "manifest.json"
 # Folders the writer never produces nor removes: its own cache, and Pagefind's index.
 RESERVED = (CACHE_DIR, "pagefind")
+_ALNUM = re.compile(rb"[a-z0-9]+")
 _TEXT_SUFFIXES = (".html", ".json", ".xml", ".atom", ".txt", ".css", ".js", ".jsonl", ".svg")
 
 
@@ -46,11 +47,24 @@ class LeakError(MailflowError):
 
 
 class LeakGuard:
-    """Finds any of many private values in a file's bytes in one regular-expression pass.
+    """Finds any of many private values in a file's bytes, at the cost of a few C-speed scans.
 
-    The values are compiled into a trie-shaped pattern (shared prefixes merged), so the scan
-    costs about the same for ten values as for ten thousand: a site with thousands of threads
-    checks every page against every citizen's address without slowing the build down.
+    A site with thousands of threads has tens of thousands of private values, and every file
+    of every build is checked against all of them; one regular expression of them all took
+    seconds to compile (at 10,000 threads) and 2-4 ms per page to run. The values have
+    shapes, so the guard looks for them by shape instead, and is exact:
+
+    - values made only of `[a-z0-9]` (the threads' tokens): any occurrence lies inside a run
+      of such bytes at least as long as the shortest of them; the few runs that long are
+      found with one small regex and every window of each length looked up in a set;
+    - values with an `@` (a citizen's address): any occurrence puts its first `@` on an `@`
+      of the file; what precedes each `@` of the file is looked up by length;
+    - a value that contains one of the first kind (our addresses and their local parts hold
+      the thread's token) is found whenever that value is, so it needs no search of its own;
+    - anything else (the site's secret, say) goes into one small trie-shaped regex.
+
+    Which label is reported (the first value in the file, the longest there) is worked out by
+    a slow exact search, only once something has been found.
     """
 
     MIN_LENGTH = 5   # shorter "secrets" would match ordinary text; none of ours is that short
@@ -61,14 +75,75 @@ class LeakGuard:
             v = value.strip().lower().encode("utf-8")
             if len(v) >= self.MIN_LENGTH:
                 self.labels.setdefault(v, label)
-        self._re = re.compile(_trie_pattern(sorted(self.labels))) if self.labels else None
+        words = sorted(self.labels)
+        alnum = [w for w in words if _ALNUM.fullmatch(w)]
+        by_len: dict[int, set[bytes]] = {}
+        for w in alnum:
+            by_len.setdefault(len(w), set()).add(w)
+        self._by_len: dict[int, frozenset[bytes]] = {
+            n: frozenset(found) for n, found in sorted(by_len.items())}
+        self._runs = (re.compile(rb"[a-z0-9]{%d,}" % min(self._by_len))
+                      if self._by_len else None)
+        # length of the part before the first "@" -> that part -> the values
+        self._at: dict[int, dict[bytes, list[bytes]]] = {}
+        other: list[bytes] = []
+        for w in words:
+            if w in self._by_len.get(len(w), ()) or self._alnum_hit(w):
+                continue
+            i = w.find(b"@")
+            if i >= 0:
+                self._at.setdefault(i, {}).setdefault(w[:i], []).append(w)
+            else:
+                other.append(w)
+        self._re = re.compile(_trie_pattern(other)) if other else None
+
+    def _alnum_hit(self, data: bytes) -> bool:
+        if self._runs is None:
+            return False
+        by_len = self._by_len
+        for m in self._runs.finditer(data):
+            run = m.group(0)
+            n = len(run)
+            for size, found in by_len.items():
+                if size > n:
+                    break
+                if size == n:
+                    if run in found:
+                        return True
+                    continue
+                for i in range(n - size + 1):
+                    if run[i:i + size] in found:
+                        return True
+        return False
+
+    def _at_hit(self, data: bytes) -> bool:
+        if not self._at:
+            return False
+        p = data.find(b"@")
+        while p >= 0:
+            for size, prefixes in self._at.items():
+                if size <= p:
+                    for w in prefixes.get(data[p - size:p], ()):
+                        if data.startswith(w, p - size):
+                            return True
+            p = data.find(b"@", p + 1)
+        return False
 
     def find(self, data: bytes) -> str | None:
         """The label of a private value found in `data`, or None."""
-        if self._re is None:
+        if not self.labels:
             return None
-        m = self._re.search(data.lower())
-        return self.labels.get(m.group(0), "a private value") if m else None
+        data = data.lower()
+        if not (self._alnum_hit(data) or self._at_hit(data)
+                or (self._re is not None and self._re.search(data))):
+            return None
+        # Something is there: name the first value in the file (the longest at that place).
+        best: tuple[int, int, bytes] | None = None
+        for w in self.labels:
+            i = data.find(w)
+            if i >= 0 and (best is None or (i, -len(w)) < best[:2]):
+                best = (i, -len(w), w)
+        return self.labels[best[2]] if best is not None else "a private value"
 
     def check(self, rel: str, data: bytes) -> None:
         if rel.endswith(_TEXT_SUFFIXES):
