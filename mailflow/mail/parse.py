@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from email import policy as email_policy
 from email import utils as email_utils
 from email._encoded_words import decode_b
+from email._header_value_parser import get_unstructured
 from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
@@ -85,6 +86,14 @@ _MAX_HEADER_FIELDS = 1000            # top-level fields decoded (real mail has <
 # again the stdlib's way alone, which costs up to ~20x its size in memory: only this much.
 _FALLBACK_MAX = 8 * 1024 * 1024
 _POLICY = email_policy.default
+# The structure is read with compat32: the same feedparser, but header values stay strings
+# (policy.default runs its registry parser on every header it is asked for, the feedparser's
+# own Content-Type lookups included: most of parse()'s time). Only the headers that are used
+# go through the registry, once each (see _decode_header).
+_PARSE_POLICY = email_policy.compat32
+# Header names the registry parses with a structured parser; every other header is
+# unstructured, which get_unstructured reads with no defects and, without "=?", unchanged.
+_STRUCTURED_NAMES = frozenset(email_policy.default.header_factory.registry) - {"subject"}
 
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 # The stdlib feedparser's notion of a header line (email.feedparser.headerRE).
@@ -92,9 +101,10 @@ _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _CT_FIELD = re.compile(rb"content-type[ \t]*:", re.I)
 _CT_VALUE = re.compile(rb"content-type[ \t]*:\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*/\s*"
                        rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)", re.I)
-# An unquoted value ends where an RFC 2045 token ends, as the stdlib reads it ("a=b" is "a").
+# An unquoted value runs to the next ";" or space, as compat32's get_param reads it (which
+# the structure is parsed with): "----=_Next" is all of it, where policy.default stops at "=".
 _BOUNDARY = re.compile(rb"""boundary\s*(?:\*\s*)?(?:0\s*\*?\s*)?=\s*"""
-                       rb"""(?:"([^"\r\n]*)"|([^\s;"()<>@,:\\/\[\]?=]+))""", re.I)
+                       rb"""(?:"([^"\r\n]*)"|([^\s;"]+))""", re.I)
 
 _LEADING_BLANK = re.compile(rb"(?:[ \t]*(?:\r\n|\r|\n))+")
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
@@ -594,6 +604,26 @@ class _Header:
     obj: Any        # the policy.default header object, or None when we decoded by hand
 
 
+@functools.lru_cache(maxsize=64)
+def _header_class(name: str) -> type:
+    """The class header_factory would make for `name`: it makes a new one on every call."""
+    return _POLICY.header_factory[name]
+
+
+def _header_object(name: str, value: str) -> Any:
+    """`policy.default.header_factory(name, value)`, the same object without a new class
+    per call; the few values every message repeats (MIME-Version, a part's Content-Type)
+    are parsed once (header objects are immutable strings)."""
+    if len(value) <= 120:
+        return _cached_header_object(name.lower(), name, value)
+    return _header_class(name.lower())(name, value)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_header_object(low: str, name: str, value: str) -> Any:
+    return _header_class(low)(name, value)
+
+
 def _decode_header(name: str, raw_value: str, hint: str | None, defects: list[str]) -> _Header:
     value, guessed = _unsurrogate(raw_value, hint)
     if guessed:
@@ -602,11 +632,20 @@ def _decode_header(name: str, raw_value: str, hint: str | None, defects: list[st
     decoded = None
     if len(value) <= _STRUCTURED_MAX:
         try:
-            obj = _POLICY.header_factory(name, _unfold(_normalise_ew_charsets(value)))
-            decoded = str(obj)
+            if name.lower() in _STRUCTURED_NAMES:
+                obj = _header_object(name, _unfold(_normalise_ew_charsets(value)))
+                decoded = str(obj)
+                defects.extend(type(d).__name__ for d in obj.defects)
+            else:
+                # What str(header_factory(name, v)) is for an unstructured header, without
+                # making the header object (a new class per call) and the token list.
+                decoded = _unfold(value)
+                if "=?" in decoded:
+                    decoded = str(get_unstructured(_unfold(_normalise_ew_charsets(value))))
+                    if _SURROGATES.search(decoded):
+                        decoded = email_utils._sanitize(decoded)
             if "=?" in decoded and _ENCODED_WORD.search(decoded):
                 decoded = light_decode(decoded)  # an encoded-word the stdlib gave up on
-            defects.extend(type(d).__name__ for d in obj.defects)
         except Exception as exc:  # the registry has had IndexError/AttributeError bugs
             defects.append(f"header-parse: {name[:60]}: {type(exc).__name__}")
             obj = None
@@ -746,7 +785,7 @@ def _part_header(part: Message, name: str, hint: str | None) -> Any:
             if len(value) > _STRUCTURED_MAX:
                 return None
             try:
-                return _POLICY.header_factory(name, _unfold(value))
+                return _header_object(name, _unfold(value))
             except Exception:
                 return None
     return None
@@ -1060,13 +1099,13 @@ def _read(scan: _Scan, limits: Limits, defects: list[str]) -> ParsedMessage | No
     when a body token turned up anywhere but as a whole part (see _Bodies)."""
     msg: Message | None
     try:
-        msg = BytesParser(policy=_POLICY).parsebytes(scan.raw)
+        msg = BytesParser(policy=_PARSE_POLICY).parsebytes(scan.raw)
     except Exception as exc:  # the scan should prevent this; if not, fall back to headers
         defects.append(f"parse-failed: {type(exc).__name__}")
         msg = None
     if msg is None:
         try:
-            msg = BytesParser(policy=_POLICY).parsebytes(scan.raw, headersonly=True)
+            msg = BytesParser(policy=_PARSE_POLICY).parsebytes(scan.raw, headersonly=True)
         except Exception as exc:
             raise ParseError(f"headers unreadable: {type(exc).__name__}") from None
     raw = scan.source
