@@ -172,7 +172,7 @@ class Bare:
 
 def _spool_busy(spool_dir: Path) -> int:
     return sum(1 for d in ("new", "work") for n in os.listdir(spool_dir / d)
-               if n.endswith(".eml"))
+               if n.endswith((".mail", ".eml")))
 
 
 def _drain(spool_dir: Path, timeout: float) -> float:
@@ -267,5 +267,6 @@ def run(tmp: Path, quick: bool, profile: Any = None, *, database: str = "sqlite"
         f"{drain_s:.1f} s after the cases' ends in total. Every message is an authority's reply "
         "to a real thread, so RCPT runs the gatekeeper's store lookups and processing forwards "
         "each reply (DKIM-signed) to the citizen. The bare server fsyncs the message file only "
-        "(mailflow fsyncs the .eml, the .json and the spool directory).")
+        "(mailflow fsyncs its one spool file and, shared among concurrent messages, the spool "
+        "directory).")
     return sec

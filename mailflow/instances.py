@@ -136,7 +136,7 @@ class Registry:
 def spool_depth(spool: Any) -> dict[str, Any]:
     """How much this instance's spool holds, and how long the oldest item has waited (spool
     ids start with the arrival time in nanoseconds)."""
-    pending, in_work, failed = spool.pending(), spool._ids("work"), spool.failed()
+    pending, in_work, failed = spool.pending(), spool.in_work(), spool.failed()
     waiting = pending + in_work
     oldest = None
     if waiting:

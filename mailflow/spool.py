@@ -2,10 +2,21 @@
 
 Ingress may only say 250 once a message survives a power cut, and processing must be free to
 crash at any point without losing or duplicating a message. The spool gives both with nothing
-but the file system (the Mailman "switchboard" idea, maildir-style): one message is two files,
-``<id>.eml`` (the raw bytes, never re-encoded) and ``<id>.json`` (the SMTP envelope and the
-processing history). JSON rather than pickle, so that an admin can read and repair an item
-with a text editor and a spool written by one version is never code for another.
+but the file system (the Mailman "switchboard" idea, maildir-style). One message is one file,
+``<id>.mail``: a first line ``mailflow-spool/1 {...}\n`` holding the SMTP envelope and the
+processing history as JSON (on one line: JSON escapes every line break inside it), then the raw
+message bytes, never re-encoded. JSON rather than pickle, so that an admin can read and repair
+an item with a text editor (``tail -n +2 X.mail`` is the message) and a spool written by one
+version is never code for another. One file because durability is paid per file: each costs an
+fsync before the 250, and the second file was what kept accepting from keeping up with the disk.
+
+What changes after arrival (attempts, errors, ``failed_at``) goes into a ``<id>.json`` beside
+the ``.mail``, written only by ``retry``, ``fail`` and ``requeue``; when present it supersedes
+the first line, which is never rewritten (that would mean copying the whole message). This is
+also the older layout: mailflow before this format wrote ``<id>.eml`` (the raw bytes alone)
+with its ``<id>.json``, and every reader here takes both, so a spool left by an older version,
+or an ``.eml`` dropped in by hand, is processed as before. An item's *file* below means its
+``.mail``, or its ``.eml`` in the older layout.
 
 Layout under the root::
 
@@ -15,21 +26,20 @@ Layout under the root::
     done/    processed; kept ``keep_done_days`` for re-processing, then removed
     failed/  gave up; waits for a human (``requeue`` puts it back)
 
-The ``.eml`` file's directory *is* the item's state: moving it is the state change, and the
-``.json`` follows. Into ``new/`` the ``.json`` moves first, so a claimer that sees an ``.eml``
-finds its envelope next to it; out of ``new/`` and ``work/`` the ``.eml`` moves first, so a
+The item's file's directory *is* the item's state: moving it is the state change, and a
+``.json`` follows. Into ``new/`` the ``.json`` moves first, so a claimer that sees the file
+finds the newest metadata next to it; out of ``new/`` and ``work/`` the file moves first, so a
 rename that wins is the claim. ``recover()`` reunites the pairs a crash split.
 
 Durability costs fsyncs, and waiting for them is what limits how fast mail can be taken in.
-``put`` fsyncs the ``.eml`` and the ``.json`` in ``tmp/`` (which itself is never synced:
-nothing there survives a crash on purpose) at the same time, in two threads, so the file
-system can commit them together; then, after the renames, it shares the fsync of ``new/``
-with every ``put`` running at the same time (group commit, `_DirSync`): each waits for an
-fsync of ``new/`` that *started after its own renames*, and one such fsync covers every rename
-made before it began. A put thus waits for two fsyncs where it waited for three one after the
-other, and N puts that overlap share as few as one fsync of ``new/`` instead of making N.
+``put`` writes the file in ``tmp/`` (which itself is never synced: nothing there survives a
+crash on purpose) with one write and fsyncs it; then, after the rename, it shares the fsync of
+``new/`` with every ``put`` running at the same time (group commit, `_DirSync`): each waits for
+an fsync of ``new/`` that *started after its own rename*, and one such fsync covers every
+rename made before it began. A put thus waits for two fsyncs, and N puts that overlap share as
+few as one fsync of ``new/`` instead of making N.
 
-The ``.eml``'s modification time says when the item entered its state (in ``new/``: when it
+The file's modification time says when the item entered its state (in ``new/``: when it
 becomes due, which a delayed retry sets in the future). ``cleanup_done``, the delay and
 ``recover(min_age_seconds=...)`` read it; nothing else relies on it, so losing it in a crash
 costs at most an early retry or an early clean-up.
@@ -45,18 +55,26 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mailflow.errors import SpoolError
 
 log = logging.getLogger(__name__)
 
+MAIL = ".mail"
+"""An item's file: the envelope line, then the message."""
 EML = ".eml"
+"""An item's file in the older layout (and a hand-dropped message): the message alone."""
 META = ".json"
+"""Metadata beside an item's file: written on retry/fail/requeue, or the older layout's."""
+HEADER_MAGIC = b"mailflow-spool/1 "
+"""How a ``.mail`` file begins; the JSON metadata follows on the same line."""
+HEADER_LIMIT = 4 << 20
+"""The longest first line read: a recipient list at its cap is tens of kilobytes, so longer
+is damage, and the file is then taken as all message rather than read without end."""
 STATES = ("tmp", "new", "work", "done", "failed")
 META_VERSION = 1
 STALE_TMP_SECONDS = 3600.0
@@ -114,16 +132,69 @@ class SpoolItem:
 
     id: str
     eml: Path
+    """The item's file: ``<id>.mail`` (envelope line, then the message), or ``<id>.eml`` in
+    the older layout. Not the raw message by itself: ``read()`` gives that."""
     meta: Path
     envelope: Envelope
     attempts: int
     errors: list[str]
     sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Keys of the .json this version does not know; written back so nothing is lost."""
+    """Keys of the metadata this version does not know; written back so nothing is lost."""
+    offset: int = 0
+    """Bytes before the message in ``eml`` (the envelope line of a ``.mail``)."""
 
     def read(self) -> bytes:
-        return self.eml.read_bytes()
+        """The raw message, exactly the bytes that were spooled (no envelope line)."""
+        with open(self.eml, "rb") as f:
+            if self.offset:
+                f.seek(self.offset)
+            return f.read()
+
+
+def read_header(f: BinaryIO) -> tuple[dict[str, Any] | None, int, str | None]:
+    """Read the envelope line of a ``.mail`` file open at its start.
+
+    Returns (metadata, offset of the message, problem). A file whose first line is not a
+    readable envelope line (damage, or an admin's edit gone wrong) is all message: offset 0
+    and a problem to record, so that no byte of the message is skipped on a guess where the
+    line ended; the bytes are processed rather than lost.
+    """
+    head = f.read(len(HEADER_MAGIC))
+    if head != HEADER_MAGIC:
+        return None, 0, "no envelope line"
+    line = f.readline(HEADER_LIMIT)
+    if not line.endswith(b"\n"):
+        return None, 0, "envelope line unterminated"
+    try:
+        meta = json.loads(line)
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+    except ValueError as e:
+        return None, 0, f"envelope line unreadable: {e}"
+    return meta, len(head) + len(line), None
+
+
+def read_spool_file(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The metadata and the raw message of any spool file, for tools and admins: a ``.mail``
+    (its envelope line, superseded by a ``.json`` beside it) or an older ``.eml`` (its
+    ``.json``, if any). Raises OSError if the file cannot be read."""
+    path = Path(path)
+    meta: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        if path.name.endswith(MAIL):
+            embedded, offset, _ = read_header(f)
+            meta = embedded or {}
+            f.seek(offset)
+        raw = f.read()
+    side = path.with_name(path.name[: -len(path.suffix)] + META)
+    try:
+        loaded = json.loads(side.read_bytes())
+        if isinstance(loaded, dict):
+            meta = loaded
+    except (OSError, ValueError):
+        pass
+    return meta, raw
 
 
 def _utc_now() -> str:
@@ -212,43 +283,22 @@ class _DirSync:
                 self._cond.notify_all()
 
 
-def _write_new(path: Path, data: bytes) -> int:
-    """Create a file (O_EXCL, so two writers can never share one), write it, return its fd."""
+def _write_durable(path: Path, *parts: bytes) -> None:
+    """Create a file (O_EXCL, so two writers can never share one), write the parts one after
+    the other without joining them (no copy of a large message), and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write a new file and fsync it."""
-    fd = _write_new(path, data)
-    try:
+        views = [memoryview(p) for p in parts if p]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_side: tuple[int, ThreadPoolExecutor] | None = None
-_side_lock = threading.Lock()
-
-
-def _side_fsync(fd: int) -> Future[None]:
-    """fsync `fd` in a helper thread, so that a put's two file fsyncs run at the same time
-    (the file system commits them together; one after the other they cost two waits).
-    One pool per process: a pool inherited through fork() has no threads behind it."""
-    global _side
-    with _side_lock:
-        if _side is None or _side[0] != os.getpid():
-            _side = (os.getpid(), ThreadPoolExecutor(16, thread_name_prefix="spool-fsync"))
-        pool = _side[1]
-    return pool.submit(os.fsync, fd)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -287,70 +337,70 @@ class Spool:
 
     # -- paths ------------------------------------------------------------------------------
 
-    def _eml(self, state: str, id: str) -> Path:
-        return self.dirs[state] / (id + EML)
+    def _file(self, state: str, id: str, suffix: str = MAIL) -> Path:
+        return self.dirs[state] / (id + suffix)
+
+    def _find(self, state: str, id: str) -> Path | None:
+        """The item's file in `state`, in either layout, or None."""
+        for suffix in (MAIL, EML):
+            p = self._file(state, id, suffix)
+            if os.path.lexists(p):
+                return p
+        return None
 
     def _meta(self, state: str, id: str) -> Path:
         return self.dirs[state] / (id + META)
 
-    def _ids(self, state: str, suffix: str = EML) -> list[str]:
+    def _ids(self, state: str, suffix: str | None = None) -> list[str]:
+        """Ids in `state`: of items (a ``.mail`` or an older ``.eml``), or of files ending in
+        `suffix`."""
         try:
             names = os.listdir(self.dirs[state])
         except OSError as e:
             raise SpoolError(f"cannot list {self.dirs[state]}: {e}") from e
-        return sorted(n[: -len(suffix)] for n in names
-                      if n.endswith(suffix) and not n.startswith(".") and len(n) > len(suffix))
+        suffixes = (MAIL, EML) if suffix is None else (suffix,)
+        return sorted({n[: -len(x)] for n in names for x in suffixes
+                       if n.endswith(x) and not n.startswith(".") and len(n) > len(x)})
+
+    def in_work(self) -> list[str]:
+        """Ids claimed by a processor (or left in work/ by one that died)."""
+        return self._ids("work")
 
     # -- ingress ----------------------------------------------------------------------------
 
     def put(self, raw: bytes, envelope: Envelope) -> str:
         """Take a message durably; the returned id is the promise that it survives a crash.
 
-        Both files are fsynced in ``tmp/`` (concurrently), renamed (``.json`` first, so a
-        claimer never sees an ``.eml`` without its envelope) and ``new/`` is fsynced before
-        returning: only then may SMTP answer 250. That fsync may be one shared with concurrent
-        puts, but it always began after this put's renames. Thread-safe. The caller's envelope
-        is not modified.
+        One file (envelope line, then the message) is written and fsynced in ``tmp/``,
+        renamed into ``new/``, and ``new/`` is fsynced before returning: only then may SMTP
+        answer 250. That fsync may be one shared with concurrent puts, but it always began
+        after this put's rename. Thread-safe. The caller's envelope is not modified.
         """
         if not isinstance(raw, (bytes, bytearray, memoryview)):
             raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
-        raw = bytes(raw)
         if not envelope.received_at:
             envelope = dataclasses.replace(envelope, received_at=_utc_now())
         id = _new_id()
         sha = hashlib.sha256(raw).hexdigest()
         meta = {"version": META_VERSION, "id": id, "size": len(raw), "sha256": sha,
                 "envelope": envelope.to_json(), "attempts": 0, "errors": []}
-        tmp_eml, tmp_meta = self._eml("tmp", id), self._meta("tmp", id)
-        new_eml, new_meta = self._eml("new", id), self._meta("new", id)
+        tmp, new = self._file("tmp", id), self._file("new", id)
         try:
-            # Both files durable in tmp/ before either name appears in new/: a rename that
-            # outran its data would show a claimer an empty file after a crash.
-            fd = _write_new(tmp_eml, raw)
-            try:
-                eml_synced = _side_fsync(fd)
-                try:
-                    _write_durable(tmp_meta, _dump(meta))
-                finally:
-                    error = eml_synced.exception()  # waits; never close an fd being synced
-                if error is not None:
-                    raise error
-            finally:
-                os.close(fd)
-            os.rename(tmp_meta, new_meta)
-            os.rename(tmp_eml, new_eml)
+            # Durable in tmp/ before its name appears in new/: a rename that outran its data
+            # would show a claimer an empty file after a crash.
+            _write_durable(tmp, _header(meta), raw)
+            os.rename(tmp, new)
             self._sync_new.sync()
         except OSError as e:
             # Leave nothing half-taken behind: the client will be told 4xx and send again,
             # and a second copy of the same message must not appear out of the debris.
-            for p in (tmp_eml, tmp_meta, new_meta):
-                _unlink_quietly(p)
-            if new_eml.exists():
-                # The last rename succeeded but the directory sync did not: the message may
-                # or may not survive a crash, so it is not promised. Withdraw it if we still
+            _unlink_quietly(tmp)
+            if os.path.lexists(new):
+                # The rename succeeded but the directory sync did not: the message may or
+                # may not survive a crash, so it is not promised. Withdraw it if we still
                 # can; if a claimer already took it, it will be processed, and the resend is
                 # a duplicate that processing dedupes by hash and Message-ID.
-                _unlink_quietly(new_eml)
+                _unlink_quietly(new)
             raise SpoolError(f"cannot spool message in {self.root}: {e}") from e
         return id
 
@@ -365,7 +415,7 @@ class Spool:
     def claim(self, id: str | None = None, *, force: bool = False) -> SpoolItem | None:
         """Take one item for processing, oldest first, or the named one.
 
-        The rename of the ``.eml`` from ``new/`` to ``work/`` is the claim: exactly one of any
+        The rename of the item's file from ``new/`` to ``work/`` is the claim: exactly one of any
         number of racing processes succeeds, the others get ENOENT and move on. An item whose
         due time (``retry(delay=...)``) lies in the future is not claimed, even by name, so a
         sweep that feeds every id of ``pending()`` to ``claim(id)`` keeps the delay;
@@ -385,23 +435,30 @@ class Spool:
         return None
 
     def _due(self, id: str, now: float) -> bool:
-        try:
-            # The slack absorbs file-system timestamp granularity and small clock steps, so a
-            # fresh put() is always due; delays are meant in seconds to hours anyway.
-            return os.stat(self._eml("new", id)).st_mtime <= now + _DUE_SLACK_SECONDS
-        except FileNotFoundError:
-            return False  # claimed by someone else since the listing
-        except OSError as e:
-            raise SpoolError(f"cannot read spool item {id}: {e}") from e
+        for suffix in (MAIL, EML):
+            try:
+                # The slack absorbs file-system timestamp granularity and small clock steps,
+                # so a fresh put() is always due; delays are meant in seconds to hours anyway.
+                mtime = os.stat(self._file("new", id, suffix)).st_mtime
+            except FileNotFoundError:
+                continue  # the other layout, or claimed by someone else since the listing
+            except OSError as e:
+                raise SpoolError(f"cannot read spool item {id}: {e}") from e
+            return mtime <= now + _DUE_SLACK_SECONDS
+        return False
 
     def _try_claim(self, id: str) -> SpoolItem | None:
-        work_eml = self._eml("work", id)
-        try:
-            os.rename(self._eml("new", id), work_eml)
-        except FileNotFoundError:
+        for suffix in (MAIL, EML):
+            work_eml = self._file("work", id, suffix)
+            try:
+                os.rename(self._file("new", id, suffix), work_eml)
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise SpoolError(f"cannot claim spool item {id}: {e}") from e
+        else:
             return None
-        except OSError as e:
-            raise SpoolError(f"cannot claim spool item {id}: {e}") from e
         self._touch(work_eml)  # records the claim time for recover(min_age_seconds=...)
         work_meta = self._meta("work", id)
         try:
@@ -414,18 +471,36 @@ class Spool:
 
     def _load(self, id: str, eml: Path, meta_path: Path) -> SpoolItem:
         """Build the item even from broken metadata: the raw message is what matters, and a
-        message that cannot be processed for want of an envelope would be lost mail."""
+        message that cannot be processed for want of an envelope would be lost mail.
+
+        The metadata is the ``.json`` beside the file when there is one (it is newer than
+        any envelope line), else the ``.mail``'s envelope line, else none (a hand-dropped
+        ``.eml``)."""
         errors: list[str] = []
+        meta: dict[str, Any] | None = None
+        offset = 0
+        if eml.name.endswith(MAIL):
+            try:
+                with open(eml, "rb") as f:
+                    meta, offset, problem = read_header(f)
+            except OSError as e:
+                raise SpoolError(f"cannot read spool item {id}: {e}") from e
+            if problem is not None:
+                log.warning("spool: %s: %s", id, problem)
+                errors.append(f"{problem}; envelope lost, the whole file taken as the message")
         try:
-            meta = json.loads(meta_path.read_bytes())
-            if not isinstance(meta, dict):
+            side = json.loads(meta_path.read_bytes())
+            if not isinstance(side, dict):
                 raise ValueError("metadata is not a JSON object")
+            meta = side
         except FileNotFoundError:
-            meta = {}
+            pass
         except (OSError, ValueError) as e:
             log.warning("spool: unreadable metadata for %s: %s", id, e)
+            errors.append(f"metadata unreadable, envelope "
+                          f"{'lost' if meta is None else 'from the first line'}: {e}")
+        if meta is None:
             meta = {}
-            errors.append(f"metadata unreadable, envelope lost: {e}")
         try:
             envelope = Envelope.from_json(meta["envelope"])
         except (KeyError, ValueError, TypeError):
@@ -433,12 +508,12 @@ class Spool:
         old_errors = meta.get("errors")
         errors = ([str(e) for e in old_errors] if isinstance(old_errors, list) else []) + errors
         attempts = meta.get("attempts", 0)
-        known = {"version", "id", "size", "sha256", "envelope", "attempts", "errors"}
+        known = {"version", "id", "sha256", "envelope", "attempts", "errors"}
         return SpoolItem(
             id=id, eml=eml, meta=meta_path, envelope=envelope,
             attempts=attempts if isinstance(attempts, int) and attempts >= 0 else 0,
             errors=errors, sha256=str(meta.get("sha256") or ""),
-            extra={k: v for k, v in meta.items() if k not in known},
+            extra={k: v for k, v in meta.items() if k not in known}, offset=offset,
         )
 
     def done(self, item: SpoolItem) -> None:
@@ -463,8 +538,8 @@ class Spool:
             if delay > 0:
                 due = time.time() + delay
                 os.utime(item.eml, (due, due))
-            # Into new/ the .json goes first, so a claimer never finds the .eml without it.
-            new_meta, new_eml = self._meta("new", item.id), self._eml("new", item.id)
+            # Into new/ the .json goes first, so a claimer never finds the file without it.
+            new_meta, new_eml = self._meta("new", item.id), self.dirs["new"] / item.eml.name
             os.rename(item.meta, new_meta)
             item.meta = new_meta
             os.rename(item.eml, new_eml)
@@ -488,16 +563,20 @@ class Spool:
     def requeue(self, id: str) -> bool:
         """Put a failed item back into new/ (after a human fixed the cause); attempts reset."""
         _check_id(id)
-        eml, meta = self._eml("failed", id), self._meta("failed", id)
-        if not eml.exists():
+        eml, meta = self._find("failed", id), self._meta("failed", id)
+        if eml is None:
             return False
-        item = self._load(id, eml, meta)
+        try:
+            item = self._load(id, eml, meta)
+        except SpoolError:
+            return False  # gone since we looked
         item.attempts = 0
+        new = self.dirs["new"] / eml.name
         try:
             self._write_meta(item)
             os.rename(item.meta, self._meta("new", id))
-            os.rename(eml, self._eml("new", id))
-            self._touch(self._eml("new", id))
+            os.rename(eml, new)
+            self._touch(new)
             self._sync_new.sync()
         except FileNotFoundError:
             return False
@@ -506,8 +585,8 @@ class Spool:
         return True
 
     def _move(self, item: SpoolItem, state: str) -> None:
-        """Out of work/ the .eml moves first: its location is the state, the .json follows."""
-        eml, meta = self._eml(state, item.id), self._meta(state, item.id)
+        """Out of work/ the file moves first: its location is the state, the .json follows."""
+        eml, meta = self.dirs[state] / item.eml.name, self._meta(state, item.id)
         os.rename(item.eml, eml)
         item.eml = eml
         try:
@@ -518,7 +597,7 @@ class Spool:
 
     def _write_meta(self, item: SpoolItem) -> None:
         """Replace the item's .json atomically (write aside, fsync, rename over)."""
-        meta = dict(item.extra)
+        meta = dict(item.extra)  # the first line's "size" too, if there was one
         meta.update({"version": META_VERSION, "id": item.id, "sha256": item.sha256,
                      "envelope": item.envelope.to_json(), "attempts": item.attempts,
                      "errors": item.errors})
@@ -553,18 +632,19 @@ class Spool:
         recovered = 0
         try:
             for id in self._ids("work"):
-                eml = self._eml("work", id)
-                age = _age(eml, now)
-                if age is None or age < min_age_seconds:
+                eml = self._find("work", id)
+                age = None if eml is None else _age(eml, now)
+                if eml is None or age is None or age < min_age_seconds:
                     continue
                 meta = self._meta("work", id)
                 if meta.exists():
                     os.rename(meta, self._meta("new", id))  # .json first into new/
+                new = self.dirs["new"] / eml.name
                 try:
-                    os.rename(eml, self._eml("new", id))
+                    os.rename(eml, new)
                 except FileNotFoundError:
                     continue
-                self._touch(self._eml("new", id))
+                self._touch(new)
                 recovered += 1
                 log.info("spool: recovered %s from work/", id)
             if recovered:
@@ -581,8 +661,8 @@ class Spool:
         return recovered
 
     def _reunite_orphan_meta(self, now: float) -> None:
-        """A .json without its .eml: a crash between the two renames of a move. Put it where
-        its .eml is; if the .eml is nowhere (removed by hand), drop it once it is old."""
+        """A .json without its file: a crash between the two renames of a move. Put it where
+        its file is; if the file is nowhere (removed by hand), drop it once it is old."""
         for state in ("new", "work", "done", "failed"):
             emls = set(self._ids(state))
             for id in self._ids(state, META):
@@ -590,7 +670,7 @@ class Spool:
                     continue
                 meta = self._meta(state, id)
                 home = next((s for s in ("new", "work", "done", "failed")
-                             if s != state and self._eml(s, id).exists()), None)
+                             if s != state and self._find(s, id) is not None), None)
                 if home is not None:
                     if not self._meta(home, id).exists():
                         os.rename(meta, self._meta(home, id))
@@ -619,7 +699,9 @@ class Spool:
         removed = 0
         try:
             for id in self._ids("done"):
-                eml = self._eml("done", id)
+                eml = self._find("done", id)
+                if eml is None:
+                    continue
                 try:
                     if eml.stat().st_mtime >= cutoff:
                         continue
@@ -640,6 +722,13 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot clean up {self.dirs['done']}: {e}") from e
         return removed
+
+
+def _header(meta: dict[str, Any]) -> bytes:
+    """The first line of a ``.mail``: one line whatever the metadata holds, since JSON
+    escapes line breaks inside strings (and ensure_ascii, as in `_dump`)."""
+    return HEADER_MAGIC + json.dumps(meta, ensure_ascii=True, sort_keys=True,
+                                     separators=(",", ":")).encode("ascii") + b"\n"
 
 
 def _dump(meta: dict[str, Any]) -> bytes:

@@ -68,7 +68,7 @@ def test_crash_between_spool_and_store_then_restart(site: Site) -> None:
         with smtplib.SMTP("127.0.0.1", d.port, timeout=20) as s:
             s.sendmail(AUTHORITY, [t["address"]], answer)  # 250: it is in the spool
         spool = site.dir / "var" / "spool"
-        assert list((spool / "new").glob("*.eml")) or list((spool / "work").glob("*.eml"))
+        assert list((spool / "new").glob("*.mail")) or list((spool / "work").glob("*.mail"))
         d.stop(signal.SIGKILL)
     finally:
         lock.rollback()

@@ -15,6 +15,8 @@ import pytest
 from conftest import DOMAIN, JANE, Site, compose
 from dovecot import PASSWORD, USER, Dovecot, available
 
+from mailflow.spool import read_spool_file
+
 pytestmark = pytest.mark.skipif(not available() and not os.environ.get("CI"),
                                 reason="dovecot is not installed (apt-get install dovecot-imapd)")
 
@@ -63,7 +65,7 @@ def request_mail(subject: str) -> bytes:
 
 def spool_count(site: Site, state: str) -> int:
     d = site.dir / "var" / "spool" / state
-    return len(list(d.glob("*.eml"))) if d.is_dir() else 0
+    return len(list(d.glob("*.mail"))) if d.is_dir() else 0
 
 
 def test_fetch_once_processes_once_and_flags_seen(site: Site, dovecot: Dovecot, folder: str) -> None:
@@ -75,7 +77,7 @@ def test_fetch_once_processes_once_and_flags_seen(site: Site, dovecot: Dovecot, 
     assert len(site.json("thread", "list")) == 1
     assert len(site.mail_to(JANE)) == 1  # the confirmation: processed and delivered
     assert dovecot.uids(folder, "seen") == [1] and dovecot.uids(folder, "unseen") == []
-    env = json.loads(next((site.dir / "var" / "spool" / "done").glob("*.json")).read_text())
+    env = read_spool_file(next((site.dir / "var" / "spool" / "done").glob("*.mail")))[0]
     assert env["envelope"]["via"] == "imap" and env["envelope"]["rcpt_from_headers"] is True
     assert env["envelope"]["mail_from"] == JANE
     # A second run takes nothing, even though the message is still in the folder.

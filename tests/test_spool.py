@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.errors import SpoolError
-from mailflow.spool import Envelope, Spool
+from mailflow.spool import HEADER_MAGIC, Envelope, Spool, read_spool_file
 
 RAW = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: t\r\n\r\nbody\r\n"
 
@@ -26,17 +26,42 @@ def files(d: Path) -> list[str]:
     return sorted(os.listdir(d))
 
 
-def test_put_writes_both_files_into_new(tmp_path: Path) -> None:
+def legacy_item(root: Path, id: str, raw: bytes, envelope: Envelope, state: str = "new") -> None:
+    """An item as mailflow wrote it before the one-file format: <id>.eml and <id>.json."""
+    meta = {"version": 1, "id": id, "size": len(raw), "sha256": "", "attempts": 0,
+            "errors": [], "envelope": envelope.to_json()}
+    (root / state / (id + ".json")).write_text(json.dumps(meta, indent=1))
+    (root / state / (id + ".eml")).write_bytes(raw)
+
+
+def test_put_writes_one_file_into_new(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     id = spool.put(RAW, env(peer="127.0.0.1:1234", helo="mx"))
-    assert files(tmp_path / "new") == [id + ".eml", id + ".json"]
+    assert files(tmp_path / "new") == [id + ".mail"]
     assert files(tmp_path / "tmp") == []
-    assert (tmp_path / "new" / (id + ".eml")).read_bytes() == RAW
-    meta = json.loads((tmp_path / "new" / (id + ".json")).read_text())
+    data = (tmp_path / "new" / (id + ".mail")).read_bytes()
+    first, rest = data.split(b"\n", 1)
+    assert first.startswith(HEADER_MAGIC) and rest == RAW   # `tail -n +2` is the message
+    meta = json.loads(first[len(HEADER_MAGIC):])
     assert meta["envelope"]["rcpt_tos"] == ["b@example.net"]
     assert meta["envelope"]["received_at"].endswith("+00:00")
-    assert meta["attempts"] == 0 and meta["errors"] == []
+    assert meta["attempts"] == 0 and meta["errors"] == [] and meta["size"] == len(RAW)
     assert spool.pending() == [id]
+    assert read_spool_file(tmp_path / "new" / (id + ".mail")) == (meta, RAW)
+
+
+def test_envelope_line_stays_one_line_whatever_the_envelope_holds(tmp_path: Path) -> None:
+    """JSON escapes line breaks, so odd envelope values cannot end the first line early."""
+    odd = env(mail_from="x\n@example.org", rcpt_tos=["ü@例え.jp", "raw\udcff@example.org"],
+              helo="h\r\n\u2028x", peer="[::1]:25")
+    spool = Spool(tmp_path)
+    id = spool.put(b"\n" + RAW, odd)
+    data = (tmp_path / "new" / (id + ".mail")).read_bytes()
+    assert data.count(b"\n") == RAW.count(b"\n") + 2
+    item = spool.claim()
+    assert item is not None and item.read() == b"\n" + RAW
+    assert item.envelope.rcpt_tos == odd.rcpt_tos and item.envelope.helo == odd.helo
+    assert item.envelope.mail_from == odd.mail_from and item.errors == []
 
 
 def test_put_does_not_modify_callers_envelope(tmp_path: Path) -> None:
@@ -61,11 +86,11 @@ def test_claim_done(tmp_path: Path) -> None:
     assert item is not None
     assert item.id == id and item.attempts == 0 and item.errors == []
     assert item.envelope.via == "lmtp" and item.envelope.peer == "10.0.0.1:25"
-    assert item.eml == tmp_path / "work" / (id + ".eml") and item.eml.exists()
+    assert item.eml == tmp_path / "work" / (id + ".mail") and item.eml.exists()
     assert spool.pending() == [] and spool.claim() is None
     spool.done(item)
     assert files(tmp_path / "work") == []
-    assert files(tmp_path / "done") == [id + ".eml", id + ".json"]
+    assert files(tmp_path / "done") == [id + ".mail"]
     assert item.eml.parent.name == "done" and item.read() == RAW
 
 
@@ -94,6 +119,11 @@ def test_retry_counts_attempts_and_keeps_errors(tmp_path: Path) -> None:
     item = spool.claim()
     assert item is not None and item.attempts == 2 and len(item.errors) == 2
     assert item.envelope.rcpt_tos == ["b@example.net"]
+    # The history is in a .json beside the file; the file itself is never rewritten.
+    assert files(tmp_path / "work") == [id + ".json", id + ".mail"]
+    assert item.read() == RAW
+    meta = json.loads((tmp_path / "work" / (id + ".json")).read_text())
+    assert meta["attempts"] == 2 and meta["size"] == len(RAW)
 
 
 def test_retry_with_delay_is_not_claimed_until_due(tmp_path: Path) -> None:
@@ -158,7 +188,8 @@ def test_recover_min_age_leaves_live_work(tmp_path: Path) -> None:
 
 def test_recover_reunites_meta_split_by_a_crash(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    id = spool.put(RAW, env(rcpt_tos=["x@example.org"]))
+    id = "00000000000000000001-000000000001"
+    legacy_item(tmp_path, id, RAW, env(rcpt_tos=["x@example.org"]))
     # Crash inside claim(): .eml already in work/, .json still in new/.
     os.rename(tmp_path / "new" / (id + ".eml"), tmp_path / "work" / (id + ".eml"))
     assert spool.recover() == 1
@@ -185,11 +216,97 @@ def test_eml_without_json_gets_default_envelope(tmp_path: Path) -> None:
 
 def test_corrupt_json_still_gives_the_message(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    id = spool.put(RAW, env())
-    (tmp_path / "new" / (id + ".json")).write_text("{not json")
+    legacy_item(tmp_path, "old", RAW, env())
+    (tmp_path / "new" / "old.json").write_text("{not json")
     item = spool.claim()
     assert item is not None and item.read() == RAW
     assert item.envelope.via == "unknown" and "metadata unreadable" in item.errors[0]
+
+
+def test_corrupt_json_beside_a_mail_falls_back_to_its_first_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(via="lmtp"))
+    (tmp_path / "new" / (id + ".json")).write_text("{not json")
+    item = spool.claim()
+    assert item is not None and item.read() == RAW
+    assert item.envelope.via == "lmtp" and "from the first line" in item.errors[0]
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage\n", b"mailflow-spool/1 {not json\n",
+                                    b"mailflow-spool/1 {\"no\": \"newline"])
+def test_damaged_first_line_still_gives_the_bytes(tmp_path: Path, damage: bytes) -> None:
+    """Never lose mail to a damaged envelope line: where it cannot be read, no guess is made
+    about where it ended, and the whole file is processed as the message."""
+    spool = Spool(tmp_path)
+    (tmp_path / "new" / "x.mail").write_bytes(damage + RAW)
+    item = spool.claim()
+    assert item is not None and item.envelope.via == "unknown" and item.errors
+    assert item.read() == damage + RAW
+
+
+def test_older_two_file_items_are_processed_beside_new_ones(tmp_path: Path) -> None:
+    """A site upgraded with items in its spool: each state change works on both layouts,
+    oldest first, and the raw bytes are the message alone either way."""
+    spool = Spool(tmp_path)
+    legacy_item(tmp_path, "00000000000000000001-aaaaaaaaaaaa", RAW + b"old",
+                env(via="lmtp", rcpt_tos=["old@example.net"]))
+    new = spool.put(RAW + b"new", env())
+    assert spool.pending() == ["00000000000000000001-aaaaaaaaaaaa", new]
+    old = spool.claim()
+    assert old is not None and old.read() == RAW + b"old" and old.offset == 0
+    assert old.envelope.rcpt_tos == ["old@example.net"] and old.envelope.via == "lmtp"
+    assert files(tmp_path / "work") == [old.id + ".eml", old.id + ".json"]
+    spool.retry(old, "later")
+    old = spool.claim(old.id)
+    assert old is not None and old.attempts == 1
+    spool.fail(old, "gave up")
+    assert spool.failed() == [old.id]
+    assert files(tmp_path / "failed") == [old.id + ".eml", old.id + ".json"]
+    assert spool.requeue(old.id) is True
+    old = spool.claim(old.id)
+    assert old is not None and old.read() == RAW + b"old"
+    # Left in work/ by a crash, both come back.
+    item = spool.claim()
+    assert item is not None and item.id == new
+    assert spool.recover() == 2 and spool.pending() == [old.id, new]
+    for _ in range(2):
+        it = spool.claim()
+        assert it is not None
+        spool.done(it)
+    assert files(tmp_path / "done") == sorted([old.id + ".eml", old.id + ".json",
+                                               new + ".mail"])
+    assert read_spool_file(tmp_path / "done" / (old.id + ".eml"))[1] == RAW + b"old"
+    t = time.time() - 10 * 86400
+    for n in files(tmp_path / "done"):
+        os.utime(tmp_path / "done" / n, (t, t))
+    assert spool.cleanup_done(7) == 2 and files(tmp_path / "done") == []
+
+
+def test_a_json_split_from_its_mail_by_a_crash_is_reunited(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(rcpt_tos=["x@example.org"]))
+    item = spool.claim()
+    assert item is not None
+    spool.retry(item, "once")                           # now it has a .json beside it
+    # Crash inside claim(): the .mail already in work/, the .json still in new/.
+    os.rename(tmp_path / "new" / (id + ".mail"), tmp_path / "work" / (id + ".mail"))
+    assert spool.recover() == 1
+    item = spool.claim()
+    assert item is not None and item.attempts == 1 and item.read() == RAW
+    assert item.envelope.rcpt_tos == ["x@example.org"]
+    # Crash inside done(): the .mail already in done/, the .json still in work/.
+    os.rename(item.eml, tmp_path / "done" / (id + ".mail"))
+    assert spool.recover() == 0
+    assert files(tmp_path / "done") == [id + ".json", id + ".mail"]
+    assert files(tmp_path / "work") == []
+
+
+def test_read_gives_a_large_message_exactly(tmp_path: Path) -> None:
+    raw = os.urandom(3 << 20)
+    spool = Spool(tmp_path)
+    spool.put(raw, env())
+    item = spool.claim()
+    assert item is not None and item.read() == raw
 
 
 def test_json_without_eml_removed_only_when_old(tmp_path: Path) -> None:
@@ -217,7 +334,7 @@ def test_cleanup_done(tmp_path: Path) -> None:
     assert items[0] is not None
     os.utime(items[0].eml, (t, t))
     assert spool.cleanup_done(7) == 1
-    assert files(tmp_path / "done") == sorted([items[1].id + ".eml", items[1].id + ".json"])
+    assert files(tmp_path / "done") == [items[1].id + ".mail"]
 
 
 def test_put_failure_raises_spoolerror_and_leaves_no_debris(tmp_path: Path) -> None:
@@ -360,8 +477,8 @@ class FsyncLog:
 
         def rename(src: object, dst: object) -> None:
             real_rename(src, dst)
-            if Path(str(dst)).parent.name == "new" and str(dst).endswith(".eml"):
-                self.add("rename", Path(str(dst)).name[:-4])
+            if Path(str(dst)).parent.name == "new" and str(dst).endswith(".mail"):
+                self.add("rename", Path(str(dst)).name[:-5])
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "rename", rename)
@@ -374,12 +491,11 @@ class FsyncLog:
         return sum(1 for w, _ in self.events if w == what)
 
 
-def test_a_lone_put_makes_three_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lone_put_makes_two_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
     log = FsyncLog(monkeypatch)
     spool.put(RAW, env())
-    assert [w for w, _ in log.events] == ["file-fsync", "file-fsync", "rename",
-                                          "dir-start", "dir-end"]
+    assert [w for w, _ in log.events] == ["file-fsync", "rename", "dir-start", "dir-end"]
 
 
 def test_concurrent_puts_share_directory_fsyncs_that_began_after_their_renames(
@@ -398,7 +514,7 @@ def test_concurrent_puts_share_directory_fsyncs_that_began_after_their_renames(
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(put, range(80)))
     assert sorted(spool.pending()) == sorted(ids) and len(set(ids)) == 80
-    assert log.count("file-fsync") == 160
+    assert log.count("file-fsync") == 80
     assert log.count("dir-start") == log.count("dir-end") < 60   # shared: typically ~12
     ev = log.events
     for id in ids:
@@ -484,18 +600,16 @@ def test_batch_failure_is_not_excused_by_a_later_good_fsync(
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("failing", [".eml", ".json"])
-def test_either_file_fsync_failing_fails_the_put_cleanly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
-    """The two files are fsynced at the same time, the .eml in a helper thread: an error in
-    either is the put's error, nothing is left behind, and no file descriptor leaks."""
+def test_file_fsync_failing_fails_the_put_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error fsyncing the file is the put's error, nothing is left behind, and no file
+    descriptor leaks."""
     spool = Spool(tmp_path)
-    spool.put(RAW, env())  # the helper thread exists before fds are counted
+    spool.put(RAW, env())
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(failing):
-            time.sleep(0.05)  # still running while the other file is written and synced
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".mail"):
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
