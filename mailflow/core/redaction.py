@@ -20,6 +20,7 @@ used as written (add `(?i)` to ignore case).
 """
 from __future__ import annotations
 
+import functools
 import html as htmllib
 import re
 import string
@@ -66,7 +67,12 @@ class PrivatePattern(str):
 
     It is a `str` so a list from `private_values` stays a list of (str, str) pairs; the
     Redactor compiles it case-insensitively, and its label may use `\\g<name>` groups.
+    `literal`, when set, is a literal value the pattern can only match where that value
+    matches (the pattern is `_literal_source(literal)` with conditions around it), which lets
+    the Redactor skip texts that cannot contain it.
     """
+
+    literal: str | None = None
 
 
 class ThreadSecrets(Protocol):
@@ -192,8 +198,9 @@ def private_values(thread: ThreadSecrets, domain: str) -> list[tuple[str, str]]:
         out.append((email, REQUESTER_EMAIL))
         local = email.rpartition("@")[0]
         if len(local) >= 4:
-            out.append((PrivatePattern(r"(?<![^\W_])" + _literal_source(local) + r"(?![^\W_])"),
-                        REQUESTER_EMAIL))
+            word = PrivatePattern(r"(?<![^\W_])" + _literal_source(local) + r"(?![^\W_])")
+            word.literal = local
+            out.append((word, REQUESTER_EMAIL))
     ours = f"[FOI #{thread.id} email]"
     addresses = [thread_address(kind, thread.id, token, domain)
                  for kind, token in ((AddressKind.REQUEST, thread.request_token),
@@ -229,11 +236,46 @@ def _literal_source(value: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def _compile(source: str, flags: int) -> re.Pattern[str]:
+    """Compiled once per process: the site's rules and the patterns every thread shares (any
+    thread-shaped address) are the same for every thread of a build, and for the next build.
+    (The `re` module's own cache holds 512 patterns and is flushed through by thousands of
+    threads' values.)"""
+    return re.compile(source, flags)
+
+
+def _pieces(literal: str) -> tuple[str, ...] | None:
+    """Lower-cased runs of a literal value that `_literal_source(literal)` matches only as
+    written (case aside): every match of the value in an ASCII text contains each of them.
+    None when the value is not ASCII (re.IGNORECASE matches some ASCII letters to others,
+    such as "k" to the Kelvin sign), so no shortcut is taken for it."""
+    value = unicodedata.normalize("NFC", literal.translate(_INVISIBLE)).strip()
+    if not value.isascii():
+        return None
+    runs = re.split(r"\s+|[@&\"']", value.lower())
+    return tuple(r for r in runs if r)
+
+
 @dataclass(frozen=True)
 class _Matcher:
-    pattern: re.Pattern[str]
+    source: str
+    flags: int
     label: str
     expand: bool          # label is a template using the match's groups
+    # Runs every match contains (see _pieces): a text without one of them is not searched,
+    # and the value's pattern need not even be compiled. None: always search.
+    pieces: tuple[str, ...] | None = None
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _compile(self.source, self.flags)
+
+    def absent_from(self, s: str, lowered: str | None) -> bool:
+        """Whether the pattern certainly has no match in `s` (`lowered`: `s` lower-cased,
+        when `s` is ASCII; else None)."""
+        return (self.pieces is not None and lowered is not None
+                and not all(p in lowered for p in self.pieces))
 
 
 def _in_scope(scope: str, thread_id: int | None, authority: str | None) -> bool:
@@ -254,15 +296,22 @@ class Redactor:
                  authority: str | None, private: list[tuple[str, str]]) -> None:
         literal: list[_Matcher] = []
         patterns: list[_Matcher] = []
+        # Patterns are compiled on first use and cached per process (`_compile`); a literal
+        # value is not searched for in a text that lacks one of its runs (`_pieces`), which
+        # is most texts: a build redacts thousands of threads, each with its own values.
         for value, label in private:
             if isinstance(value, PrivatePattern):
-                patterns.append(_Matcher(re.compile(value, re.I), label, True))
+                literal_of = value.literal
+                patterns.append(_Matcher(str(value), re.I, label, True,
+                                         _pieces(literal_of) if literal_of else None))
             elif value and value.strip():
-                literal.append(_Matcher(re.compile(_literal_source(value), re.I), label, False))
+                literal.append(_Matcher(_literal_source(value), re.I, label, False,
+                                        _pieces(value)))
         # Longest value first: on the same span the longer, more specific label wins.
-        literal.sort(key=lambda m: -len(m.pattern.pattern))
-        ruled = [_Matcher(re.compile(r.pattern) if r.regex
-                          else re.compile(_literal_source(r.pattern), re.I), r.replacement, False)
+        literal.sort(key=lambda m: -len(m.source))
+        ruled = [_Matcher(r.pattern, 0, r.replacement, False) if r.regex
+                 else _Matcher(_literal_source(r.pattern), re.I, r.replacement, False,
+                               _pieces(r.pattern))
                  for r in rules if _in_scope(r.scope, thread_id, authority)
                  and (r.regex or r.pattern.strip())]
         self._matchers = literal + patterns + ruled
@@ -270,7 +319,10 @@ class Redactor:
     def _spans(self, s: str) -> list[tuple[int, int, str]]:
         """Merged (start, end, replacement) stretches of `s` to replace, in order."""
         found: list[tuple[int, int, int, str]] = []
+        lowered = s.lower() if s.isascii() else None
         for priority, m in enumerate(self._matchers):
+            if m.absent_from(s, lowered):
+                continue
             for hit in m.pattern.finditer(s):
                 if hit.end() > hit.start():
                     label = hit.expand(m.label) if m.expand else m.label
