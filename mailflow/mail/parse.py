@@ -395,6 +395,37 @@ def _boundary_lines(boundaries: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(rb"[\r\n]--(?:" + alternatives + rb")(?:--)?[ \t]*(?=\r\n|\r|\n|\Z)")
 
 
+# What may follow "--boundary" on a boundary line (see _boundary_lines).
+_BOUNDARY_TAIL = re.compile(rb"(?:--)?[ \t]*(?=[\r\n]|\Z)")
+_FALSE_CANDIDATES = 64
+
+
+def _next_boundary_line(raw: bytes, pos: int, boundaries: tuple[bytes, ...]) -> int | None:
+    """Where `_boundary_lines(boundaries).search(raw, pos)` would match (the offset of the
+    line break before the boundary line), or None; found with bytes.find, because compiling
+    a pattern for each message's boundaries cost more than the rest of the scan (and pushed
+    the module's other patterns out of re's cache). A body full of near-boundaries (the text
+    "--boundary" not alone on its line) falls back to the compiled pattern after a few."""
+    best: int | None = None
+    false = 0
+    for b in set(boundaries):
+        needle = b"--" + b
+        at = pos + 1
+        while True:
+            i = raw.find(needle, at)
+            if i < 0 or (best is not None and i - 1 >= best):
+                break
+            if raw[i - 1:i] in (b"\r", b"\n") and _BOUNDARY_TAIL.match(raw, i + len(needle)):
+                best = i - 1
+                break
+            false += 1
+            if false > _FALSE_CANDIDATES:
+                d = _boundary_lines(boundaries).search(raw, pos)
+                return None if d is None else d.start()
+            at = i + 1
+    return best
+
+
 @dataclass
 class _Scan:
     """What the stdlib is given, and what was taken out of it.
@@ -559,11 +590,11 @@ def _scan_structure(raw: bytes, limits: Limits, defects: list[str]) -> _Scan:
         if not any(b is not None for b in stack):
             close_leaf(size, inside=bool(stack))
             return done()    # epilogue after the outermost closing boundary
-        d = _boundary_lines(tuple(b for b in stack if b is not None)).search(raw, max(pos - 1, 0))
+        d = _next_boundary_line(raw, max(pos - 1, 0), tuple(b for b in stack if b is not None))
         if d is None:
             close_leaf(size, inside=True)
             return done()
-        m = _LINE.match(raw, d.start() + 1)
+        m = _LINE.match(raw, d + 1)
         assert m is not None
         pos = m.end()
         hit = boundary_of(m.group())
@@ -900,6 +931,27 @@ def _payload_bytes(part: Message, bodies: _Bodies | None = None,
     return b""
 
 
+# Characters str.splitlines() breaks an ASCII line at, and trailing blanks (Header.encode
+# drops a last single space): values with any of these are folded by the stdlib itself.
+_FOLD_SLOW = re.compile(r"[\n\r\v\f\x1c\x1d\x1e]|[ \t]\Z")
+
+
+class _Compat32Fast(email_policy.Compat32):
+    """compat32 for re-generating an attached message, with the common case of its header
+    folding done directly: a one-line ASCII value that fits in 78 columns comes out of
+    `Header.encode` unchanged, and making the Header object cost most of the generator's
+    time. Anything else goes through compat32's own `_fold` (see test_parse)."""
+
+    def _fold(self, name: str, value: Any, sanitize: bool) -> str:
+        if (isinstance(value, str) and not sanitize and value.isascii()
+                and len(name) + 2 + len(value) <= 78 and not _FOLD_SLOW.search(value)):
+            return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, sanitize)  # type: ignore[misc]
+
+
+_GENERATE_POLICY = _Compat32Fast()
+
+
 def _message_bytes(part: Message) -> bytes:
     """A message/* part as bytes: the stdlib has already split it into sub-messages."""
     payload = part.get_payload()
@@ -916,7 +968,7 @@ def _message_bytes(part: Message) -> bytes:
         if not isinstance(inner, Message):
             continue
         try:
-            chunks.append(inner.as_bytes(policy=email_policy.compat32))
+            chunks.append(inner.as_bytes(policy=_GENERATE_POLICY))
         except Exception:
             try:
                 chunks.append(inner.as_string(policy=email_policy.compat32)
