@@ -40,6 +40,7 @@ from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive import reports as R
+from mailflow.archive.reading import events_by_thread, messages_by_thread
 from mailflow.archive.charts import report_chart
 from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
@@ -47,6 +48,7 @@ from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, lo
 from mailflow.core.redaction import PrivatePattern, Redactor, load_redactions, private_values
 from mailflow.errors import MailflowError
 from mailflow.outbound.signing import verify as dkim_verify
+from mailflow.rulesdir import packaged_dir
 from mailflow.site import Site
 
 log = logging.getLogger("mailflow.archive")
@@ -140,7 +142,7 @@ class DkimCache:
 
 
 # -- threads whose inputs did not change ----------------------------------------------------------
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # The code that shapes a thread's public view: a change to any of them invalidates the cache.
 _VIEW_CODE = ("mailflow/archive/context.py", "mailflow/archive/attachments.py",
               "mailflow/archive/reports.py", "mailflow/core/redaction.py",
@@ -154,9 +156,12 @@ class ThreadCache:
     state, fixed_at, place — and the names of its category and area).
 
     Parsing and redacting mail is most of a build's time; with this, a build after one new
-    message parses one thread, not thousands. Pages are still rendered and checked every time
-    (they show other threads too). Lives in the output's cache folder, so `--full` (a fresh
-    folder) starts without it.
+    message parses one thread, not thousands. Each entry also records the thread's own files
+    (its page, JSON twin and feed: `pages`) with the key they were rendered under (the view's
+    fingerprint, its list state today and the site-level inputs of pages: `pages_salt`), so an
+    unchanged thread's files are kept rather than rendered and checked again. Pages that show
+    many threads (lists, authorities, home) are rendered every build. Lives in the output's
+    cache folder, so `--full` (a fresh folder) starts without it.
     """
 
     def __init__(self, path: Path, salt: bytes):
@@ -222,8 +227,88 @@ class ThreadCache:
     def put_report(self, t: Any, fp: str, view: R.ReportView, files: dict[str, str]) -> None:
         self.fresh[f"report-{t.id}"] = {"fp": fp, "view": R.view_to_dict(view), "files": files}
 
+    def keep_pages(self, key: str, pages_key: str, writer: Writer) -> bool:
+        """Keep the thread's own files if they were rendered under `pages_key` and are on
+        disk as written; False if they must be rendered."""
+        e = self.fresh.get(key)
+        pages = e.get("pages") if e else None
+        if (not pages or pages.get("key") != pages_key
+                or not all(writer.has(r, d) for r, d in pages["files"].items())):
+            return False
+        for rel, digest in pages["files"].items():
+            writer.keep(rel, digest)
+        return True
+
+    def put_pages(self, key: str, pages_key: str, files: dict[str, str]) -> None:
+        """Record the thread's files as rendered now (only for a view that is cached)."""
+        e = self.fresh.get(key)
+        if e is not None:
+            e["pages"] = {"key": pages_key, "files": files}
+
     def save(self) -> None:
         write_private_json(self.path, {"salt": self.salt.hex(), "threads": self.fresh})
+
+
+# The code and data a thread's own files are rendered with, besides its view: a change to any
+# of them renders every thread's files again.
+_PAGE_CODE = ("mailflow/archive/render.py", "mailflow/archive/feeds.py",
+              "mailflow/archive/build.py", "mailflow/archive/charts.py",
+              "mailflow/archive/context.py", "mailflow/templating.py", "mailflow/i18n.py")
+
+
+def _tree_digest(h: Any, folder: Path | None) -> None:
+    if folder is None or not folder.is_dir():
+        h.update(b"-")
+        return
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode("utf-8", "surrogateescape") + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+
+
+def pages_salt(site: Site, sv: C.SiteView) -> str:
+    """Everything besides a thread's view that its page, JSON twin and feed depend on: the
+    site's name, base URL and language, whether the site takes fault reports (the menu), the
+    templates (shipped and the site's own), the translations and the rendering code."""
+    h = hashlib.sha256(f"{CACHE_VERSION}:{__version__}:".encode())
+    h.update(json.dumps([sv.name, sv.base_url, site.settings.site.language,
+                         sv.reports is not None]).encode("utf-8"))
+    root = Path(__file__).resolve().parent.parent.parent
+    for rel in _PAGE_CODE:
+        p = root / rel
+        h.update(p.read_bytes() if p.exists() else rel.encode())
+    _tree_digest(h, packaged_dir("templates"))
+    _tree_digest(h, site.settings.site.templates)
+    _tree_digest(h, root / "mailflow" / "locale")
+    return h.hexdigest()
+
+
+# -- private values already checked --------------------------------------------------------------
+SECRETS_FILE = "secrets.bin"
+
+
+def _secret_digest(value: str) -> bytes:
+    return hashlib.sha256(value.strip().lower().encode("utf-8")).digest()[:16]
+
+
+def load_secret_digests(path: Path) -> set[bytes] | None:
+    """The digests (never the values) of the private values the last build checked against;
+    None when there is no record (nothing kept can then be trusted unchecked)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return {data[i:i + 16] for i in range(0, len(data) - len(data) % 16, 16)}
+
+
+def save_secret_digests(path: Path, digests: set[bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(sorted(digests)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -385,6 +470,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
     views: list[C.ThreadView] = []
     report_views: list[R.ReportView] = []
     writer: Writer | None = None
+    secrets_path = root / CACHE_DIR / SECRETS_FILE
     try:
         with site.store.read() as tx:
             every = tx.threads()
@@ -397,12 +483,17 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             writer = Writer(root, LeakGuard(secrets))
             rows = ({r.thread_id: r for r in tx.reports()}
                     if any(R.is_public(t) for t in every) else {})
-            for t in every:
+            public = [t for t in every if R.is_public(t) or C.is_public(t)]
+            msgs = messages_by_thread(tx) if public else {}
+            events = events_by_thread(tx) if public else {}
+            for t in public:
+                inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []), tx.get_raw)
                 if R.is_public(t):
-                    report_views.append(_report(site, tx, t, rows.get(t.id), rules, verify,
+                    report_views.append(_report(site, inp, rows.get(t.id), rules, verify,
                                                 cache, writer))
-                elif C.is_public(t):
-                    views.append(_thread(site, tx, t, rules, verify, cache, writer, today))
+                else:
+                    views.append(_thread(site, inp, rules, verify, cache, writer, today))
+            del msgs, events
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
         report_rules = getattr(site.rules, "reports", None)
         lists = None
@@ -415,9 +506,22 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             authorities=_with_reports(
                 C.authority_views(site.rules.authorities, site.rules.laws, views), report_views),
             reports=lists)
-        _write_pages(site, site_view, writer)
+        _write_pages(site, site_view, writer, cache)
+        # Files kept unchanged were checked when they were written, against the private
+        # values of that day: check them against the values added since (a new citizen's
+        # address that an older page happens to contain), or all of them without a record.
+        digests = {_secret_digest(v) for v, _ in secrets}
+        known = load_secret_digests(secrets_path)
+        if known is None:
+            writer.check_kept(writer.guard)
+        else:
+            added = [(v, label) for v, label in secrets if _secret_digest(v) not in known]
+            if added:
+                writer.check_kept(LeakGuard(added))
         result = writer.commit()
         cache.save()
+        if digests != known:
+            save_secret_digests(secrets_path, digests)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -434,12 +538,12 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                        withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
 
 
-def _thread(site: Site, tx: Any, t: Any, rules: list[Any], verify: DkimCache,
+def _thread(site: Site, inp: C.ThreadInput, rules: list[Any], verify: DkimCache,
             cache: ThreadCache, writer: Writer, today: date) -> C.ThreadView:
     """One thread's public view: from the cache when nothing it shows has changed."""
+    t = inp.thread
     authority = site.rules.authorities.get(t.authority)
     law = site.rules.laws.get(t.law)
-    inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
     fp = cache.fingerprint(inp, authority, law)
     view = cache.get(t, fp, writer, today)
     if view is not None:
@@ -455,10 +559,11 @@ def _thread(site: Site, tx: Any, t: Any, rules: list[Any], verify: DkimCache,
     return view
 
 
-def _report(site: Site, tx: Any, t: Any, row: Any, rules: list[Any], verify: DkimCache,
+def _report(site: Site, inp: C.ThreadInput, row: Any, rules: list[Any], verify: DkimCache,
             cache: ThreadCache, writer: Writer) -> R.ReportView:
     """One fault report's public view: from the cache when nothing it shows has changed
     (its state, fixed_at and place are in the fingerprint, so a fix rebuilds its page)."""
+    t = inp.thread
     authority = site.rules.authorities.get(t.authority)
     report_rules = getattr(site.rules, "reports", None)
     category = getattr(row, "category", None) or ""
@@ -467,7 +572,6 @@ def _report(site: Site, tx: Any, t: Any, row: Any, rules: list[Any], verify: Dki
     area_rule = next((a for a in getattr(report_rules, "areas", None) or () if a.id == area), None)
     category_name = cat.name if cat else category
     area_name = area_rule.name if area_rule else area
-    inp = C.ThreadInput(t, tx.messages(t.id), tx.events(t.id), tx.get_raw)
     fp = cache.fingerprint(inp, authority, None,
                            extra=R.fingerprint_data(row, category_name, area_name))
     view = cache.get_report(t, fp, writer)
@@ -512,7 +616,9 @@ def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
-def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
+def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | None = None) -> None:
+    """Render and write every page, feed and data file of the site. With `cache`, a thread
+    whose view and page inputs are unchanged keeps its own three files (see ThreadCache)."""
     r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
     r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
                          NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
@@ -526,13 +632,25 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer) -> None:
                                  responses=responses, recent=sv.recent()))
     w.write("feed.atom", feeds.atom(title=sv.name, base_url=base, page="", feed="feed.atom",
                                     entries=feeds.thread_entries(sv.threads), author=sv.name))
+    salt = pages_salt(site, sv) if cache is not None else ""
     for t in sv.threads:
-        w.write(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t))
-        w.write(f"{t.path}index.json", _json(thread_json(t, base)))
-        w.write(f"{t.path}feed.atom", feeds.atom(
-            title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
-            entries=feeds.thread_entries([t]), author=sv.name))
         sitemap.append((t.path, t.last_activity.date()))
+        key = str(t.id)
+        pages_key = ""
+        if cache is not None and key in cache.fresh:
+            pages_key = hashlib.sha256(
+                f"{salt}:{cache.fresh[key]['fp']}:{t.list_state}".encode()).hexdigest()
+            if cache.keep_pages(key, pages_key, w):
+                continue
+        files = {
+            f"{t.path}index.html": w.write(f"{t.path}index.html",
+                                           r.page("thread.html", f"{t.path}index.html", t=t)),
+            f"{t.path}index.json": w.write(f"{t.path}index.json", _json(thread_json(t, base))),
+            f"{t.path}feed.atom": w.write(f"{t.path}feed.atom", feeds.atom(
+                title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
+                entries=feeds.thread_entries([t]), author=sv.name))}
+        if pages_key:
+            cache.put_pages(key, pages_key, files)  # type: ignore[union-attr]
     w.write("body/index.html", r.page("authorities.html", "body/index.html"))
     for a in sv.authorities:
         w.write(f"{a.path}index.html", r.page("authority.html", f"{a.path}index.html", a=a))

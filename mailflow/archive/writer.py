@@ -219,6 +219,7 @@ class Writer:
         self._staged: list[tuple[Path, Path]] = []
         self._staging = self.cache / "staging"
         self.result = WriteResult()
+        self.kept: list[str] = []
 
     def has(self, rel: str, digest: str) -> bool:
         """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
@@ -234,6 +235,16 @@ class Writer:
             raise ValueError(f"{rel} is not on disk as it was")
         self.manifest[rel] = digest
         self.result.unchanged.append(rel)
+        self.kept.append(rel)
+
+    def check_kept(self, guard: LeakGuard) -> None:
+        """Check the files kept without being produced (`keep`) against `guard`, reading
+        them from disk; raises LeakError like `write`. The builder calls it with the private
+        values added since the kept files were checked."""
+        if not guard.labels:
+            return
+        for rel in self.kept:
+            guard.check(rel, (self.root / rel).read_bytes())
 
     def write(self, rel: str, data: bytes | str, *, scan: bytes | None = None) -> str:
         """Check and stage one file; returns its sha256. `scan`: what to check instead of

@@ -1,0 +1,102 @@
+"""An incremental build publishes exactly what a full build of the same store publishes, and
+what it keeps without rendering is still checked for private values added since."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailflow.archive import build as build_mod
+from mailflow.archive.writer import CACHE_DIR, LeakError
+from test_archive_build import (BOB, HOME, TODAY, World, addresses_of, ask, build, ingest, mail,
+                                make_world)
+
+
+@pytest.fixture()
+def fresh(tmp_path: Path) -> World:
+    w = make_world(tmp_path)
+    yield w
+    w.mf.close()
+
+
+def published(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and CACHE_DIR not in p.parts}
+
+
+def full_elsewhere(w: World, folder: Path) -> dict[str, bytes]:
+    build(w.mf, folder, full=True, dns_txt=w.dns, today=TODAY, search=False)
+    return published(folder)
+
+
+def test_an_incremental_build_equals_a_full_build(fresh: World, tmp_path: Path) -> None:
+    fresh.build()
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks on average."),
+           req_b, HOME)
+    r = fresh.build()
+    assert r.written and r.unchanged
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full1")
+    # A new request too (a new thread, new private values), and a day later (lists move).
+    ask(fresh.mf, "camden", "Library opening hours", "When are libraries open?")
+    fresh.build()
+    fresh.build(today=TODAY.replace(year=TODAY.year + 1))
+    assert published(fresh.out) != published(tmp_path / "full1")
+    build(fresh.mf, tmp_path / "full2", full=True, dns_txt=fresh.dns,
+          today=TODAY.replace(year=TODAY.year + 1), search=False)
+    assert published(fresh.out) == published(tmp_path / "full2")
+
+
+def test_unchanged_threads_keep_their_files_without_rendering(
+        fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh.build()
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks."), req_b, HOME)
+    rendered: list[str] = []
+    real = build_mod.Renderer.page
+
+    def counting(self, template, path, **kw):  # type: ignore[no-untyped-def]
+        rendered.append(path)
+        return real(self, template, path, **kw)
+
+    monkeypatch.setattr(build_mod.Renderer, "page", counting)
+    fresh.build()
+    threads = [p for p in rendered if p.startswith("request/")]
+    assert threads == [f"{fresh.thread_dir(fresh.b)}index.html"]
+
+
+def test_a_kept_page_is_checked_against_a_new_private_value(
+        fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page published before someone became a citizen of the site holds her address: the
+    next build refuses, though that page itself is unchanged and kept (the site-wide files
+    that are rendered again would refuse too: here only the kept files' check is looked at)."""
+    newcomer = "dora.newcomer@citizen.example"
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa",
+                          f"Please also ask {newcomer} about it."), req_b, HOME)
+    fresh.build()
+    page = fresh.out / fresh.thread_dir(fresh.b) / "index.html"
+    assert newcomer in page.read_text()
+    before = published(fresh.out)
+    ask(fresh.mf, "camden", "Bins", "When are bins collected?", citizen=newcomer, name="Dora")
+    checked: list[tuple[set[bytes], list[str]]] = []
+    real_check_kept = build_mod.Writer.check_kept
+    real_write = build_mod.Writer.write
+
+    def spy(self, guard):  # type: ignore[no-untyped-def]
+        checked.append((set(guard.labels), list(self.kept)))
+        return real_check_kept(self, guard)
+
+    def no_site_wide_check(self, rel, data, **kw):  # type: ignore[no-untyped-def]
+        if not rel.startswith("request/"):
+            kw["scan"] = b""
+        return real_write(self, rel, data, **kw)
+
+    monkeypatch.setattr(build_mod.Writer, "check_kept", spy)
+    monkeypatch.setattr(build_mod.Writer, "write", no_site_wide_check)
+    with pytest.raises(LeakError, match=f"refusing to publish {fresh.thread_dir(fresh.b)}"):
+        fresh.build()
+    [(values, kept)] = checked
+    assert newcomer.encode() in values and BOB.encode() not in values   # only what is new
+    assert f"{fresh.thread_dir(fresh.b)}index.html" in kept
+    assert published(fresh.out) == before
