@@ -1,30 +1,39 @@
 """`mailflow serve`: the composition root that wires the adapters around the pipeline.
 
-One asyncio loop runs the SMTP server, a worker that processes spooled messages one at a
-time, and APScheduler jobs that only *sweep* state kept on disk and in the database (spool
-leftovers, due outbox rows, old spool files). Nothing important lives only in memory: a
-restart finds every unfinished message in the spool and every undelivered mail in the outbox.
+Two processes. This one takes mail in: the SMTP/LMTP server with its RCPT checks, the IMAP
+pollers, the heartbeat and the health file; it spools each message (fsynced before the 250)
+and tells the processor about it. The processor (`mailflow.processor`, a child process this
+one starts, and restarts if it dies) does everything after: processing the spool, the outbox,
+reminders, the archive, clean-up (its module says why each job is there). Processing is CPU
+work in Python; in the same process it held the GIL the accept loop needed, and the accept
+rate and latency suffered under every burst.
+
+Each process runs one asyncio loop, with APScheduler jobs that only *sweep* state kept on disk
+and in the database. Nothing important lives only in memory: a restart (of either) finds every
+unfinished message in the spool and every undelivered mail in the outbox. SIGTERM stops both:
+this one stops accepting and finishes the messages being spooled, then tells the processor to
+finish its item and waits for it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import select
 
-from mailflow.archive.build import ArchiveBusy, build as build_archive
-from mailflow.archive.queue import queue_withheld
 from mailflow.core.addresses import OurAddress
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
-from mailflow.delivery import deliver
 from mailflow.instances import HEARTBEAT, Registry, health_path, spool_depth, write_health
-from mailflow.pipeline import Gatekeeper, Pipeline
-from mailflow.reminders import Reminders
+from mailflow.pipeline import Gatekeeper
+from mailflow.processor import STOP_TIMEOUT
 from mailflow.site import Site
 from mailflow.store.tables import blocked_senders
 
@@ -32,6 +41,11 @@ log = logging.getLogger("mailflow.daemon")
 
 BLOCKLIST_REFRESH_SECONDS = 5.0
 """How stale the RCPT check's copy of the blocked senders may be (see `Daemon.check_rcpt`)."""
+RESTART_DELAY = (1.0, 60.0)
+"""A processor that died is started again after the first delay, doubling up to the second
+while it keeps dying young (a broken config or database is not a reason to spin)."""
+STEADY_SECONDS = 60.0
+"""A processor that ran this long died of something new: back to the first delay."""
 
 _BLOCKED_REPLY = "550 5.7.1 Mail from this sender is not accepted here"
 
@@ -39,15 +53,12 @@ _BLOCKED_REPLY = "550 5.7.1 Mail from this sender is not accepted here"
 class Daemon:
     def __init__(self, site: Site):
         self.site = site
-        self.pipeline = Pipeline(site)
         self.gatekeeper = Gatekeeper(site)
-        self.reminders = Reminders(site)
-        self.wakeup: asyncio.Queue[str | None] = asyncio.Queue()
         self.stopping = asyncio.Event()
-        self._outbox_lock = asyncio.Lock()
-        self._archive_lock = asyncio.Lock()
-        self._archive_timer: asyncio.TimerHandle | None = None
         self.registry = Registry(site.store)
+        self.processor: asyncio.subprocess.Process | None = None
+        self.processor_restarts = 0
+        self._processor_exit: int | None = None  # the last one's exit status, while down
         # The RCPT check's copy of the blocked_senders table (see check_rcpt).
         self._blocked: frozenset[str] = frozenset()
         self._blocked_read_at = float("-inf")  # time.monotonic() of the last read (or try)
@@ -111,95 +122,121 @@ class Daemon:
         return sender in self._blocked or "@" + sender.rpartition("@")[2] in self._blocked
 
     def on_spooled(self, spool_id: str) -> None:
-        self.wakeup.put_nowait(spool_id)
+        """Tell the processor about a message just spooled (one line on its stdin, buffered
+        by the loop: never blocks the accept path). With no processor running the line is
+        dropped: the next one sweeps the spool when it starts."""
+        self._tell(f"spool {spool_id}")
 
-    # -- the worker --------------------------------------------------------------------------
-    async def worker(self) -> None:
+    def _tell(self, line: str) -> None:
+        p = self.processor
+        if p is None or p.returncode is not None or p.stdin is None:
+            return
+        try:
+            if p.stdin.is_closing():
+                return
+            p.stdin.write(line.encode("ascii", "replace") + b"\n")
+        except (ConnectionError, RuntimeError, OSError):
+            pass  # it is dying; supervise() starts the next, which sweeps
+
+    # -- the processor ---------------------------------------------------------------------------
+    def _processor_command(self) -> list[str]:
+        root = logging.getLogger()
+        fmt = "json" if any(type(h.formatter).__name__ == "JsonFormatter"
+                            for h in root.handlers) else "text"
+        return [sys.executable, "-m", "mailflow.processor",
+                "--config", str(self.site.settings.path), "--instance", self.registry.id,
+                "--parent", str(os.getpid()), "--log-level", str(root.getEffectiveLevel()),
+                "--log-format", fmt]
+
+    async def start_processor(self) -> asyncio.subprocess.Process:
+        """Start the processor with this very mailflow (its package first on the path, so a
+        checkout or `bench --commit` runs the same code in both processes)."""
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        proc = await asyncio.create_subprocess_exec(
+            *self._processor_command(), stdin=asyncio.subprocess.PIPE, env=env)
+        self.processor = proc
+        self._processor_exit = None
+        log.info("started the processor (pid %d)", proc.pid)
+        return proc
+
+    async def supervise(self, first: asyncio.subprocess.Process) -> None:
+        """Wait for the processor; while the daemon runs, start a new one when it dies.
+
+        Nothing is lost meanwhile: messages keep being spooled, and the new processor
+        recovers what the dead one had claimed and sweeps the spool when it starts."""
+        delay = RESTART_DELAY[0]
+        proc: asyncio.subprocess.Process | None = first
         while True:
-            spool_id = await self.wakeup.get()
-            if spool_id is None:
+            started = time.monotonic()
+            assert proc is not None
+            code = await proc.wait()
+            if self.stopping.is_set():
                 return
-            await self.process(spool_id)
-
-    async def process(self, spool_id: str | None) -> None:
-        item = await asyncio.to_thread(self.site.spool.claim, spool_id)
-        if item is None:
-            return
-        try:
-            result = await asyncio.to_thread(self.pipeline.process_item, self.site.spool, item)
-        except Exception as e:  # noqa: BLE001 - logged and left in the spool by process_item
-            log.warning("spool item %s not processed yet: %s", item.id, e)
-            return
-        if result.outbox_ids:
-            await self.flush_outbox(result.outbox_ids)
-        self.archive_soon()
-
-    # -- the public archive ------------------------------------------------------------------
-    def archive_soon(self) -> None:
-        """Rebuild what changed a little after the last change (debounced: a burst of mail
-        makes one rebuild, not one per message)."""
-        if self._archive_timer is not None:
-            self._archive_timer.cancel()
-        delay = self.site.settings.archive.debounce_seconds if self.site.settings.archive else 20
-        self._archive_timer = asyncio.get_running_loop().call_later(
-            delay, lambda: asyncio.ensure_future(self.refresh_archive()))
-
-    async def refresh_archive(self) -> None:
-        async with self._archive_lock:
+            self._processor_exit = code
+            self.processor_restarts += 1
+            if time.monotonic() - started >= STEADY_SECONDS:
+                delay = RESTART_DELAY[0]
+            log.error("the processor (pid %d) exited with status %s; starting another in "
+                      "%.0f s", proc.pid, code, delay)
             try:
-                report = await asyncio.to_thread(build_archive, self.site, None, False,
-                                                 wait=False)
-            except ArchiveBusy as e:
-                # Another instance is the writer just now: what changed here is in the
-                # database, so a build a little later picks it up (ours, or theirs).
-                log.info("archive: %s; trying again later", e)
-                self.archive_soon()
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 return
-            except Exception:  # noqa: BLE001 - the published archive stays as it was
-                log.exception("archive build failed; the published archive is unchanged")
-                return
-            if report.withheld:
-                await asyncio.to_thread(queue_withheld, self.site, report.withheld)
-            if report.written or report.removed:
-                log.info("archive: %d files written, %d removed", report.written, report.removed)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, RESTART_DELAY[1])
+            proc = None
+            while proc is None:
+                try:
+                    proc = await self.start_processor()
+                except OSError as e:
+                    log.error("cannot start the processor: %s; trying again in %.0f s", e, delay)
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                        return
+                    except asyncio.TimeoutError:
+                        pass
 
-    async def sweep_spool(self) -> None:
-        """Anything in new/ that no wake-up covered (retries, a crash, another process)."""
-        for spool_id in await asyncio.to_thread(self.site.spool.pending):
-            self.wakeup.put_nowait(spool_id)
-
-    async def flush_outbox(self, ids: list[int] | None = None) -> None:
-        async with self._outbox_lock:
-            try:
-                counts = await deliver(self.site, ids)
-            except Exception:  # noqa: BLE001 - the rows stay queued; the next sweep retries
-                log.exception("outbox delivery failed")
-                return
-        if any(counts.values()):
-            log.info("outbox: %s", counts)
-
-    async def sweep_reminders(self) -> None:
-        """Send what is due; a missed window (the daemon was down) sends late, never not."""
-        try:
-            result = await asyncio.to_thread(self.reminders.run, datetime.now(timezone.utc))
-        except Exception:  # noqa: BLE001 - the next sweep tries again; nothing was half-sent
-            log.exception("reminder sweep failed")
+    async def stop_processor(self, timeout: float = STOP_TIMEOUT + 15) -> None:
+        """Ask the processor to finish its item and stop (a ``stop`` line, then the end of
+        its stdin; a SIGTERM to the whole group reaches it anyway), and wait; kill it if
+        it does not stop in time, which is safe: its item stays in the spool."""
+        p = self.processor
+        if p is None or p.returncode is not None:
             return
-        if result.outbox_ids:
-            await self.flush_outbox(result.outbox_ids)
-        if result.sent or result.recomputed:
-            self.archive_soon()
-            log.info("reminders: %d sent, %d skipped, %d due dates moved", len(result.sent),
-                     len(result.skipped), len(result.recomputed))
+        self._tell("stop")
+        try:
+            if p.stdin is not None:
+                p.stdin.close()
+        except (ConnectionError, RuntimeError, OSError):
+            pass
+        try:
+            await asyncio.wait_for(p.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            log.warning("the processor did not stop in %.0f s; killing it", timeout)
+            p.kill()
+            await p.wait()
+
+    def processor_problem(self) -> str | None:
+        """Why the health file should say not ok, as far as the processor goes."""
+        p = self.processor
+        if p is None or p.returncode is not None:
+            return (f"the processor is not running (exit status {self._processor_exit}, "
+                    f"{self.processor_restarts} restart(s)); starting it again")
+        return None
 
     # -- being one of several ------------------------------------------------------------------
     def _health(self) -> dict[str, object]:
         depth = spool_depth(self.site.spool)
         with self.site.store.read() as tx:
             counts = tx.counts()
+        p = self.processor
         return {"spool_pending": depth["pending"], "spool_in_work": depth["in_work"],
                 "spool_failed": depth["failed"], "oldest_unprocessed_seconds": depth["oldest"],
-                "outbox_backlog": counts["outbox_queued"], "queue_open": counts["queue_open"]}
+                "outbox_backlog": counts["outbox_queued"], "queue_open": counts["queue_open"],
+                "processor_pid": p.pid if p is not None and p.returncode is None else None,
+                "processor_restarts": self.processor_restarts}
 
     async def heartbeat(self) -> None:
         """Say we are alive (database and health file), and free what dead instances held."""
@@ -215,18 +252,15 @@ class Daemon:
                 "ok": False, "instance": self.registry.id, "at": now.isoformat(),
                 "problem": f"database: {type(e).__name__}: {e}"[:500]})
             return
-        await asyncio.to_thread(write_health, path, {
-            "ok": True, "instance": self.registry.id, "at": now.isoformat(), **detail})
+        problem = self.processor_problem()
+        health = {"ok": problem is None, "instance": self.registry.id, "at": now.isoformat(),
+                  **detail}
+        if problem is not None:
+            health["problem"] = problem
+        await asyncio.to_thread(write_health, path, health)
         if released:
             log.info("released %d outbox rows held by instances that died", released)
-            await self.flush_outbox()
-
-    async def cleanup(self) -> None:
-        await asyncio.to_thread(self.registry.forget_old)
-        n = await asyncio.to_thread(self.site.spool.cleanup_done,
-                                    self.site.settings.spool.keep_done_days)
-        if n:
-            log.info("removed %d processed spool files", n)
+            self._tell("outbox")
 
     # -- running -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -236,51 +270,43 @@ class Daemon:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.site.store  # migrate before accepting mail  # noqa: B018
+        self.site.store  # migrate before accepting mail (and before the processor opens it)  # noqa: B018
         self.site.signer  # a missing DKIM key is an error now, not at the first send  # noqa: B018
         from mailflow import __version__
         await asyncio.to_thread(self.registry.register, __version__,
                                 {"spool": str(s.spool.dir), "listen":
                                  f"{s.smtp.listen_host}:{s.smtp.listen_port}"})
-        await self.heartbeat()
         await asyncio.to_thread(self._read_blocked)  # before the first RCPT, not during it
         self._blocked_read_at = time.monotonic()
-        recovered = await asyncio.to_thread(self.site.spool.recover)
-        if recovered:
-            log.info("recovered %d spool items left by a crash", recovered)
+        # The processor recovers what a crash left in the spool before it claims anything;
+        # this process never touches work/, so it can accept meanwhile.
+        supervisor = asyncio.create_task(self.supervise(await self.start_processor()),
+                                         name="processor-supervisor")
+        await self.heartbeat()
         handler = IngressHandler(self.site.spool, self.check_rcpt, self.on_spooled,
                                  max_recipients=s.smtp.max_recipients,
                                  via="lmtp" if s.smtp.lmtp else "smtp")
-        server = await start_server(handler, s.smtp.listen_host, s.smtp.listen_port,
-                                    hostname=s.smtp.hostname,
-                                    max_message_size=s.smtp.max_message_size, lmtp=s.smtp.lmtp,
-                                    timeout=s.smtp.idle_timeout,
-                                    max_connections=s.smtp.max_connections,
-                                    max_connections_per_ip=s.smtp.max_connections_per_ip,
-                                    tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key)
-        worker = asyncio.create_task(self.worker(), name="spool-worker")
+        try:
+            server = await start_server(handler, s.smtp.listen_host, s.smtp.listen_port,
+                                        hostname=s.smtp.hostname,
+                                        max_message_size=s.smtp.max_message_size,
+                                        lmtp=s.smtp.lmtp, timeout=s.smtp.idle_timeout,
+                                        max_connections=s.smtp.max_connections,
+                                        max_connections_per_ip=s.smtp.max_connections_per_ip,
+                                        tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key)
+        except BaseException:
+            self.stopping.set()
+            await self.stop_processor()
+            supervisor.cancel()
+            raise
         imap_accounts = parse_accounts(s.raw.get("imap"), s.path)
         imap_task = asyncio.create_task(
             run_pollers(imap_accounts, self.site.spool, self.on_spooled, s.var, self.stopping),
             name="imap-pollers")
         scheduler = AsyncIOScheduler()
-        scheduler.add_job(self.sweep_spool, "interval", seconds=30, id="spool",
-                          max_instances=1, coalesce=True)
-        scheduler.add_job(self.flush_outbox, "interval", seconds=30, id="outbox",
-                          max_instances=1, coalesce=True)
-        scheduler.add_job(self.sweep_reminders, "interval", seconds=s.reminders.sweep_seconds,
-                          id="reminders", max_instances=1, coalesce=True)
-        # Overdue lists move with the date even when no mail comes.
-        scheduler.add_job(self.refresh_archive, "cron", hour=0, minute=10, id="archive",
-                          max_instances=1, coalesce=True)
         scheduler.add_job(self.heartbeat, "interval", seconds=HEARTBEAT.total_seconds(),
                           id="heartbeat", max_instances=1, coalesce=True)
-        scheduler.add_job(self.cleanup, "interval", hours=6, id="cleanup",
-                          max_instances=1, coalesce=True)
         scheduler.start()
-        await self.sweep_spool()
-        await self.flush_outbox()
-        await self.sweep_reminders()
         log.info("mailflow for %s listening on %s:%d (%s)%s", self.site.domain,
                  s.smtp.listen_host, s.smtp.listen_port, "LMTP" if s.smtp.lmtp else "SMTP",
                  f"; IMAP: {len(imap_accounts)} account(s)" if imap_accounts else "")
@@ -296,13 +322,8 @@ class Daemon:
             except asyncio.TimeoutError:
                 imap_task.cancel()
             scheduler.shutdown(wait=False)
-            if self._archive_timer is not None:
-                self._archive_timer.cancel()
-            self.wakeup.put_nowait(None)
-            try:
-                await asyncio.wait_for(worker, timeout=30)
-            except asyncio.TimeoutError:
-                log.warning("worker did not finish in 30 s; its item stays in the spool")
+            await self.stop_processor()
+            supervisor.cancel()
             try:
                 self.registry.stopped()
                 write_health(health_path(self.site), {
