@@ -51,3 +51,20 @@ def archive_build(ctx: Ctx, full: bool, out: Path | None, no_search: bool, as_js
                           f"{w['filename']} — {w['reason']}", highlight=False)
     for w in report.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+@archive.command("search")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="The archive to index (default: [archive] dir in the config).")
+@pass_ctx
+def archive_search(ctx: Ctx, out: Path | None) -> None:
+    """Index the published archive with Pagefind now, if pages changed since it last ran.
+
+    The daemon runs this itself a few minutes after pages change (Pagefind re-reads every
+    page, about a minute at 10,000); `archive build --no-search` followed by this does the
+    same by hand."""
+    from mailflow.archive.build import archive_settings, refresh_search
+    status = refresh_search(out or archive_settings(ctx.site)[0])
+    console.print(f"search: {status}", highlight=False)
+    if status not in ("indexed", "unchanged"):
+        raise SystemExit(1)

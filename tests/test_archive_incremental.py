@@ -100,3 +100,22 @@ def test_a_kept_page_is_checked_against_a_new_private_value(
     assert newcomer.encode() in values and BOB.encode() not in values   # only what is new
     assert f"{fresh.thread_dir(fresh.b)}index.html" in kept
     assert published(fresh.out) == before
+
+
+@pytest.mark.skipif(not build_mod.pagefind_available(), reason="pagefind is not installed")
+def test_search_runs_apart_from_the_build(fresh: World) -> None:
+    """With search="background" the build returns at once and Pagefind runs in a thread;
+    refresh_search indexes only when a build marked pages changed, at most so often."""
+    r = fresh.build(search="background")
+    assert r.search in ("started", "scheduled")
+    timer = build_mod._search_timers.get(fresh.out.resolve())
+    if timer is not None:
+        timer.join(120)
+    assert (fresh.out / "pagefind" / "pagefind-ui.js").exists()
+    assert build_mod.refresh_search(fresh.out) == "unchanged"
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks."), req_b, HOME)
+    assert fresh.build(search=False).search == "not run"
+    assert build_mod.refresh_search(fresh.out, min_interval=3600) == "later"
+    assert build_mod.refresh_search(fresh.out) == "indexed"
+    assert build_mod.refresh_search(fresh.out) == "unchanged"

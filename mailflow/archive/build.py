@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -346,6 +347,77 @@ def run_pagefind(root: Path) -> str:
     return "indexed"
 
 
+# Pagefind re-indexes the whole site (about a minute at 10,000 pages: it has no incremental
+# mode), so a long-running process runs it apart from the builds, at most this often.
+SEARCH_INTERVAL = 300.0
+_search_lock = threading.Lock()
+_search_timers: dict[Path, threading.Timer] = {}
+
+
+def refresh_search(out: Path, *, min_interval: float = 0.0) -> str:
+    """Index the published site with Pagefind if pages changed since the index was made
+    (the builds mark it stale), and if it last ran at least `min_interval` seconds ago.
+
+    Runs beside builds rather than inside one: the stale mark is cleared before Pagefind
+    starts, so a build that changes pages meanwhile marks it again and the next run picks
+    that up; a failed run marks it again too. The new index is swapped in whole
+    (`run_pagefind`). Returns "indexed", "unchanged", "later", "busy", or the failure."""
+    out = Path(out).resolve()
+    cache = out / CACHE_DIR
+    stale, ran = cache / "search-stale", cache / "search-ran"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.search.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "busy"
+        try:
+            if not stale.exists() and (out / "pagefind").exists():
+                return "unchanged"
+            try:
+                since = time.time() - ran.stat().st_mtime
+            except OSError:
+                since = float("inf")
+            if since < min_interval:
+                return "later"
+            stale.unlink(missing_ok=True)
+            ran.touch()
+            status = run_pagefind(out)
+            if status != "indexed":
+                stale.touch()
+            return status
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def search_in_background(out: Path, min_interval: float = SEARCH_INTERVAL) -> str:
+    """Start `refresh_search` in a thread of this process, now if it last ran more than
+    `min_interval` ago, else when that much time has passed (one pending run per folder).
+    For the daemon: a build publishes pages at once and search catches up within minutes."""
+    out = Path(out).resolve()
+    try:
+        since = time.time() - (out / CACHE_DIR / "search-ran").stat().st_mtime
+    except OSError:
+        since = float("inf")
+    delay = max(0.0, min_interval - since)
+
+    def run() -> None:
+        with _search_lock:
+            _search_timers.pop(out, None)
+        status = refresh_search(out, min_interval=0.0)
+        if status not in ("indexed", "unchanged", "busy"):
+            log.warning("archive search: %s", status)
+
+    with _search_lock:
+        if out in _search_timers:
+            return "scheduled"
+        timer = threading.Timer(delay, run)
+        timer.daemon = True    # a stale index is marked on disk: the next process catches up
+        _search_timers[out] = timer
+        timer.start()
+    return "scheduled" if delay else "started"
+
+
 # -- the build ------------------------------------------------------------------------------------
 class ArchiveBusy(MailflowError):
     """Another process (on this machine or, on PostgreSQL, any machine) is building."""
@@ -402,13 +474,15 @@ def _one_writer(site: Site, out: Path, wait: bool = True) -> Iterator[None]:
 
 def build(site: Site, out: Path | None = None, full: bool = False, *,
           dns_txt: DnsTxt | None = None, today: date | None = None,
-          search: bool = True, wait: bool = True) -> BuildReport:
+          search: bool | str = True, wait: bool = True) -> BuildReport:
     """Build (or bring up to date) the public archive; returns what was written.
 
     `out`: the output folder (default: `[archive] dir`). `full`: rebuild everything aside and
     swap it in. `dns_txt`: the DNS TXT lookup for DKIM checks (default: real DNS). `today`:
     the date that decides which requests are overdue (default: today, UTC). `search`: run
-    Pagefind afterwards when pages changed. `wait`: False raises ArchiveBusy at once when
+    Pagefind afterwards when pages changed; "background": leave it to a thread of this
+    process, at most every SEARCH_INTERVAL seconds (`search_in_background`: what a daemon
+    wants, as Pagefind takes about a minute at 10,000 pages). `wait`: False raises ArchiveBusy at once when
     another writer holds the site's archive (the daemon then tries again later).
     """
     started = time.monotonic()
@@ -439,13 +513,18 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
                 stale.touch()
             if not search:
                 report.search = "not run"
-            elif full or stale.exists() or not (out / "pagefind").exists():
-                report.search = run_pagefind(work)
+            elif full:
+                report.search = run_pagefind(work)   # the new folder has no index yet
                 if report.search == "indexed":
                     stale.unlink(missing_ok=True)
-            else:
+            elif not stale.exists() and (out / "pagefind").exists():
                 report.search = "unchanged"
-            if not report.search.startswith(("indexed", "unchanged", "not run")):
+            elif search == "background":
+                report.search = search_in_background(out)
+            else:
+                report.search = refresh_search(out)
+            if not report.search.startswith(("indexed", "unchanged", "not run", "scheduled",
+                                              "started")):
                 report.warnings.append(f"search: {report.search}")
             if full:
                 swap_in(work, out)
