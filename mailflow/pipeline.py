@@ -222,7 +222,7 @@ class Pipeline:
         `auth` (from `authenticate`) decides whether a reply claiming to be the authority is
         held for an admin; without it nothing is held for that reason."""
         cls = self.classify(pm, envelope)
-        if tx.is_blocked(envelope.mail_from or "") or tx.is_blocked(pm.from_addr):
+        if tx.is_blocked(envelope.mail_from or "", pm.from_addr):
             plan = Plan(classification=cls)
             plan.reasons.append("the sender was blocked by an admin")
             plan.add(Step("blocked", "drop", why="blocked sender"))

@@ -317,10 +317,18 @@ def _bounce(msg: ParsedMessage, null_sender: bool, null_why: str) -> Classificat
     subject = msg.subject
     fresh_subject = not _REPLY_PREFIX.match(subject)
     subject_hit = _BOUNCE_SUBJECT.match(subject) if fresh_subject else None
-    body_hit = _BOUNCE_BODY.search(text)
     mta_sender = bool(locals_ & _MTA_LOCALS) or bool(_MTA_NAMES.search(sender)) or \
         sender.strip().endswith("<>")
     postmaster = bool(locals_ & _POSTMASTER_LOCALS) or bool(_MTA_NAMES_WEAK.search(sender))
+    # The body's wording only ever supports other evidence, and searching up to 64 KB of
+    # text with this many alternatives is the dearest step of classifying (about 0.5 ms a
+    # message): look only when a rule below could use what it finds.
+    body_hit = (_BOUNCE_BODY.search(text)
+                if not subject_hit and not mta_sender and (
+                    postmaster or null_sender
+                    or (not _FORWARD_PREFIX.match(subject)
+                        and _BOUNCE_SUBJECT_ANYWHERE.search(subject)))
+                else None)
 
     def bounce(reason: str) -> Classification:
         return Classification(Kind.BOUNCE, reason, _permanence(subject + "\n" + text),

@@ -7,7 +7,6 @@ the rules' addresses plus those learned from replies.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
 
 from mailflow.core.rules import Rules
 from mailflow.store.repository import Tx
@@ -17,6 +16,7 @@ class StoreLookup:
     def __init__(self, tx: Tx, rules: Rules):
         self.tx, self.rules = tx, rules
         self._senders: dict[str, frozenset[str]] = {}
+        self._by_domain: dict[str, set[str]] | None = None
 
     def thread_tokens(self, thread_id: int) -> tuple[str, str] | None:
         t = self.tx.thread(thread_id)
@@ -37,14 +37,18 @@ class StoreLookup:
             self._senders[authority] = frozenset(found)
         return self._senders[authority]
 
-    @cache  # noqa: B019 - one lookup lives for one transaction
     def _authorities_by_domain(self) -> dict[str, set[str]]:
+        # Kept on the instance, not with functools.cache: that would hold every lookup (and
+        # its transaction's connection) for the life of the process.
+        if self._by_domain is not None:
+            return self._by_domain
         by_domain: dict[str, set[str]] = {}
         for a in self.rules.authorities.values():
             for addr in a.emails:
                 by_domain.setdefault(addr.rpartition("@")[2], set()).add(a.slug)
         for slug, addr, _ in self.tx.learned_senders():
             by_domain.setdefault(addr.rpartition("@")[2], set()).add(slug)
+        self._by_domain = by_domain
         return by_domain
 
     def open_threads_from_domain(self, domain: str) -> list[int]:

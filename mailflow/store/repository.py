@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect, sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from mailflow import logs
@@ -186,19 +187,78 @@ def _reminder(row: Any) -> Reminder:
                     done_at=_aware(m["done_at"]), note=m["note"])
 
 
+# Statements the pipeline runs for every message, built once with bound parameters: building
+# a statement and computing its cache key costs SQLAlchemy ~40 µs a call, more than SQLite
+# takes to run most of them, and a message runs about twenty (issue #10).
+_THREAD_BY_ID = select(threads).where(threads.c.id == bindparam("id"))
+_DELIVERY_SEEN = select(deliveries.c.id).where(deliveries.c.raw_sha256 == bindparam("sha"),
+                                               deliveries.c.rcpt == bindparam("rcpt"))
+_INSERT_DELIVERY = insert(deliveries)
+_INSERT_MESSAGE = insert(messages)
+_INSERT_OUTBOX = insert(outbox)
+_INSERT_QUEUE_ITEM = insert(queue_items)
+_INSERT_EVENT = insert(thread_events)
+_BLOCKED = select(blocked_senders.c.id).where(
+    blocked_senders.c.pattern.in_(bindparam("patterns", expanding=True))).limit(1)
+_MESSAGES_WITH_ID = select(messages).where(messages.c.thread_id == bindparam("tid"),
+                                           messages.c.message_id == bindparam("mid"))
+_OUR_MESSAGE_IDS = select(messages.c.message_id, messages.c.thread_id).where(
+    messages.c.direction == "out", messages.c.thread_id.is_not(None),
+    messages.c.message_id.in_(bindparam("mids", expanding=True)))
+_LEARNED_ALL = select(authority_senders.c.authority, authority_senders.c.address,
+                      authority_senders.c.reply_to)
+_SENDER_ID = select(authority_senders.c.id).where(
+    authority_senders.c.authority == bindparam("authority"),
+    authority_senders.c.address == bindparam("address"))
+_SENDER_SEEN = update(authority_senders).where(
+    authority_senders.c.id == bindparam("sender_id")).values(last_seen=bindparam("now"))
+_INSERT_SENDER = insert(authority_senders)
+_INSERT_REMINDER: dict[str, Any] = {
+    "sqlite": sqlite_dialect.insert(reminders).on_conflict_do_nothing(
+        index_elements=["thread_id", "kind", "event"]),
+    "postgresql": pg_dialect.insert(reminders).on_conflict_do_nothing(
+        index_elements=["thread_id", "kind", "event"]),
+}
+_INSERT_RAW: dict[str, Any] = {
+    "sqlite": sqlite_dialect.insert(raw_messages).on_conflict_do_nothing(
+        index_elements=["sha256"]),
+    "postgresql": pg_dialect.insert(raw_messages).on_conflict_do_nothing(
+        index_elements=["sha256"]),
+}
+
+
 class Tx:
-    """One database transaction and the operations mailflow performs in it."""
+    """One database transaction and the operations mailflow performs in it.
+
+    Thread rows and the learned senders are remembered for the life of the transaction (a
+    message asks for its thread three or four times): every write to them goes through this
+    class, which forgets what it changed, and `forget` drops the lot (after rolling back a
+    savepoint, whose writes the remembered rows may include).
+    """
 
     def __init__(self, conn: Connection):
         self.c = conn
+        self._threads: dict[int, Thread | None] = {}
+        self._learned: list[tuple[str, str, bool]] | None = None
+
+    def forget(self) -> None:
+        """Drop the rows remembered in this transaction: after a savepoint rolls back."""
+        self._threads.clear()
+        self._learned = None
 
     # -- raw bytes ----------------------------------------------------------------------
     def put_raw(self, raw: bytes) -> str:
+        """Store the bytes once, keyed by their sha256: one statement whether or not they
+        were already there (INSERT … ON CONFLICT DO NOTHING on SQLite and PostgreSQL)."""
         sha = hashlib.sha256(raw).hexdigest()
-        if self.c.execute(select(raw_messages.c.sha256).where(raw_messages.c.sha256 == sha)).first():
+        row = {"sha256": sha, "size": len(raw), "data": raw, "created_at": utcnow()}
+        stmt = _INSERT_RAW.get(self.c.dialect.name)
+        if stmt is not None:
+            self.c.execute(stmt, row)
             return sha
-        self.c.execute(insert(raw_messages).values(sha256=sha, size=len(raw), data=raw,
-                                                   created_at=utcnow()))
+        if not self.c.execute(select(raw_messages.c.sha256)
+                              .where(raw_messages.c.sha256 == sha)).first():
+            self.c.execute(insert(raw_messages), row)
         return sha
 
     def get_raw(self, sha: str) -> bytes:
@@ -209,14 +269,13 @@ class Tx:
 
     # -- idempotency --------------------------------------------------------------------
     def delivery_seen(self, sha: str, rcpt: str) -> bool:
-        q = select(deliveries.c.id).where(deliveries.c.raw_sha256 == sha, deliveries.c.rcpt == rcpt)
-        return self.c.execute(q).first() is not None
+        return self.c.execute(_DELIVERY_SEEN, {"sha": sha, "rcpt": rcpt}).first() is not None
 
     def record_delivery(self, sha: str, rcpt: str, envelope: dict[str, Any], outcome: str,
                         detail: dict[str, Any] | None = None) -> None:
-        self.c.execute(insert(deliveries).values(raw_sha256=sha, rcpt=rcpt, envelope=envelope,
-                                                 outcome=outcome, detail=detail,
-                                                 processed_at=utcnow()))
+        self.c.execute(_INSERT_DELIVERY, {"raw_sha256": sha, "rcpt": rcpt, "envelope": envelope,
+                                          "outcome": outcome, "detail": detail,
+                                          "processed_at": utcnow()})
 
     # -- threads ------------------------------------------------------------------------
     def create_thread(self, **values: Any) -> int:
@@ -226,8 +285,11 @@ class Tx:
         return int(self.c.execute(insert(threads).values(**values)).inserted_primary_key[0])
 
     def thread(self, thread_id: int) -> Thread | None:
-        row = self.c.execute(select(threads).where(threads.c.id == thread_id)).first()
-        return _thread(row) if row else None
+        if thread_id in self._threads:
+            return self._threads[thread_id]
+        row = self.c.execute(_THREAD_BY_ID, {"id": thread_id}).first()
+        found = self._threads[thread_id] = _thread(row) if row else None
+        return found
 
     def thread_by_confirm_token(self, token: str) -> Thread | None:
         row = self.c.execute(select(threads).where(threads.c.confirm_token == token)).first()
@@ -249,20 +311,24 @@ class Tx:
                                                       actor=actor, reason=reason))
         return True
 
-    def is_blocked(self, sender: str) -> bool:
-        """Whether an address (or its domain, blocked as "@domain") was blocked by an admin."""
-        sender = sender.strip().lower()
-        if not sender or "@" not in sender:
+    def is_blocked(self, *senders: str) -> bool:
+        """Whether any of these addresses (or its domain, blocked as "@domain") was blocked
+        by an admin: one query for all of them."""
+        patterns: list[str] = []
+        for sender in senders:
+            sender = (sender or "").strip().lower()
+            if sender and "@" in sender:
+                patterns += [sender, "@" + sender.rpartition("@")[2]]
+        if not patterns:
             return False
-        domain = "@" + sender.rpartition("@")[2]
-        q = select(blocked_senders.c.id).where(blocked_senders.c.pattern.in_([sender, domain]))
-        return self.c.execute(q).first() is not None
+        return self.c.execute(_BLOCKED, {"patterns": patterns}).first() is not None
 
     def threads_of_citizen(self, email: str) -> list[Thread]:
         q = select(threads).where(threads.c.citizen_email == email).order_by(threads.c.id)
         return [_thread(r) for r in self.c.execute(q)]
 
     def update_thread(self, thread_id: int, **values: Any) -> None:
+        self._threads.pop(thread_id, None)
         self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
 
     def threads(self, state: str | None = None, authority: str | None = None) -> list[Thread]:
@@ -287,7 +353,7 @@ class Tx:
         for key in ("text", "subject", "from_name", "from_addr", "message_id"):
             if isinstance(values.get(key), str) and "\x00" in values[key]:
                 values[key] = values[key].replace("\x00", "\ufffd")
-        return int(self.c.execute(insert(messages).values(**values)).inserted_primary_key[0])
+        return int(self.c.execute(_INSERT_MESSAGE, values).inserted_primary_key[0])
 
     def messages(self, thread_id: int) -> list[StoredMessage]:
         q = select(messages).where(messages.c.thread_id == thread_id).order_by(messages.c.id)
@@ -298,9 +364,8 @@ class Tx:
         return _message(row) if row else None
 
     def thread_messages_with_id(self, thread_id: int, message_id: str) -> list[StoredMessage]:
-        q = select(messages).where(messages.c.thread_id == thread_id,
-                                   messages.c.message_id == message_id)
-        return [_message(r) for r in self.c.execute(q)]
+        return [_message(r) for r in self.c.execute(_MESSAGES_WITH_ID,
+                                                    {"tid": thread_id, "mid": message_id})]
 
     def outgoing_by_message_id(self, message_ids: list[str]) -> list[StoredMessage]:
         if not message_ids:
@@ -320,10 +385,8 @@ class Tx:
         """Our own sent Message-IDs among these, and the thread each belongs to."""
         if not message_ids:
             return {}
-        q = select(messages.c.message_id, messages.c.thread_id).where(
-            messages.c.direction == "out", messages.c.thread_id.is_not(None),
-            messages.c.message_id.in_(message_ids[:200]))
-        return {mid: tid for mid, tid in self.c.execute(q)}
+        return {mid: tid for mid, tid in self.c.execute(_OUR_MESSAGE_IDS,
+                                                        {"mids": list(message_ids[:200])})}
 
     def open_threads(self, authorities: set[str] | None = None) -> list[Thread]:
         """Threads that were sent and that someone may still write to."""
@@ -334,36 +397,37 @@ class Tx:
 
     # -- the directory of authority senders ----------------------------------------------
     def learned_senders(self, authority: str | None = None) -> list[tuple[str, str, bool]]:
-        """(authority, address, learned from Reply-To) for every learned sender."""
-        q = select(authority_senders.c.authority, authority_senders.c.address,
-                   authority_senders.c.reply_to)
-        if authority is not None:
-            q = q.where(authority_senders.c.authority == authority)
-        return [(a, addr, bool(rt)) for a, addr, rt in self.c.execute(q)]
+        """(authority, address, learned from Reply-To) for every learned sender.
+
+        The whole directory is read once per transaction (it is small: a few addresses per
+        authority) and filtered here; `learn_sender` forgets it."""
+        if self._learned is None:
+            self._learned = [(a, addr, bool(rt)) for a, addr, rt in self.c.execute(_LEARNED_ALL)]
+        if authority is None:
+            return list(self._learned)
+        return [s for s in self._learned if s[0] == authority]
 
     def learn_sender(self, authority: str, address: str, *, reply_to: bool,
                      thread_id: int | None) -> bool:
         """Record an address as a known sender for the authority; True if it is new."""
         now = utcnow()
-        found = self.c.execute(select(authority_senders.c.id).where(
-            authority_senders.c.authority == authority,
-            authority_senders.c.address == address)).first()
+        found = self.c.execute(_SENDER_ID, {"authority": authority, "address": address}).first()
         if found:
-            self.c.execute(update(authority_senders).where(authority_senders.c.id == found[0])
-                           .values(last_seen=now))
+            self.c.execute(_SENDER_SEEN, {"sender_id": found[0], "now": now})
             return False
-        self.c.execute(insert(authority_senders).values(
-            authority=authority, address=address, reply_to=reply_to, thread_id=thread_id,
-            first_seen=now, last_seen=now))
+        self._learned = None
+        self.c.execute(_INSERT_SENDER, {
+            "authority": authority, "address": address, "reply_to": reply_to,
+            "thread_id": thread_id, "first_seen": now, "last_seen": now})
         return True
 
     # -- outbox -------------------------------------------------------------------------
     def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str) -> int:
         now = utcnow()
-        return int(self.c.execute(insert(outbox).values(
-            message_pk=message_pk, thread_id=thread_id, mail_from=mail_from, rcpt=rcpt,
-            state="queued", attempts=0, next_attempt_at=now, created_at=now,
-        )).inserted_primary_key[0])
+        return int(self.c.execute(_INSERT_OUTBOX, {
+            "message_pk": message_pk, "thread_id": thread_id, "mail_from": mail_from,
+            "rcpt": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
+            "created_at": now}).inserted_primary_key[0])
 
     def claim_outbox(self, now: datetime, lease: timedelta, ids: list[int] | None = None,
                      limit: int = 50, owner: str | None = None) -> list[OutboxRow]:
@@ -412,7 +476,15 @@ class Tx:
 
     # -- reminders and thread events -------------------------------------------------------
     def add_reminder(self, thread_id: int, kind: str, event: str, due_at: datetime) -> bool:
-        """Plan a reminder unless one for the same (thread, kind, event) exists; True if new."""
+        """Plan a reminder unless one for the same (thread, kind, event) exists; True if new.
+
+        One INSERT … ON CONFLICT DO NOTHING on the unique (thread, kind, event), which also
+        settles a race with another daemon without a savepoint."""
+        stmt = _INSERT_REMINDER.get(self.c.dialect.name)
+        if stmt is not None:
+            return self.c.execute(stmt, {
+                "thread_id": thread_id, "kind": kind, "event": event, "due_at": due_at,
+                "state": "pending", "created_at": utcnow()}).rowcount == 1
         q = select(reminders.c.id).where(reminders.c.thread_id == thread_id,
                                          reminders.c.kind == kind, reminders.c.event == event)
         if self.c.execute(q).first() is not None:
@@ -450,8 +522,8 @@ class Tx:
 
     def add_event(self, thread_id: int, actor: str, kind: str,
                   detail: dict[str, Any] | None = None) -> None:
-        self.c.execute(insert(thread_events).values(thread_id=thread_id, at=utcnow(),
-                                                    actor=actor, kind=kind, detail=detail))
+        self.c.execute(_INSERT_EVENT, {"thread_id": thread_id, "at": utcnow(), "actor": actor,
+                                       "kind": kind, "detail": detail})
 
     def events(self, thread_id: int) -> list[dict[str, Any]]:
         q = (select(thread_events).where(thread_events.c.thread_id == thread_id)
@@ -530,10 +602,10 @@ class Tx:
     # -- the admin queue ------------------------------------------------------------------
     def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,
                        thread_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
-        return int(self.c.execute(insert(queue_items).values(
-            reason=reason, state="open", summary=summary, raw_sha256=raw_sha256,
-            thread_id=thread_id, detail=detail, created_at=utcnow(),
-        )).inserted_primary_key[0])
+        return int(self.c.execute(_INSERT_QUEUE_ITEM, {
+            "reason": reason, "state": "open", "summary": summary, "raw_sha256": raw_sha256,
+            "thread_id": thread_id, "detail": detail, "created_at": utcnow(),
+        }).inserted_primary_key[0])
 
     def queue(self, include_decided: bool = False, reason: str | None = None) -> list[QueueItem]:
         q = select(queue_items).order_by(queue_items.c.id)
