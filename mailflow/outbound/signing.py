@@ -174,6 +174,18 @@ def dns_record(key_pem: bytes, selector: str, domain: str) -> str:
     return f"{selector}._domainkey.{domain}. IN TXT ( {body} )"
 
 
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+def _header_section(raw: bytes) -> bytes:
+    """`raw` up to and including its first empty line (as dkim.rfc822_parse splits lines):
+    the same headers from rfc822_parse without splitting a large body into lines."""
+    if raw.startswith((b"\n", b"\r\n")):
+        return b""
+    m = _BLANK_LINE.search(raw)
+    return raw if m is None else raw[:m.end()]
+
+
 def _from_domains(raw: bytes) -> list[str]:
     """The domains in the From header that dkimpy itself will sign.
 
@@ -181,7 +193,7 @@ def _from_domains(raw: bytes) -> list[str]:
     From headers, an odd fold) cannot make us check one From while signing another.
     """
     try:
-        headers, _ = dkim.rfc822_parse(raw)
+        headers, _ = dkim.rfc822_parse(_header_section(raw))
     except dkim.MessageFormatError as e:
         raise ValueError(f"cannot parse the message's header section: {e}") from None
     froms = [value for name, value in headers if name.strip().lower() == b"from"]
@@ -203,6 +215,63 @@ def _from_domains(raw: bytes) -> list[str]:
 _SIG_HEADER = b"DKIM-Signature"
 _PLACEHOLDER = b"0" * 60
 SigningKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+_BODY_CHUNK = 1 << 20
+_WSP_EOL = re.compile(rb"[\t ]+\r\n")
+_WSP = re.compile(rb"[\t ]+")
+
+
+def _headers_and_body_hash(raw: bytes, canon: CanonicalizationPolicy,
+                           chunk: int = _BODY_CHUNK) -> tuple[list[list[bytes]], bytes]:
+    """`dkim.rfc822_parse(raw)`'s headers and the base64 SHA-256 of the canonical body as
+    `canon.canonicalize_body` makes it, hashed a megabyte of whole lines at a time: dkimpy
+    splits the message into a list of lines and copies the body three times (signing a
+    34 MB forward cost 100 MB). Both canonicalisations work line by line except for the
+    empty lines at the end, which are held back until a line with content follows them.
+    Messages that are not CRLF throughout (dkimpy reads a bare LF as a line end) and
+    messages without a header or a body are read the plain way."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0 or raw.startswith(b"\r\n") or raw.count(b"\n") != raw.count(b"\r\n"):
+        headers, body = dkim.rfc822_parse(raw)
+        return headers, base64.b64encode(hashlib.sha256(canon.canonicalize_body(body)).digest())
+    headers, _ = dkim.rfc822_parse(raw[:end + 4])
+    relaxed = canon.body_algorithm.name == b"relaxed"
+    h = hashlib.sha256()
+    view = memoryview(raw)
+    pos, size = end + 4, len(raw)
+    held = 0          # CRLFs at the end of what was read, not hashed yet
+    content = False   # whether anything has been hashed
+    while pos < size:
+        cut = raw.rfind(b"\r\n", pos, pos + chunk)
+        if cut < 0:
+            cut = raw.find(b"\r\n", pos + chunk)
+        stop = size if cut < 0 else cut + 2
+        piece = bytes(view[pos:stop])
+        pos = stop
+        if relaxed:
+            piece = _WSP.sub(b" ", _WSP_EOL.sub(b"\r\n", piece))
+        # The piece's trailing CRLF pairs. Every LF follows a CR (checked above), so the
+        # CRs and LFs at its end are pairs, after the last bare CR if there is one.
+        tail = piece[len(piece.rstrip(b"\r\n")):]
+        if tail.endswith(b"\r"):
+            n = 0
+        else:
+            bare = tail.rfind(b"\r\r")
+            n = (len(tail) - (bare + 1 if bare >= 0 else 0)) // 2
+        core = piece[:len(piece) - 2 * n]
+        if core:
+            h.update(b"\r\n" * held)
+            h.update(core)
+            content = True
+            held = n
+        else:
+            held += n
+    if content or not relaxed:
+        # strip_trailing_lines leaves one CRLF (adding it if the body did not end with
+        # one); an empty body is that CRLF under simple, nothing under relaxed.
+        h.update(b"\r\n")
+    return headers, base64.b64encode(h.digest())
 
 
 def _signature_header(raw: bytes, key: SigningKey, selector: bytes, domain: bytes,
@@ -229,8 +298,7 @@ def _signature_header(raw: bytes, key: SigningKey, selector: bytes, domain: byte
         canon = CanonicalizationPolicy.from_c_value(b"/".join(canonicalize))
     except InvalidCanonicalizationPolicyError as e:
         raise dkim.ParameterError(f"unknown canonicalization {canonicalize!r}: {e}") from e
-    headers, body = dkim.rfc822_parse(raw)
-    body_hash = base64.b64encode(hashlib.sha256(canon.canonicalize_body(body)).digest())
+    headers, body_hash = _headers_and_body_hash(raw, canon)
     stamp = int(time.time() if now is None else now)
     fields = [
         (b"v", b"1"), (b"a", algorithm), (b"c", canon.to_c_value()), (b"d", domain),
