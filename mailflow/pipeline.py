@@ -12,7 +12,10 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from collections.abc import Sequence
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from mailflow import logs
 from mailflow.clock import Clock
@@ -61,6 +64,14 @@ class Outcome:
 class Result:
     outcomes: list[Outcome] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
+
+
+def _database_gone(e: BaseException) -> bool:
+    """Whether an error is the database's (locked, unreachable, connection lost) rather than
+    one message's: a batch then stops and gives every item back, instead of blaming one."""
+    if isinstance(e, (StoreError, OperationalError, InterfaceError)):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
 
 
 def recipients_from_headers(pm: ParsedMessage) -> list[str]:
@@ -112,6 +123,80 @@ class Pipeline:
         spool.done(item)
         return result
 
+    def process_items(self, spool: Spool, items: Sequence[SpoolItem]) -> list[Result | Exception]:
+        """Process several claimed spool items in one transaction and settle each.
+
+        The same as `process_item` for each item, in order, but with one commit for them all
+        (each commit is an fsync on PostgreSQL, and on SQLite the write lock and the WAL
+        work): every item runs in a SAVEPOINT of its own, so a bug in one rolls back that
+        one only and leaves the others to commit. No item is marked done before the commit;
+        a crash, or a commit that fails, leaves all of them to be processed again, and
+        the deliveries recorded with each message make that redo change nothing. A message
+        that arrives twice in one batch is a duplicate the second time, as it would be in
+        two transactions.
+
+        Returns, for each item in order, its Result or the exception it raised (already
+        logged, and the item retried or failed, as `process_item` does). A database that
+        cannot be used gives every item back for a retry and raises the StoreError.
+        """
+        outcome: list[Result | Exception | None] = [None] * len(items)
+        prepared: list[tuple[int, bytes, _Prepared]] = []
+        for i, item in enumerate(items):
+            try:
+                raw = item.read()
+                prepared.append((i, raw, self._prepare(raw, item.envelope)))
+            except Exception as e:  # noqa: BLE001 - as in process_item
+                outcome[i] = e
+                self._settle_failure(spool, item, None, e)
+        failed: dict[int, tuple[bytes, Exception]] = {}
+        try:
+            with self.site.store.tx() as tx:
+                for i, raw, pre in prepared:
+                    try:
+                        with tx.c.begin_nested():
+                            outcome[i] = self._apply(tx, pre)
+                    except Exception as e:  # noqa: BLE001 - only this item is rolled back
+                        if _database_gone(e):
+                            raise   # not this message's fault: the whole batch waits
+                        tx.forget()   # rows it read may hold its rolled-back writes
+                        failed[i] = (raw, e)
+        except Exception as e:
+            # Nothing of the batch was committed: every item goes back for another attempt.
+            error = e if isinstance(e, StoreError) else StoreError(f"database error: {e}")
+            for i, _, _ in prepared:
+                outcome[i] = error
+                try:
+                    spool.retry(items[i], f"store: {error}")
+                except Exception:  # noqa: BLE001 - left claimed: recover() finds it
+                    log.exception("could not give spool item %s back", items[i].id)
+            if error is e:
+                raise
+            raise error from e
+        for i, _, _ in prepared:
+            try:
+                if i in failed:
+                    raw, e = failed[i]
+                    outcome[i] = e
+                    self._settle_failure(spool, items[i], raw, e)
+                else:
+                    spool.done(items[i])
+            except Exception as e:  # noqa: BLE001 - committed; a redo would be a duplicate
+                log.exception("could not settle spool item %s", items[i].id)
+                outcome[i] = e
+        return [o if o is not None else RuntimeError("not processed") for o in outcome]
+
+    def _settle_failure(self, spool: Spool, item: SpoolItem, raw: bytes | None,
+                        error: Exception) -> None:
+        """An item whose processing raised (a bug, never the database): another attempt,
+        or, after the last, the failed folder and the admin queue."""
+        log.error("processing spool item %s failed", item.id, exc_info=error)
+        if item.attempts + 1 >= self.site.settings.spool.max_attempts:
+            if raw is not None:
+                self._quarantine(raw, item, error)
+            spool.fail(item, f"{type(error).__name__}: {error}")
+        else:
+            spool.retry(item, f"{type(error).__name__}: {error}")
+
     def _quarantine(self, raw: bytes, item: SpoolItem, error: Exception) -> None:
         try:
             with self.site.store.tx() as tx:
@@ -126,43 +211,54 @@ class Pipeline:
 
     # -- the message side ----------------------------------------------------------------
     def process(self, raw: bytes, envelope: Envelope) -> Result:
-        result = Result()
+        pre = self._prepare(raw, envelope)
+        with self.site.store.tx() as tx:
+            return self._apply(tx, pre)
+
+    def _prepare(self, raw: bytes, envelope: Envelope) -> "_Prepared":
+        """What needs no transaction: parsing, and who sent it (DNS can take seconds, the
+        write lock must not wait for it)."""
         try:
             pm: ParsedMessage | None = parse(raw)
             parse_error = ""
         except ParseError as e:
             pm, parse_error = None, str(e)
-        # Who sent it, before the transaction: DNS can take seconds, the write lock must not.
         auth = self.authenticate(raw, pm, envelope) if pm is not None else None
+        return _Prepared(raw, envelope, pm, parse_error, auth)
+
+    def _apply(self, tx: Tx, pre: "_Prepared") -> Result:
+        """Everything one message changes in the store, in the caller's transaction."""
+        result = Result()
+        raw, envelope, pm, auth = pre.raw, pre.envelope, pre.pm, pre.auth
         authentication = auth.header_value(self.domain) if auth is not None else None
-        with self.site.store.tx() as tx:
-            sha = tx.put_raw(raw)
-            if pm is None:
-                if not tx.delivery_seen(sha, "unparseable"):
-                    tx.add_queue_item("unparseable", f"unparseable message: {parse_error}"[:500],
-                                      raw_sha256=sha,
-                                      detail={"envelope": envelope.to_json(), "error": parse_error})
-                    tx.record_delivery(sha, "unparseable", envelope.to_json(), "queued:unparseable")
-                result.outcomes.append(Outcome("(unparseable)", "queued:unparseable"))
-                return result
-            plan = self.plan(tx, pm, envelope, auth=auth)
-            for step in plan.steps:
-                logs.set_thread(step.thread_id)   # every log line of this step names it
-                if tx.delivery_seen(sha, step.key):
-                    result.outcomes.append(Outcome(step.key, "duplicate", step.thread_id))
-                    continue
-                c = StepContext(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
-                                envelope=envelope, result=result, step=step, auth=auth,
-                                authentication=authentication)
-                outcome = self.execute(c)
-                logs.set_thread(outcome.thread_id)   # a new request has one only now
-                tx.record_delivery(sha, step.key, envelope.to_json(), outcome.outcome,
-                                   {"thread_id": outcome.thread_id, **outcome.detail,
-                                    "classification": plan.classification.kind.value,
-                                    "reason": plan.classification.reason})
-                result.outcomes.append(outcome)
-                log.info("%s -> %s: %s (thread %s; %s)", pm.from_addr or envelope.mail_from,
-                         step.key, outcome.outcome, outcome.thread_id, plan.classification.reason)
+        sha = tx.put_raw(raw)
+        if pm is None:
+            if not tx.delivery_seen(sha, "unparseable"):
+                tx.add_queue_item("unparseable", f"unparseable message: {pre.parse_error}"[:500],
+                                  raw_sha256=sha,
+                                  detail={"envelope": envelope.to_json(),
+                                          "error": pre.parse_error})
+                tx.record_delivery(sha, "unparseable", envelope.to_json(), "queued:unparseable")
+            result.outcomes.append(Outcome("(unparseable)", "queued:unparseable"))
+            return result
+        plan = self.plan(tx, pm, envelope, auth=auth)
+        for step in plan.steps:
+            logs.set_thread(step.thread_id)   # every log line of this step names it
+            if tx.delivery_seen(sha, step.key):
+                result.outcomes.append(Outcome(step.key, "duplicate", step.thread_id))
+                continue
+            c = StepContext(tx=tx, pm=pm, cls=plan.classification, addr=step.addr, sha=sha,
+                            envelope=envelope, result=result, step=step, auth=auth,
+                            authentication=authentication)
+            outcome = self.execute(c)
+            logs.set_thread(outcome.thread_id)   # a new request has one only now
+            tx.record_delivery(sha, step.key, envelope.to_json(), outcome.outcome,
+                               {"thread_id": outcome.thread_id, **outcome.detail,
+                                "classification": plan.classification.kind.value,
+                                "reason": plan.classification.reason})
+            result.outcomes.append(outcome)
+            log.info("%s -> %s: %s (thread %s; %s)", pm.from_addr or envelope.mail_from,
+                     step.key, outcome.outcome, outcome.thread_id, plan.classification.reason)
         return result
 
     # -- who sent it -------------------------------------------------------------------------
@@ -877,6 +973,16 @@ class Gatekeeper:
             known = StoreLookup(tx, self.site.rules).known_senders(thread.authority)
         return gate(thread.allow, authority_side=addr.kind is AddressKind.REQUEST,
                     sender=sender, known_senders=known)
+
+
+@dataclass
+class _Prepared:
+    """A message read and checked outside the transaction, ready to be applied in one."""
+    raw: bytes
+    envelope: Envelope
+    pm: ParsedMessage | None
+    parse_error: str
+    auth: Authentication | None
 
 
 @dataclass

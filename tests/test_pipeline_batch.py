@@ -1,0 +1,168 @@
+"""`Pipeline.process_items`: a batch of spooled messages in one transaction, a savepoint each.
+
+What it must keep from one-message-one-transaction: the same outcomes in the same order, a
+failing message held back alone, nothing marked done before the commit, and a redo of the
+whole batch (a crash before the spool was settled) changing nothing. On SQLite and on
+PostgreSQL (the `site` fixture runs both).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import DOMAIN, JANE, Site, compose
+from mailflow.errors import StoreError
+from mailflow.pipeline import Pipeline, Result
+from mailflow.site import Site as MfSite
+from mailflow.spool import Envelope, SpoolItem
+
+AUTHORITY = "foi@camden.gov.example"
+
+
+@pytest.fixture()
+def mf(site: Site) -> Iterator[MfSite]:
+    s = MfSite.open(site.config)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _sent_request(site: Site, mf: MfSite, title: str) -> tuple[int, str]:
+    """A request made, confirmed and sent through the pipeline: (thread id, its address)."""
+    from mailflow.core.addresses import confirm_address
+    p = Pipeline(mf)
+    r = p.process(compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", title, "Which roads?"),
+                  Envelope(mail_from=JANE, rcpt_tos=[f"camden@{DOMAIN}"], via="test"))
+    tid = r.outcomes[0].thread_id
+    assert tid is not None, r
+    with mf.store.read() as tx:
+        token = tx.thread(tid).confirm_token  # type: ignore[union-attr]
+    confirm = confirm_address(token, DOMAIN)
+    r = p.process(compose(f"Jane <{JANE}>", confirm, "Re: confirm", "Yes"),
+                  Envelope(mail_from=JANE, rcpt_tos=[confirm], via="test"))
+    assert r.outcomes[0].outcome == "request_sent", r
+    with mf.store.read() as tx:
+        thread = tx.thread(tid)
+    assert thread is not None
+    return tid, mf.request_address(thread)
+
+
+def _spool(mf: MfSite, raws: list[tuple[bytes, str]]) -> list[SpoolItem]:
+    ids = [mf.spool.put(raw, Envelope(mail_from=AUTHORITY, rcpt_tos=[rcpt], via="smtp",
+                                      peer="127.0.0.1:1")) for raw, rcpt in raws]
+    items = [mf.spool.claim(i) for i in ids]
+    assert all(items)
+    return items  # type: ignore[return-value]
+
+
+def _replies(address: str, n: int, tag: str) -> list[tuple[bytes, str]]:
+    return [(compose(f"Camden FOI <{AUTHORITY}>", address, f"Re: {tag} {i}",
+                     f"Answer number {i} of {tag}."), address) for i in range(n)]
+
+
+def _outcomes(results: list[Result | Exception]) -> list[str]:
+    return [r.outcomes[0].outcome if isinstance(r, Result) else type(r).__name__
+            for r in results]
+
+
+def test_a_batch_stores_each_message_once_and_a_redo_changes_nothing(site: Site,
+                                                                    mf: MfSite) -> None:
+    tid, address = _sent_request(site, mf, "Batch budget")
+    raws = _replies(address, 5, "batch")
+    raws.append(raws[0])   # the same message twice in one batch: a duplicate the second time
+    p = Pipeline(mf)
+    items = _spool(mf, raws)
+    results = p.process_items(mf.spool, items)
+    assert _outcomes(results) == ["response"] * 5 + ["duplicate"]
+    assert mf.spool.pending() == []
+    with mf.store.read() as tx:
+        stored = [m for m in tx.messages(tid) if m.kind == "response"]
+        outbox = tx.outbox_rows()
+    assert len(stored) == 5
+    forwards = len(outbox)
+
+    # A crash after the commit, before the spool was settled: the same batch again.
+    again = p.process_items(mf.spool, _spool(mf, raws))
+    assert _outcomes(again) == ["duplicate"] * 6
+    with mf.store.read() as tx:
+        assert len([m for m in tx.messages(tid) if m.kind == "response"]) == 5
+        assert len(tx.outbox_rows()) == forwards
+
+
+def test_one_failing_message_is_held_back_alone(site: Site, mf: MfSite,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tid, address = _sent_request(site, mf, "Batch with a bad apple")
+    raws = _replies(address, 4, "apple")
+    p = Pipeline(mf)
+    real = p.accept_response
+    calls = {"n": 0}
+
+    def flaky(c, thread, pk):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:   # the second message: after its message row was written
+            raise RuntimeError("a bug in one message")
+        return real(c, thread, pk)
+
+    monkeypatch.setattr(p, "accept_response", flaky)
+    items = _spool(mf, raws)
+    results = p.process_items(mf.spool, items)
+    assert _outcomes(results) == ["response", "RuntimeError", "response", "response"]
+    with mf.store.read() as tx:
+        subjects = sorted(m.subject for m in tx.messages(tid) if m.kind == "response")
+    assert subjects == ["Re: apple 0", "Re: apple 2", "Re: apple 3"]   # its row rolled back
+    assert mf.spool.pending() == [items[1].id]    # given back for another attempt
+
+    monkeypatch.undo()
+    retry = mf.spool.claim(items[1].id)
+    assert retry is not None and retry.attempts == 1
+    assert _outcomes(Pipeline(mf).process_items(mf.spool, [retry])) == ["response"]
+    with mf.store.read() as tx:
+        assert len([m for m in tx.messages(tid) if m.kind == "response"]) == 4
+
+
+def test_a_failed_commit_gives_every_item_back(site: Site, mf: MfSite,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tid, address = _sent_request(site, mf, "Batch that cannot commit")
+    raws = _replies(address, 3, "commit")
+    p = Pipeline(mf)
+    real_tx = mf.store.tx
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def failing_tx():  # type: ignore[no-untyped-def]
+        with real_tx() as tx:
+            yield tx
+            raise StoreError("database error: disk I/O error")   # rolls the batch back
+
+    monkeypatch.setattr(mf.store, "tx", failing_tx)
+    items = _spool(mf, raws)
+    with pytest.raises(StoreError):
+        p.process_items(mf.spool, items)
+    assert sorted(mf.spool.pending()) == sorted(i.id for i in items)
+    with mf.store.read() as tx:
+        assert [m for m in tx.messages(tid) if m.kind == "response"] == []
+
+    monkeypatch.undo()
+    items = [mf.spool.claim(i.id) for i in items]
+    assert _outcomes(p.process_items(mf.spool, items)) == ["response"] * 3  # type: ignore[arg-type]
+
+
+def test_thread_rows_are_remembered_until_changed_or_rolled_back(mf: MfSite) -> None:
+    with mf.store.tx() as tx:
+        tid = tx.create_thread(state="waiting_response", authority="camden", law="foia",
+                               title="t", body="b", citizen_email=JANE, citizen_name="J",
+                               request_token="r", reply_token="s")
+        assert tx.thread(tid).state == "waiting_response"  # type: ignore[union-attr]
+        tx.update_thread(tid, state="successful")
+        assert tx.thread(tid).state == "successful"  # type: ignore[union-attr]
+        try:
+            with tx.c.begin_nested():
+                tx.update_thread(tid, state="rejected")
+                assert tx.thread(tid).state == "rejected"  # type: ignore[union-attr]
+                raise RuntimeError("roll back")
+        except RuntimeError:
+            tx.forget()
+        assert tx.thread(tid).state == "successful"  # type: ignore[union-attr]
