@@ -31,7 +31,8 @@ PG_ADMIN = os.environ.get("MAILFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5
 AUTHORITY = "foi@camden.gov.example"
 
 
-def _pg_database() -> Iterator[str]:
+def _pg_database(template: str | None = None) -> Iterator[str]:
+    """A fresh database, dropped afterwards (a copy of `template` when one is named)."""
     import psycopg
     name = f"mailflow_test_{secrets.token_hex(4)}"
     try:
@@ -40,7 +41,8 @@ def _pg_database() -> Iterator[str]:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL not reachable: {e}")
-    admin.execute(f'CREATE DATABASE "{name}"')
+    admin.execute(f'CREATE DATABASE "{name}"'
+                  + (f' TEMPLATE "{template}"' if template else ""))
     try:
         yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
     finally:
