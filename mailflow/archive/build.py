@@ -150,6 +150,23 @@ _VIEW_CODE = ("mailflow/archive/context.py", "mailflow/archive/attachments.py",
               "mailflow/mail/sanitise.py", "mailflow/mail/parse.py")
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+_RULES_JSON: dict[int, tuple[Any, Any]] = {}
+
+
+def _rules_dict(obj: Any) -> Any:
+    """`asdict` of an authority or a law, once per object (the same few for every thread)."""
+    if obj is None:
+        return None
+    hit = _RULES_JSON.get(id(obj))
+    if hit is None or hit[0] is not obj:
+        hit = _RULES_JSON[id(obj)] = (obj, asdict(obj))
+    return hit[1]
+
+
 class ThreadCache:
     """Each public thread's view from the last build, keyed by a fingerprint of everything it
     was made from (the thread row, its messages, its clock events, its authority and law, the
@@ -188,12 +205,13 @@ class ThreadCache:
     def fingerprint(self, inp: C.ThreadInput, authority: Any, law: Any,
                     extra: list[Any] | None = None) -> str:
         t = inp.thread
-        data = [asdict(t),
+        # Shallow dicts: `asdict` deep-copies every value, and the JSON below is the same.
+        data = [_fields(t),
                 [(m.id, m.kind, m.direction, m.hidden, m.raw_sha256, m.created_at, m.subject,
                   m.from_name, hashlib.sha256(m.text.encode("utf-8", "replace")).hexdigest())
                  for m in inp.messages if (m.direction, m.kind) in C.SHOWN or m.kind == "response"],
                 [e for e in inp.events if e["kind"] in ("clock", "attachment_released")],
-                asdict(authority) if authority else None, asdict(law) if law else None]
+                _rules_dict(authority), _rules_dict(law)]
         if extra is not None:
             data.append(extra)
         h = hashlib.sha256(self.salt)
