@@ -518,7 +518,7 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
         previous = load_manifest(out)
         dkim = DkimCache(out / CACHE_DIR / "dkim.json", dns_txt)
         try:
-            report = _build_into(site, work, base_url, today, dkim)
+            report = _build_into(site, work, base_url, today, dkim, fresh=full)
             if full:
                 dkim.save(work / CACHE_DIR / "dkim.json")
                 report.removed_paths = sorted(set(previous) - set(load_manifest(work)))
@@ -558,7 +558,7 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
 
 
 def _build_into(site: Site, root: Path, base_url: str, today: date,
-                verify: DkimCache) -> BuildReport:
+                verify: DkimCache, fresh: bool = False) -> BuildReport:
     path = site.settings.site.rules / "redactions.toml"
     redactions = path.read_text(encoding="utf-8") if path.exists() else ""
     rules = load_redactions(redactions, str(path)) if redactions else []
@@ -577,7 +577,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 # as a word) are for redaction, too broad to scan other threads' pages with.
                 secrets.extend((v, label) for v, label in private_values(t, domain)
                                if not isinstance(v, PrivatePattern))
-            writer = Writer(root, LeakGuard(secrets))
+            writer = Writer(root, LeakGuard(secrets), fresh=fresh)
             rows = ({r.thread_id: r for r in tx.reports()}
                     if any(R.is_public(t) for t in every) else {})
             public = [t for t in every if R.is_public(t) or C.is_public(t)]
