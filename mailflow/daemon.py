@@ -41,6 +41,10 @@ log = logging.getLogger("mailflow.daemon")
 
 BLOCKLIST_REFRESH_SECONDS = 5.0
 """How stale the RCPT check's copy of the blocked senders may be (see `Daemon.check_rcpt`)."""
+LET_IN_SECONDS = 5.0
+"""How long the RCPT check reuses a thread policy's "let in" for one sender and address."""
+LET_IN_MAX = 10_000
+"""Entries of that memory at most (it is emptied of old ones, or wholly, beyond)."""
 RESTART_DELAY = (1.0, 60.0)
 """A processor that died is started again after the first delay, doubling up to the second
 while it keeps dying young (a broken config or database is not a reason to spin)."""
@@ -62,6 +66,8 @@ class Daemon:
         # The RCPT check's copy of the blocked_senders table (see check_rcpt).
         self._blocked: frozenset[str] = frozenset()
         self._blocked_read_at = float("-inf")  # time.monotonic() of the last read (or try)
+        # (thread address, sender) -> time.monotonic() when the policy let it in (check_rcpt)
+        self._let_in: dict[tuple[str, str], float] = {}
 
     # -- the door ----------------------------------------------------------------------------
     async def check_rcpt(self, mail_from: str, rcpt: str) -> RcptDecision:
@@ -77,6 +83,14 @@ class Daemon:
         checks the table itself and drops that message, so the only cost is its bytes in
         the spool. If the table cannot be read, the last copy stays in use: the check fails
         open, as the thread policy does, since losing mail is worse than taking spam.
+
+        The thread policy's answer is remembered too, but only a "let in", and only for
+        `LET_IN_SECONDS`, per thread address and sender: a burst of replies from one
+        authority (an MTA flushing its queue) then costs one store read, not one per
+        message, and the hop to a thread that it costs was most of the RCPT's latency. A
+        policy tightened in those seconds lets a message in that it would have refused; the
+        pipeline applies the same policy and queues it, as when the store cannot answer. A
+        refusal is never reused, so loosening a policy takes effect at once.
         """
         d = self.site.check_recipient(rcpt)
         if not d.accept:
@@ -86,13 +100,26 @@ class Daemon:
         refresh = now - self._blocked_read_at >= BLOCKLIST_REFRESH_SECONDS
         if refresh:
             self._blocked_read_at = now  # concurrent RCPTs use the old copy meanwhile
-        if not refresh and addr is None:
+        key = None if addr is None else (addr.address.lower(), mail_from.strip().lower())
+        known = key is not None and now - self._let_in.get(key, float("-inf")) < LET_IN_SECONDS
+        if not refresh and (addr is None or known):
             refusal = _BLOCKED_REPLY if self._is_blocked(mail_from) else None  # no hop
         else:
             refusal = await asyncio.to_thread(self._rcpt_refusal, mail_from, addr, refresh)
+            if refusal is None and key is not None:
+                self._remember_let_in(key, now)
         if refusal is not None:
             return RcptDecision(False, refusal)
         return RcptDecision(d.accept, d.reply)
+
+    def _remember_let_in(self, key: tuple[str, str], when: float) -> None:
+        """`when` is the time before the store was asked, so an entry never outlives the
+        answer it copies by more than LET_IN_SECONDS."""
+        if len(self._let_in) >= LET_IN_MAX:
+            self._let_in = {k: t for k, t in self._let_in.items() if when - t < LET_IN_SECONDS}
+            if len(self._let_in) >= LET_IN_MAX:
+                self._let_in.clear()
+        self._let_in[key] = when
 
     def _rcpt_refusal(self, mail_from: str, addr: OurAddress | None,
                       refresh: bool) -> str | None:

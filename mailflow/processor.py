@@ -55,6 +55,10 @@ log = logging.getLogger("mailflow.processor")
 
 SPOOL_SWEEP_SECONDS = 30
 OUTBOX_SWEEP_SECONDS = 30
+NICENESS = 10
+"""The processor runs at a lower CPU priority than the daemon: under a burst, answering the
+clients comes first, and the backlog is processed in the time the accept loop leaves (a few
+seconds later; the spool holds it safely meanwhile)."""
 STOP_TIMEOUT = 30.0
 """How long the item being processed may take to finish once asked to stop."""
 
@@ -272,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-format", choices=["text", "json"], default=None)
     args = ap.parse_args(argv)
     _die_with_parent(args.parent)
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass  # not allowed here: same priority as the daemon, which works, only less well
     from mailflow import logs
     logs.configure(args.log_level, args.log_format)
     if args.instance:

@@ -333,11 +333,20 @@ async def to_fetch(conn: Connection, state: ImapState, folder: str) -> tuple[int
     return uidvalidity, 0, uids, max([uidnext - 1, *uids, 0])
 
 
+def _return_path(raw: bytes) -> str:
+    """The Return-Path an MTA left in a fetched message: its envelope sender, as a hint."""
+    from mailflow.mail.parse import parse
+    try:
+        rp = parse(raw).header("Return-Path")
+    except Exception:  # noqa: BLE001 - the sender is only a hint here
+        rp = None
+    return (rp or "").strip().strip("<>").strip().lower()
+
+
 async def fetch_folder(conn: Connection, spool: Any, on_spooled: Callable[[str], None],
                        state: ImapState, folder: str,
                        stop_event: asyncio.Event | None = None) -> list[str]:
     """Take every new message of one folder: fetch, spool (durable), settle, remember."""
-    from mailflow.mail.parse import ParseError, parse
     from mailflow.spool import Envelope
 
     account = conn.account
@@ -348,11 +357,8 @@ async def fetch_folder(conn: Connection, spool: Any, on_spooled: Callable[[str],
             break
         raw = await conn.fetch(uid)
         if raw is not None:
-            try:
-                rp = parse(raw).header("Return-Path")
-            except (ParseError, Exception):  # noqa: BLE001 - the sender is only a hint here
-                rp = None
-            sender = (rp or "").strip().strip("<>").strip().lower()
+            # Parsing is CPU work: off the loop, which also serves the SMTP clients.
+            sender = await asyncio.to_thread(_return_path, raw)
             env = Envelope(mail_from=sender, rcpt_tos=[], via="imap", rcpt_from_headers=True,
                            peer=f"{account.host}:{account.port}")
             spool_id = await asyncio.to_thread(spool.put, raw, env)  # fsynced
