@@ -198,7 +198,14 @@ def ingest(ctx: Ctx, rcpts: tuple[str, ...], sender: str | None) -> None:
 def explain(ctx: Ctx, file: Any, rcpts: tuple[str, ...], sender: str | None, as_json: bool) -> None:
     """Say what would happen to a message, and why, without storing or sending anything."""
     from mailflow.explain import explain_bytes
-    data = explain_bytes(ctx.site, file.read(), list(rcpts), sender)
+    from mailflow.spool import split_envelope_line
+    meta, raw = split_envelope_line(file.read())  # a spool .mail: its envelope line aside
+    env = (meta or {}).get("envelope") or {}
+    if not rcpts and isinstance(env.get("rcpt_tos"), list) and not env.get("rcpt_from_headers"):
+        rcpts = tuple(str(r) for r in env["rcpt_tos"])
+    if sender is None and meta is not None:
+        sender = str(env.get("mail_from") or "")
+    data = explain_bytes(ctx.site, raw, list(rcpts), sender)
     if as_json:
         print_json(data)
         return

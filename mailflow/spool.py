@@ -175,6 +175,16 @@ def read_header(f: BinaryIO) -> tuple[dict[str, Any] | None, int, str | None]:
     return meta, len(head) + len(line), None
 
 
+def split_envelope_line(data: bytes) -> tuple[dict[str, Any] | None, bytes]:
+    """A spool ``.mail``'s bytes as (metadata, message); other bytes as (None, bytes), as
+    they are. For tools given a file that may be either (``mailflow explain X.mail``)."""
+    if not data.startswith(HEADER_MAGIC):
+        return None, data
+    import io
+    meta, offset, _ = read_header(io.BytesIO(data))
+    return (meta, data[offset:]) if meta is not None else (None, data)
+
+
 def read_spool_file(path: Path) -> tuple[dict[str, Any], bytes]:
     """The metadata and the raw message of any spool file, for tools and admins: a ``.mail``
     (its envelope line, superseded by a ``.json`` beside it) or an older ``.eml`` (its

@@ -622,3 +622,14 @@ def test_file_fsync_failing_fails_the_put_cleanly(
     assert spool.pending() == before
     assert files(tmp_path / "tmp") == []
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_split_envelope_line_for_tools(tmp_path: Path) -> None:
+    from mailflow.spool import split_envelope_line
+    spool = Spool(tmp_path)
+    id = spool.put(RAW, env(rcpt_tos=["x@example.org"]))
+    meta, raw = split_envelope_line((tmp_path / "new" / (id + ".mail")).read_bytes())
+    assert raw == RAW and meta is not None and meta["envelope"]["rcpt_tos"] == ["x@example.org"]
+    assert split_envelope_line(RAW) == (None, RAW)
+    damaged = b"mailflow-spool/1 {oops\n" + RAW
+    assert split_envelope_line(damaged) == (None, damaged)
