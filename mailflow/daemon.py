@@ -45,6 +45,9 @@ LET_IN_SECONDS = 5.0
 """How long the RCPT check reuses a thread policy's "let in" for one sender and address."""
 LET_IN_MAX = 10_000
 """Entries of that memory at most (it is emptied of old ones, or wholly, beyond)."""
+UNREAD_MAX = 1 << 20
+"""Bytes of wake-ups the processor has not read yet beyond which more are dropped (it is
+stuck or starting; its sweep of the spool finds those messages), so memory stays bounded."""
 RESTART_DELAY = (1.0, 60.0)
 """A processor that died is started again after the first delay, doubling up to the second
 while it keeps dying young (a broken config or database is not a reason to spin)."""
@@ -159,7 +162,7 @@ class Daemon:
         if p is None or p.returncode is not None or p.stdin is None:
             return
         try:
-            if p.stdin.is_closing():
+            if p.stdin.is_closing() or p.stdin.transport.get_write_buffer_size() > UNREAD_MAX:
                 return
             p.stdin.write(line.encode("ascii", "replace") + b"\n")
         except (ConnectionError, RuntimeError, OSError):

@@ -229,6 +229,9 @@ class Processor:
                 self._archive_timer.cancel()
             if listener is not None:
                 listener.cancel()
+            # Finish the item in hand, not the queue: what waits stays in new/ for next time.
+            while not self.wakeup.empty():
+                self.wakeup.get_nowait()
             self.wakeup.put_nowait(None)
             try:
                 await asyncio.wait_for(worker, timeout=STOP_TIMEOUT)
