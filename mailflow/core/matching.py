@@ -39,6 +39,7 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from mailflow.core.addresses import AddressKind, Candidate, find_thread_addresses, token_matches
@@ -232,6 +233,7 @@ def _gather_message_ids(msg: ParsedMessage, lookup: Lookup) -> list[Evidence]:
 
 # ------------------------------------------------------------------------------ subject tag
 
+@lru_cache(maxsize=64)   # the site's one or two tags: built once, not per message
 def _tag_re(tag: str | tuple[str, ...]) -> re.Pattern[str]:
     tags = (tag,) if isinstance(tag, str) else tag
     alternatives = "|".join(re.escape(t) for t in tags)

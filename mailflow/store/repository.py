@@ -191,6 +191,8 @@ def _reminder(row: Any) -> Reminder:
 # a statement and computing its cache key costs SQLAlchemy ~40 µs a call, more than SQLite
 # takes to run most of them, and a message runs about twenty (issue #10).
 _THREAD_BY_ID = select(threads).where(threads.c.id == bindparam("id"))
+_THREAD_COLUMNS = frozenset(threads.c.keys())
+_UPDATE_THREAD = update(threads).where(threads.c.id == bindparam("_thread_id"))
 _DELIVERY_SEEN = select(deliveries.c.id).where(deliveries.c.raw_sha256 == bindparam("sha"),
                                                deliveries.c.rcpt == bindparam("rcpt"))
 _INSERT_DELIVERY = insert(deliveries)
@@ -328,8 +330,12 @@ class Tx:
         return [_thread(r) for r in self.c.execute(q)]
 
     def update_thread(self, thread_id: int, **values: Any) -> None:
+        """Set columns of one thread (plain values: the SET clause follows their names)."""
         self._threads.pop(thread_id, None)
-        self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
+        if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
+            self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
+            return
+        self.c.execute(_UPDATE_THREAD, {"_thread_id": thread_id, **values})
 
     def threads(self, state: str | None = None, authority: str | None = None) -> list[Thread]:
         q = select(threads).order_by(threads.c.id)
