@@ -119,3 +119,38 @@ def test_search_runs_apart_from_the_build(fresh: World) -> None:
     assert build_mod.refresh_search(fresh.out, min_interval=3600) == "later"
     assert build_mod.refresh_search(fresh.out) == "indexed"
     assert build_mod.refresh_search(fresh.out) == "unchanged"
+
+
+def test_listing_pages_are_paginated_and_kept_when_unchanged(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_mod, "PAGE_SIZE", 1)
+    fresh.build()
+    first = fresh.read("body/camden/index.html")        # Camden has two requests
+    second = fresh.read("body/camden/page/2/index.html")
+    assert "Its record" in first and "Its record" not in second
+    assert '<a href="../../../../body/camden/">1</a>' in second   # links are relative
+    assert 'href="../../../../body/camden/feed.atom"' in second
+    assert '<strong aria-current="page">2</strong>' in second
+    assert '<a href="../../body/camden/page/2/">2</a>' in first
+    waiting = sorted(p.relative_to(fresh.out).as_posix()
+                     for p in (fresh.out / "list" / "waiting-response").rglob("index.html"))
+    assert waiting == ["list/waiting-response/index.html",   # all three threads wait
+                       "list/waiting-response/page/2/index.html",
+                       "list/waiting-response/page/3/index.html"]
+    # One new message: only the pages showing its thread are rendered again, and the result
+    # is what a full build makes.
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks."), req_b, HOME)
+    rendered: list[str] = []
+    real = build_mod.Renderer.page
+
+    def counting(self, template, path, **kw):  # type: ignore[no-untyped-def]
+        rendered.append(path)
+        return real(self, template, path, **kw)
+
+    monkeypatch.setattr(build_mod.Renderer, "page", counting)
+    fresh.build()
+    assert "body/camden/page/2/index.html" not in rendered
+    assert not [p for p in rendered if p.startswith("list/") and p != "list/index.html"
+                and "waiting-response" not in p]
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")

@@ -177,19 +177,24 @@ class ThreadCache:
     message parses one thread, not thousands. Each entry also records the thread's own files
     (its page, JSON twin and feed: `pages`) with the key they were rendered under (the view's
     fingerprint, its list state today and the site-level inputs of pages: `pages_salt`), so an
-    unchanged thread's files are kept rather than rendered and checked again. Pages that show
-    many threads (lists, authorities, home) are rendered every build. Lives in the output's
-    cache folder, so `--full` (a fresh folder) starts without it.
+    unchanged thread's files are kept rather than rendered and checked again; so are the
+    listing pages whose threads did not change (`listings`, see `_Listings`). The home page,
+    the first page of each authority and the site-wide files are rendered every build. Lives
+    in the output's cache folder, so `--full` (a fresh folder) starts without it.
     """
 
     def __init__(self, path: Path, salt: bytes):
         self.path = path
         self.salt = salt
+        self.entries: dict[str, Any] = {}
+        self.listings: dict[str, list[str]] = {}   # listing page -> [key, digest] (_Listings)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            self.entries: dict[str, Any] = data["threads"] if data.get("salt") == salt.hex() else {}
+            if data.get("salt") == salt.hex():
+                self.entries = data["threads"]
+                self.listings = data.get("listings") or {}
         except (OSError, ValueError, KeyError, AttributeError):
-            self.entries = {}
+            self.entries, self.listings = {}, {}
         self.fresh: dict[str, Any] = {}
 
     @staticmethod
@@ -265,7 +270,8 @@ class ThreadCache:
             e["pages"] = {"key": pages_key, "files": files}
 
     def save(self) -> None:
-        write_private_json(self.path, {"salt": self.salt.hex(), "threads": self.fresh})
+        write_private_json(self.path, {"salt": self.salt.hex(), "threads": self.fresh,
+                                       "listings": self.listings})
 
 
 # The code and data a thread's own files are rendered with, besides its view: a change to any
@@ -709,6 +715,55 @@ def _with_reports(authorities: tuple[C.AuthorityView, ...],
     return tuple(sorted(views, key=lambda v: v.name.lower()))
 
 
+# Threads per listing page (the lists by state, an authority's requests): one new message
+# changes a bounded number of pages, whatever the size of the site.
+PAGE_SIZE = 100
+
+
+def _chunks(items: list[Any] | tuple[Any, ...]) -> list[list[Any]]:
+    """The pages of a list: [[]] for an empty one (its first page says so)."""
+    return [list(items[i:i + PAGE_SIZE]) for i in range(0, len(items), PAGE_SIZE)] or [[]]
+
+
+def page_path(first: str, n: int) -> str:
+    """Page `n` of the list at `first` ("list/refused/"): page 1 keeps the list's own URL,
+    the others are "list/refused/page/2/" and so on (static names, no query strings)."""
+    return f"{first}index.html" if n == 1 else f"{first}page/{n}/index.html"
+
+
+class _Listings:
+    """Listing pages rendered only when what they show changed: each is keyed by its page
+    salt, its template and arguments, and the fingerprint and list state of every thread on
+    it; an unchanged key keeps the file (kept in the ThreadCache file, `listings`)."""
+
+    def __init__(self, cache: ThreadCache | None, salt: str, w: Writer):
+        self.cache, self.salt, self.w = cache, salt, w
+        self.old: dict[str, list[str]] = cache.listings if cache is not None else {}
+        self.new: dict[str, list[str]] = {}
+
+    def write(self, rel: str, threads: list[C.ThreadView], words: Any,
+              render: Callable[[], str]) -> None:
+        fps = [self.cache.fresh.get(str(t.id), {}).get("fp") if self.cache else None
+               for t in threads]
+        key = None
+        if self.cache is not None and all(fps):
+            key = hashlib.sha256(json.dumps(
+                [self.salt, rel, words, [(t.id, fp, t.list_state) for t, fp in zip(threads, fps)]],
+                default=str).encode("utf-8")).hexdigest()
+            hit = self.old.get(rel)
+            if hit is not None and hit[0] == key and self.w.has(rel, hit[1]):
+                self.w.keep(rel, hit[1])
+                self.new[rel] = hit
+                return
+        digest = self.w.write(rel, render())
+        if key is not None:
+            self.new[rel] = [key, digest]
+
+    def save(self) -> None:
+        if self.cache is not None:
+            self.cache.listings = self.new
+
+
 def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
@@ -748,9 +803,19 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
                 entries=feeds.thread_entries([t]), author=sv.name))}
         if pages_key:
             cache.put_pages(key, pages_key, files)  # type: ignore[union-attr]
+    listings = _Listings(cache, salt, w)
     w.write("body/index.html", r.page("authorities.html", "body/index.html"))
     for a in sv.authorities:
-        w.write(f"{a.path}index.html", r.page("authority.html", f"{a.path}index.html", a=a))
+        chunks = _chunks(a.threads)
+        for n, chunk in enumerate(chunks, 1):
+            path = page_path(a.path, n)
+            if n == 1:   # its record and reports too: rendered every build
+                w.write(path, r.page("authority.html", path, a=a, threads=chunk, page=1,
+                                     pages=len(chunks)))
+                continue
+            listings.write(path, chunk, [a.name, len(chunks)], lambda path=path, chunk=chunk,
+                           n=n, a=a: r.page("authority.html", path, a=a, threads=chunk,
+                                            page=n, pages=len(chunks)))
         data = authority_json(a, base)
         if a.reports:
             data["report_record"] = R.record_json(a.report_record)
@@ -771,9 +836,16 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         _write_reports(site, r, sv, sv.reports, w, sitemap)
     w.write("list/index.html", r.page("lists.html", "list/index.html", counts=counts))
     for key, words in C.LIST_STATES.items():
-        path = f"list/{key}/index.html"
-        w.write(path, r.page("list.html", path, words=words, threads=sv.by_state(key)))
-        sitemap.append((f"list/{key}/", None))
+        first = f"list/{key}/"
+        chunks = _chunks(sv.by_state(key))
+        for n, chunk in enumerate(chunks, 1):
+            path = page_path(first, n)
+            listings.write(path, chunk, [words, len(chunks)], lambda path=path, chunk=chunk,
+                           n=n, words=words, first=first: r.page(
+                               "list.html", path, words=words, threads=chunk, page=n,
+                               pages=len(chunks), first=first))
+        sitemap.append((first, None))
+    listings.save()
     w.write("search/index.html", r.page("search.html", "search/index.html", csp=SEARCH_CSP))
     w.write("static/style.css", r.static("style.css"))
     w.write("static/search.js", r.static("search.js"))
