@@ -283,7 +283,15 @@ class _HTMLText(HTMLParser):
 
 
 def html_to_text(markup: str) -> str:
-    """Plain text a person would read in the rendered HTML; tolerant of any markup."""
+    """Plain text a person would read in the rendered HTML; tolerant of any markup.
+
+    The last few results are kept: the archive asks again for the text of the HTML that
+    parse() has just converted (archive.context._has_text_part)."""
+    return _html_to_text(markup)
+
+
+@functools.lru_cache(maxsize=4)
+def _html_to_text(markup: str) -> str:
     parser = _HTMLText()
     try:
         parser.feed(markup)
@@ -655,6 +663,96 @@ def _cached_header_object(low: str, name: str, value: str) -> Any:
     return _header_class(low)(name, value)
 
 
+# The plainest forms of the structured headers every message has, which the registry reads
+# without a defect into a value fixed by their parts (checked against the registry in
+# tests/test_parse_speed.py); anything else, even slightly odd, goes to the registry.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_ADDR_SPEC = rf"{_DOT_ATOM}@{_DOT_ATOM}"
+_PLAIN_ADDRESS = re.compile(
+    rf"""[ ]*(?:(?P<words>{_ATEXT}(?:[ ]+{_ATEXT})*)[ ]*<(?P<a1>{_ADDR_SPEC})>"""
+    rf"""|"(?P<quoted>[ !#-\[\]-~]*)"[ ]*<(?P<a2>{_ADDR_SPEC})>|(?P<a3>{_ADDR_SPEC}))[ ]*""")
+_SPACES = re.compile(r" +")
+_PLAIN_MESSAGE_ID = re.compile(rf"<{_ADDR_SPEC}>")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PARAM_TOKEN = r"[!#$&+.^_`|~0-9A-Za-z-]+"     # no "*", "'" or "%": RFC 2231 is not plain
+_PLAIN_CONTENT_TYPE = re.compile(
+    rf"""({_TOKEN}/{_TOKEN})((?:;[ ]*{_PARAM_TOKEN}=(?:{_PARAM_TOKEN}|"[ !#-\[\]-~]*"))*)""")
+_CT_PARAM = re.compile(r"""([^=; ]+)=(?:"([^"]*)"|([^;]*))""")
+_HEADER_SPECIALS = frozenset('()<>@,:;.\\"[]')
+
+
+@dataclass(frozen=True)
+class _PlainAddress:
+    display_name: str
+    addr_spec: str
+
+
+class _PlainHeader(str):
+    """A registry header object as this module reads it (str, `defects`, `addresses`),
+    for the plain forms of _plain_structured."""
+    addresses: tuple[_PlainAddress, ...] = ()
+    defects: tuple[Any, ...] = ()
+
+
+def _plain_address_header(value: str) -> _PlainHeader | None:
+    """An address list of plain forms (`a@b`, `Name Words <a@b>`, `"Name" <a@b>`), read as
+    the registry reads it; None for anything else (comments, groups, encoded-words ...)."""
+    found: list[_PlainAddress] = []
+    shown: list[str] = []
+    for item in value.split(","):
+        m = _PLAIN_ADDRESS.fullmatch(item)
+        if m is None:
+            return None
+        if m.group("a3") is not None:
+            found.append(_PlainAddress("", m.group("a3")))
+            shown.append(m.group("a3"))
+            continue
+        if m.group("words") is not None:
+            name, addr = _SPACES.sub(" ", m.group("words")), m.group("a1")
+        else:
+            name, addr = m.group("quoted"), m.group("a2")
+            if not name or name != name.strip(" ") or "  " in name:
+                return None
+        found.append(_PlainAddress(name, addr))
+        if not _HEADER_SPECIALS.isdisjoint(name):
+            name = '"' + name + '"'
+        shown.append(f"{name} <{addr}>")
+    header = _PlainHeader(", ".join(shown))
+    header.addresses = tuple(found)
+    return header
+
+
+_ADDRESS_NAMES = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from",
+                            "resent-to", "resent-cc", "resent-bcc", "resent-sender"})
+
+
+def _plain_structured(low: str, value: str) -> Any:
+    """A stand-in for `header_factory(low, value)` (its str, `defects` and, for addresses,
+    `addresses`) when the value has one of the plainest forms; otherwise None."""
+    if len(value) > 2000 or not value.isascii():
+        return None
+    if low in _ADDRESS_NAMES:
+        if "=?" in value or not value.strip(" "):
+            return None
+        return _plain_address_header(value)
+    if low == "message-id":
+        if _PLAIN_MESSAGE_ID.fullmatch(value):
+            return _PlainHeader(value)
+        return None
+    if low == "content-type":
+        m = _PLAIN_CONTENT_TYPE.fullmatch(value)
+        if m is None:
+            return None
+        params = _CT_PARAM.findall(m.group(2))
+        names = [k.lower() for k, _, _ in params]
+        if len(set(names)) != len(names):
+            return None
+        shown = "; ".join(f'{k}="{q or t}"' if q or t else k for k, q, t in params)
+        return _PlainHeader(m.group(1) + (f"; {shown}" if shown else ""))
+    return None
+
+
 def _decode_header(name: str, raw_value: str, hint: str | None, defects: list[str]) -> _Header:
     value, guessed = _unsurrogate(raw_value, hint)
     if guessed:
@@ -663,8 +761,12 @@ def _decode_header(name: str, raw_value: str, hint: str | None, defects: list[st
     decoded = None
     if len(value) <= _STRUCTURED_MAX:
         try:
-            if name.lower() in _STRUCTURED_NAMES:
-                obj = _header_object(name, _unfold(_normalise_ew_charsets(value)))
+            low = name.lower()
+            if low in _STRUCTURED_NAMES:
+                text = _unfold(_normalise_ew_charsets(value))
+                obj = _plain_structured(low, text)
+                if obj is None:
+                    obj = _header_object(name, text)
                 decoded = str(obj)
                 defects.extend(type(d).__name__ for d in obj.defects)
             else:
@@ -931,21 +1033,33 @@ def _payload_bytes(part: Message, bodies: _Bodies | None = None,
     return b""
 
 
-# Characters str.splitlines() breaks an ASCII line at, and trailing blanks (Header.encode
-# drops a last single space): values with any of these are folded by the stdlib itself.
+# What makes compat32's folding (Header.encode) change a one-line ASCII value that fits in
+# 78 columns: a character str.splitlines() breaks at, trailing blanks (a last single space
+# is dropped).
 _FOLD_SLOW = re.compile(r"[\n\r\v\f\x1c\x1d\x1e]|[ \t]\Z")
+# The same for each line of a value that arrived folded (CRLF or LF line breaks): a bare CR,
+# the other line breaks, or a line ending in a blank (or blank throughout).
+_FOLDED_SLOW = re.compile(r"\r(?!\n)|[\v\f\x1c\x1d\x1e]|[ \t](?=\r?\n|\Z)")
+_LINE_BREAK = re.compile(r"\r?\n")
 
 
 class _Compat32Fast(email_policy.Compat32):
-    """compat32 for re-generating an attached message, with the common case of its header
-    folding done directly: a one-line ASCII value that fits in 78 columns comes out of
-    `Header.encode` unchanged, and making the Header object cost most of the generator's
-    time. Anything else goes through compat32's own `_fold` (see test_parse)."""
+    """compat32 for re-generating an attached message, with the common cases of its header
+    folding done directly: ASCII lines that fit in 78 columns come out of `Header.encode`
+    unchanged (a folded value keeps its line breaks and the blanks that begin its
+    continuation lines), and making the Header object cost most of the generator's time.
+    Anything else goes through compat32's own `_fold` (tests/test_parse_speed.py)."""
 
     def _fold(self, name: str, value: Any, sanitize: bool) -> str:
-        if (isinstance(value, str) and not sanitize and value.isascii()
-                and len(name) + 2 + len(value) <= 78 and not _FOLD_SLOW.search(value)):
-            return f"{name}: {value}{self.linesep}"
+        if isinstance(value, str) and not sanitize and value.isascii():
+            if len(name) + 2 + len(value) <= 78 and not _FOLD_SLOW.search(value):
+                return f"{name}: {value}{self.linesep}"
+            if "\n" in value and not value.endswith("\n") and not _FOLDED_SLOW.search(value):
+                lines = _LINE_BREAK.split(value)
+                if (len(name) + 2 + len(lines[0]) <= 78
+                        and all(len(x) <= 78 and x[:1] in (" ", "\t") and x.strip()
+                                for x in lines[1:])):
+                    return f"{name}: {self.linesep.join(lines)}{self.linesep}"
         return super()._fold(name, value, sanitize)  # type: ignore[misc]
 
 

@@ -1,0 +1,133 @@
+"""The parser's shortcuts (issue #10) give exactly what the stdlib ways they replace give.
+
+parse() reads the structure with compat32 and decodes unstructured headers without the
+header registry, finds boundary lines with bytes.find, and re-generates attached messages
+with a compat32 whose header folding skips Header objects where they change nothing. Each
+is compared here with the stdlib on the same (random) input. No timing here.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+from email import policy
+
+import mailflow.mail.parse as mp
+from mailflow.mail.parse import _boundary_lines, _GENERATE_POLICY, _next_boundary_line, parse
+
+
+@pytest.mark.parametrize("false_candidates", [0, 2, 64])
+def test_boundary_search_is_the_patterns(monkeypatch, false_candidates):
+    monkeypatch.setattr(mp, "_FALSE_CANDIDATES", false_candidates)
+    rnd = random.Random(false_candidates)
+    alph = [b"--", b"a", b"ab", b"b", b"\r\n", b"\n", b"\r", b" ", b"\t", b"x", b"-"]
+    for _ in range(20000):
+        bs = tuple(rnd.choice([b"a", b"ab", b"b", b"a b", b"-a", b"a-"])
+                   for _ in range(rnd.randint(1, 3)))
+        raw = b"".join(rnd.choice(alph) for _ in range(rnd.randint(0, 30)))
+        pos = rnd.randint(0, len(raw))
+        d = _boundary_lines(bs).search(raw, pos)
+        assert _next_boundary_line(raw, pos, bs) == (None if d is None else d.start()), \
+            (bs, raw, pos)
+
+
+def test_fast_folding_is_compat32s():
+    rnd = random.Random(2)
+    alph = ["a", "b", " ", "  ", "\t", ":", "\n", "\r\n", "\n ", "\r\n\t", "\r\n ", "é", "=?",
+            "x" * 20, "y" * 40, ",", ";", "\udce9", "\x0b", "\r", "", "\n\n"]
+    for _ in range(30000):
+        name = rnd.choice(["Subject", "X", "Received", "A-Very-Long-Header-Name-Here"])
+        value = "".join(rnd.choice(alph) for _ in range(rnd.randint(0, 14)))
+        try:
+            want: object = policy.compat32.fold_binary(name, value)
+        except Exception as exc:
+            want = type(exc)
+        try:
+            got: object = _GENERATE_POLICY.fold_binary(name, value)
+        except Exception as exc:
+            got = type(exc)
+        assert got == want, (name, value)
+
+
+def test_unstructured_headers_read_as_the_registry_reads_them():
+    rnd = random.Random(5)
+    alph = ["a", " ", "  ", "\t", "=?utf-8?q?caf=C3=A9?=", "=?iso-8859-1?b?Y2Fm6Q==?=", "=?",
+            "?=", "é", "\x01", "x=?utf-8?q?a?=", "=?bogus?q?a?=", "=?utf-8?q?a b?=", ",", "<", ">"]
+    for _ in range(5000):
+        name = rnd.choice(["Subject", "X-Thing", "Received", "Thread-Topic"])
+        value = "".join(rnd.choice(alph) for _ in range(rnd.randint(0, 10)))
+        raw = f"{name}: {value}\r\nFrom: a@b.example\r\n\r\nbody\r\n".encode("utf-8")
+        pm = parse(raw)
+        obj = policy.default.header_factory(name, mp._unfold(mp._normalise_ew_charsets(value)))
+        want = str(obj)
+        if "=?" in want and mp._ENCODED_WORD.search(want):
+            want = mp.light_decode(want)
+        assert pm.header(name) == mp._clean(want), (name, value)
+        assert not obj.defects
+
+
+def test_unquoted_boundary_with_equals_is_read_whole():
+    """`boundary=----=_Next...` unquoted: mail programs read all of it (policy.default
+    stopped at the "=" and saw no parts)."""
+    raw = (b"From: a@b.example\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/alternative; boundary=----=_NextPart_000\r\n\r\n"
+           b"------=_NextPart_000\r\nContent-Type: text/plain\r\n\r\nHello\r\n"
+           b"------=_NextPart_000\r\nContent-Type: text/html\r\n\r\n<p>Hello</p>\r\n"
+           b"------=_NextPart_000--\r\n")
+    pm = parse(raw)
+    assert pm.text == "Hello"
+    assert pm.html == "<p>Hello</p>"
+    assert not [d for d in pm.defects if "Boundary" in d]
+
+
+def _registry_reading(name: str, value: str) -> tuple[str, tuple[str, ...], list[tuple[str, str]]]:
+    obj = policy.default.header_factory(name, value)
+    return (str(obj), tuple(type(d).__name__ for d in obj.defects),
+            [(a.display_name, a.addr_spec) for a in getattr(obj, "addresses", ())])
+
+
+@pytest.mark.parametrize("name", ["From", "To", "Message-ID", "Content-Type"])
+def test_plain_structured_headers_read_as_the_registry_reads_them(name):
+    rnd = random.Random(name)
+    words = ["Jane", "O'Brien", "x", "J.", "a,b", "  ", " ", "=?utf-8?q?a?=", "(c)", "\\"]
+    addrs = ["a@b.example", "a.b@c.example", "a..b@c.example", ".a@b.example", "a@b.", "a@[1.2.3.4]",
+             "a+b@c-d.example", "a@b@c.example", "@b.example", "a@"]
+    hits = 0
+    for _ in range(6000):
+        if name in ("From", "To"):
+            items = []
+            for _ in range(rnd.randint(1, 3)):
+                addr = rnd.choice(addrs)
+                form = rnd.randint(0, 4)
+                dn = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 3)))
+                if form == 0:
+                    items.append(addr)
+                elif form == 1:
+                    items.append(f"{dn} <{addr}>")
+                elif form == 2:
+                    items.append(f'"{dn}" <{addr}>')
+                elif form == 3:
+                    items.append(f"{dn}<{addr}>")
+                else:
+                    items.append(f" {addr} ")
+            value = rnd.choice([",", ", ", " , "]).join(items)
+        elif name == "Message-ID":
+            value = rnd.choice(["<", ""]) + rnd.choice(addrs) + rnd.choice([">", "", "> "])
+        else:
+            value = rnd.choice(["text/plain", "multipart/mixed", "Text/HTML", "text", "a/b/c"])
+            for _ in range(rnd.randint(0, 3)):
+                attr = rnd.choice(["charset", "Boundary", "name", "name*", "format", "charset"])
+                val = rnd.choice(["utf-8", '"utf-8"', '"a b"', "----=_Part", '"x;y"', '""',
+                                  "a.b", '"é"', "abc'def", "'x'", '"it\'s"', "a%20",
+                                  '"a%20b"', '"a*b"', "a*"])
+                value += rnd.choice([";", "; ", ";  ", " ;"]) + f"{attr}={val}"
+        fast = mp._plain_structured(name.lower(), value)
+        if fast is None:
+            continue
+        hits += 1
+        text, defects, addresses = _registry_reading(name, value)
+        assert str(fast) == text, value
+        assert defects == (), value
+        assert [(a.display_name, a.addr_spec) for a in getattr(fast, "addresses", ())] == \
+            addresses, value
+    assert hits > 100   # the fast path is exercised
