@@ -66,6 +66,28 @@ class Result:
     outbox_ids: list[int] = field(default_factory=list)
 
 
+# At most this much of spool files (about the raw messages) per transaction of
+# `Pipeline.process_items`: what it holds in memory at once, parsed, until the commit.
+BATCH_BYTES = 16 * 2**20
+
+
+def _chunks(items: Sequence[SpoolItem]) -> list[list[SpoolItem]]:
+    """Items in order, cut into runs of at most BATCH_BYTES of spool files each."""
+    out: list[list[SpoolItem]] = []
+    size = 0
+    for item in items:
+        try:
+            n = item.eml.stat().st_size
+        except OSError:
+            n = 0   # reading it will fail, and say why
+        if not out or (size + n > BATCH_BYTES and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
+
+
 def _database_gone(e: BaseException) -> bool:
     """Whether an error is the database's (locked, unreachable, connection lost) rather than
     one message's: a batch then stops and gives every item back, instead of blaming one."""
@@ -137,8 +159,30 @@ class Pipeline:
 
         Returns, for each item in order, its Result or the exception it raised (already
         logged, and the item retried or failed, as `process_item` does). A database that
-        cannot be used gives every item back for a retry and raises the StoreError.
+        cannot be used gives every item not yet committed back for a retry and raises the
+        StoreError.
+
+        The parsed messages of a transaction are all held in memory until it commits, so
+        items are taken in transactions of at most BATCH_BYTES of spool files (a message
+        bigger than that has one to itself).
         """
+        results: list[Result | Exception] = []
+        chunks = _chunks(items)
+        for n, chunk in enumerate(chunks):
+            try:
+                results += self._process_batch(spool, chunk)
+            except StoreError:
+                for item in [i for later in chunks[n + 1:] for i in later]:
+                    try:
+                        spool.retry(item, "store: an earlier batch could not be written")
+                    except Exception:  # noqa: BLE001 - left claimed: recover() finds it
+                        log.exception("could not give spool item %s back", item.id)
+                raise
+        return results
+
+    def _process_batch(self, spool: Spool,
+                       items: Sequence[SpoolItem]) -> list[Result | Exception]:
+        """`process_items` for one transaction's worth of items."""
         outcome: list[Result | Exception | None] = [None] * len(items)
         prepared: list[tuple[int, bytes, _Prepared]] = []
         for i, item in enumerate(items):

@@ -166,3 +166,29 @@ def test_thread_rows_are_remembered_until_changed_or_rolled_back(mf: MfSite) -> 
         except RuntimeError:
             tx.forget()
         assert tx.thread(tid).state == "successful"  # type: ignore[union-attr]
+
+
+def test_a_big_batch_is_cut_into_transactions_by_size(site: Site, mf: MfSite,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailflow.pipeline as pipeline
+    tid, address = _sent_request(site, mf, "Batch by size")
+    raws = _replies(address, 5, "size")
+    items = _spool(mf, raws)
+    sizes = [i.eml.stat().st_size for i in items]
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 2 * max(sizes))   # two per transaction
+    assert [len(c) for c in pipeline._chunks(items)] == [2, 2, 1]
+    commits = []
+    real_tx = mf.store.tx
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def counting_tx():  # type: ignore[no-untyped-def]
+        with real_tx() as tx:
+            yield tx
+        commits.append(1)
+
+    monkeypatch.setattr(mf.store, "tx", counting_tx)
+    assert _outcomes(Pipeline(mf).process_items(mf.spool, items)) == ["response"] * 5
+    assert len(commits) == 3
+    assert mf.spool.pending() == []
