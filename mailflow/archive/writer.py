@@ -233,6 +233,7 @@ class Writer:
         self._staging = self.cache / "staging"
         self.result = WriteResult()
         self.kept: list[str] = []
+        self._kept_content: list[tuple[str, bytes]] = []
 
     def has(self, rel: str, digest: str) -> bool:
         """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
@@ -258,6 +259,14 @@ class Writer:
             return
         for rel in self.kept:
             guard.check(rel, (self.root / rel).read_bytes())
+        for rel, data in self._kept_content:
+            guard.check(rel, data)
+
+    def kept_content(self, rel: str, data: bytes) -> None:
+        """Part of a file written now that an earlier build wrote and checked as it is (the
+        unchanged threads' lines of the data dump): `write` is given the rest to check, and
+        `check_kept` checks this against the values added since, like the kept files."""
+        self._kept_content.append((rel, data))
 
     def write(self, rel: str, data: bytes | str, *, scan: bytes | None = None) -> str:
         """Check and stage one file; returns its sha256. `scan`: what to check instead of
