@@ -30,7 +30,8 @@ TITLES = {"smtp": "1. SMTP accept", "pipeline": "2. Pipeline", "archive": "3. Ar
           "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances"}
 IN_PROCESS = {"pipeline", "archive", "reminders"}   # what --profile can see
 PER_DATABASE = {"smtp", "pipeline", "reminders"}    # run once per database of --database
-SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages"}
+SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages",
+         "archive": "threads (the larger site; the smaller is a tenth)"}
 HERE = Path(__file__).resolve().parent
 
 
