@@ -41,7 +41,7 @@ from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive import reports as R
-from mailflow.archive.reading import events_by_thread, messages_by_thread
+from mailflow.archive.reading import events_by_thread, message_summaries_by_thread
 from mailflow.archive.charts import report_chart
 from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
@@ -587,15 +587,19 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             rows = ({r.thread_id: r for r in tx.reports()}
                     if any(R.is_public(t) for t in every) else {})
             public = [t for t in every if R.is_public(t) or C.is_public(t)]
-            msgs = messages_by_thread(tx) if public else {}
+            # Summaries of every thread's messages for the fingerprints; whole messages
+            # (tx.messages) only for the threads whose views are made again.
+            msgs = message_summaries_by_thread(tx) if public else {}
             events = events_by_thread(tx) if public else {}
             for t in public:
-                inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []), tx.get_raw)
+                inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []),  # type: ignore[arg-type]
+                                    tx.get_raw)
                 if R.is_public(t):
-                    report_views.append(_report(site, inp, rows.get(t.id), rules, verify,
-                                                cache, writer))
+                    report_views.append(_report(site, inp, tx.messages, rows.get(t.id), rules,
+                                                verify, cache, writer))
                 else:
-                    views.append(_thread(site, inp, rules, verify, cache, writer, today))
+                    views.append(_thread(site, inp, tx.messages, rules, verify, cache, writer,
+                                         today))
             del msgs, events
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
         report_rules = getattr(site.rules, "reports", None)
@@ -641,9 +645,12 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                        withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
 
 
-def _thread(site: Site, inp: C.ThreadInput, rules: list[Any], verify: DkimCache,
-            cache: ThreadCache, writer: Writer, today: date) -> C.ThreadView:
-    """One thread's public view: from the cache when nothing it shows has changed."""
+def _thread(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
+            rules: list[Any], verify: DkimCache, cache: ThreadCache, writer: Writer,
+            today: date) -> C.ThreadView:
+    """One thread's public view: from the cache when nothing it shows has changed. `inp`
+    holds message summaries (enough for the fingerprint); `messages_of` reads the whole
+    messages when the view must be made."""
     t = inp.thread
     authority = site.rules.authorities.get(t.authority)
     law = site.rules.laws.get(t.law)
@@ -651,6 +658,7 @@ def _thread(site: Site, inp: C.ThreadInput, rules: list[Any], verify: DkimCache,
     view = cache.get(t, fp, writer, today)
     if view is not None:
         return view
+    inp = replace(inp, messages=messages_of(t.id))
     red = Redactor(rules, thread_id=t.id, authority=t.authority,
                    private=private_values(t, site.domain))
     transient = verify.transient
@@ -662,10 +670,12 @@ def _thread(site: Site, inp: C.ThreadInput, rules: list[Any], verify: DkimCache,
     return view
 
 
-def _report(site: Site, inp: C.ThreadInput, row: Any, rules: list[Any], verify: DkimCache,
-            cache: ThreadCache, writer: Writer) -> R.ReportView:
+def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
+            row: Any, rules: list[Any], verify: DkimCache, cache: ThreadCache,
+            writer: Writer) -> R.ReportView:
     """One fault report's public view: from the cache when nothing it shows has changed
-    (its state, fixed_at and place are in the fingerprint, so a fix rebuilds its page)."""
+    (its state, fixed_at and place are in the fingerprint, so a fix rebuilds its page).
+    `inp` and `messages_of` as for `_thread`."""
     t = inp.thread
     authority = site.rules.authorities.get(t.authority)
     report_rules = getattr(site.rules, "reports", None)
@@ -680,6 +690,7 @@ def _report(site: Site, inp: C.ThreadInput, row: Any, rules: list[Any], verify: 
     view = cache.get_report(t, fp, writer)
     if view is not None:
         return view
+    inp = replace(inp, messages=messages_of(t.id))
     red = Redactor(rules, thread_id=t.id, authority=t.authority,
                    private=private_values(t, site.domain))
     transient = verify.transient
