@@ -276,3 +276,27 @@ def test_search_finds_reports(served_reports, browser) -> None:  # type: ignore[
     assert result.get_attribute("href") == f"/report/{w.r1}/"
     page.assert_clean(base)
     page.close()
+
+
+def test_paginated_lists_link_their_pages(served, browser, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """With one request a page, the lists and an authority's requests run over several
+    pages: each page is clean, and its page numbers lead to the others and back."""
+    w, _ = served
+    monkeypatch.setattr(build_mod, "PAGE_SIZE", 1)
+    paged = w.out.parent / "paged"
+    build_mod.build(w.mf, paged, full=True, dns_txt=w.dns, search=False)
+    with serve(paged) as base:
+        for first in ("list/waiting-response/", "body/camden/"):
+            page = Watched(browser)
+            page.open(base + first)
+            p = page.page
+            assert p.locator("nav.pager [aria-current=page]").inner_text() == "1"
+            p.locator("nav.pager a", has_text="2").click()
+            p.wait_for_url(base + first + "page/2/")
+            assert p.locator("main h1").count() == 1
+            assert p.locator("nav.pager [aria-current=page]").inner_text() == "2"
+            assert p.locator("ul.threads li").count() == 1
+            page.assert_clean(base)
+            p.locator("nav.pager a", has_text="1").click()
+            p.wait_for_url(base + first)
+            page.close()

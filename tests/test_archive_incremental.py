@@ -154,3 +154,19 @@ def test_listing_pages_are_paginated_and_kept_when_unchanged(
     assert not [p for p in rendered if p.startswith("list/") and p != "list/index.html"
                 and "waiting-response" not in p]
     assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+
+
+@pytest.mark.skipif(not build_mod.pagefind_available(), reason="pagefind is not installed")
+def test_cli_search(fresh: World) -> None:
+    from click.testing import CliRunner
+
+    from mailflow.cli import cli
+    from mailflow.cli_archive import archive
+    if "archive" not in cli.commands:
+        cli.add_command(archive)
+    fresh.build()
+    args = ["--config", str(fresh.mf.settings.path), "archive", "search", "--out", str(fresh.out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "search: indexed" in r.output, r.output
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "search: unchanged" in r.output, r.output
