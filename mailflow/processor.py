@@ -40,7 +40,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from datetime import datetime, timezone
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from mailflow.archive.build import ArchiveBusy, build as build_archive
@@ -121,8 +123,8 @@ class Processor:
         finally:
             self.stopping.set()
 
-    def _spawn(self, coro: "asyncio.Future[None] | asyncio.Task[None] | object") -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
