@@ -224,6 +224,7 @@ class Writer:
         self.root = Path(root)
         self.guard = guard
         self.fresh = fresh
+        self._root = str(self.root)
         self._direct: list[Path] = []
         self._dirs: set[Path] = set()
         self.cache = self.root / CACHE_DIR
@@ -237,7 +238,8 @@ class Writer:
 
     def has(self, rel: str, digest: str) -> bool:
         """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
-        return self.previous.get(rel) == digest and (self.root / rel).is_file()
+        # os.path rather than pathlib: called for every file of every unchanged thread.
+        return self.previous.get(rel) == digest and os.path.isfile(os.path.join(self._root, rel))
 
     def keep(self, rel: str, digest: str) -> None:
         """Keep a file this build knows to be unchanged without producing it again (the
