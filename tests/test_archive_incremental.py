@@ -108,9 +108,7 @@ def test_search_runs_apart_from_the_build(fresh: World) -> None:
     refresh_search indexes only when a build marked pages changed, at most so often."""
     r = fresh.build(search="background")
     assert r.search in ("started", "scheduled")
-    timer = build_mod._search_timers.get(fresh.out.resolve())
-    if timer is not None:
-        timer.join(120)
+    build_mod._search_last[fresh.out.resolve()].join(300)
     assert (fresh.out / "pagefind" / "pagefind-ui.js").exists()
     assert build_mod.refresh_search(fresh.out) == "unchanged"
     req_b, _ = addresses_of(fresh.mf, fresh.b)

@@ -375,7 +375,8 @@ def run_pagefind(root: Path) -> str:
 # mode), so a long-running process runs it apart from the builds, at most this often.
 SEARCH_INTERVAL = 300.0
 _search_lock = threading.Lock()
-_search_timers: dict[Path, threading.Timer] = {}
+_search_timers: dict[Path, threading.Timer] = {}   # pending or running, per folder
+_search_last: dict[Path, threading.Timer] = {}     # the latest started (to wait for it)
 
 
 def refresh_search(out: Path, *, min_interval: float = 0.0) -> str:
@@ -437,7 +438,7 @@ def search_in_background(out: Path, min_interval: float = SEARCH_INTERVAL) -> st
             return "scheduled"
         timer = threading.Timer(delay, run)
         timer.daemon = True    # a stale index is marked on disk: the next process catches up
-        _search_timers[out] = timer
+        _search_timers[out] = _search_last[out] = timer
         timer.start()
     return "scheduled" if delay else "started"
 
