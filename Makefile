@@ -28,13 +28,15 @@ run: $(BIN)/mailflow $(SITE)/config.toml
 demo: $(BIN)/mailflow
 	$(BIN)/mailflow --config $(SITE)/config.toml demo
 
-## test: the whole suite
+## test: the whole suite, every site-based test on SQLite and on PostgreSQL, in parallel workers
+## (most of a test's time is waiting on a daemon or a subprocess; TEST_WORKERS=0 runs them in turn)
+TEST_WORKERS ?= 4
 test: $(BIN)/mailflow
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-## test-postgresql: the whole suite again, every site on a fresh PostgreSQL database
+## test-postgresql: only the PostgreSQL side of the site-based tests
 test-postgresql: $(BIN)/mailflow
-	MAILFLOW_TEST_DATABASES=postgresql $(BIN)/python -m pytest -q
+	MAILFLOW_TEST_DATABASES=postgresql $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## bench: the performance benchmarks (bench/README.md); `make bench ARGS=--quick` for tiny sizes
 bench: $(BIN)/mailflow
