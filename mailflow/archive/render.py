@@ -10,6 +10,7 @@ catalogue installed it is English as written.
 """
 from __future__ import annotations
 
+import functools
 import re
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -95,10 +96,18 @@ def make_env(override: Path | None, language: str = "en") -> Environment:
     return env
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_env(override: Path | None, language: str) -> Environment:
+    """One environment per templates folder and language for the life of the process, so
+    the daemon's builds do not compile every template again (Jinja2 still reloads a template
+    whose file changed: `auto_reload`)."""
+    return make_env(override, language)
+
+
 class Renderer:
     def __init__(self, site: SiteView, override: Path | None = None, lang: str = "en"):
         self.site = site
-        self.env = make_env(override, lang)
+        self.env = _shared_env(override, lang)
         self.lang = lang
 
     def page(self, template: str, path: str, *, csp: str = CSP, **context: Any) -> str:
