@@ -146,7 +146,7 @@ class Pipeline:
         return result
 
     def process_items(self, spool: Spool, items: Sequence[SpoolItem]) -> list[Result | Exception]:
-        """Process several claimed spool items in one transaction and settle each.
+        """Process several claimed spool items with one commit for them all, and settle each.
 
         The same as `process_item` for each item, in order, but with one commit for them all
         (each commit is an fsync on PostgreSQL, and on SQLite the write lock and the WAL
@@ -191,7 +191,10 @@ class Pipeline:
                 prepared.append((i, raw, self._prepare(raw, item.envelope)))
             except Exception as e:  # noqa: BLE001 - as in process_item
                 outcome[i] = e
-                self._settle_failure(spool, item, None, e)
+                try:
+                    self._settle_failure(spool, item, None, e)
+                except Exception:  # noqa: BLE001 - left claimed: recover() finds it
+                    log.exception("could not settle spool item %s", item.id)
         failed: dict[int, tuple[bytes, Exception]] = {}
         try:
             with self.site.store.tx() as tx:
