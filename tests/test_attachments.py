@@ -427,7 +427,7 @@ def _tar() -> bytes:
     ("files.zip", "application/octet-stream", _plain_zip()),
     ("files.tar", "application/x-tar", _tar()),
     ("files.tar", "application/octet-stream", _tar()),
-    ("notes.txt.gz", "application/gzip", gzip.compress(EMAIL.encode())),
+    ("notes.txt.gz", "application/gzip", gzip.compress(EMAIL.encode(), mtime=0)),
     ("notes.7z", "application/x-7z-compressed", b"7z\xbc\xaf\x27\x1c\x00\x04"),
     ("notes.rar", "application/vnd.rar", b"Rar!\x1a\x07\x01\x00"),
     ("fwd.eml", "message/rfc822", f"From: {EMAIL}\r\n\r\nhello".encode()),
