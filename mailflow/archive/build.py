@@ -836,7 +836,8 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
             data["reports"] = [R.summary_json(rp, base) for rp in a.reports]
             w.write(f"{a.path}feed.atom", feeds.atom_feed(
                 title=a.name, base_url=base, page=a.path, feed=f"{a.path}feed.atom",
-                entries=feeds.message_entries(feeds.thread_entries(a.threads), base)
+                entries=feeds.message_entries(feeds.thread_entries(a.threads), base,
+                                              feeds.FEED_SIZE)
                 + feeds.report_entries(a.reports, base), author=sv.name))
         else:
             w.write(f"{a.path}feed.atom", feeds.atom(

@@ -89,9 +89,14 @@ def atom_feed(*, title: str, base_url: str, page: str, feed: str, entries: Itera
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def message_entries(pairs: Iterable[tuple[Any, MessageView]], base_url: str) -> list[Entry]:
-    """An entry per (thread, message), newest first (by time, then message number)."""
+def message_entries(pairs: Iterable[tuple[Any, MessageView]], base_url: str,
+                    limit: int | None = None) -> list[Entry]:
+    """An entry per (thread, message), newest first (by time, then message number); with
+    `limit`, only the newest so many (a feed shows FEED_SIZE: the site's feed need not
+    summarise all 50,000 messages of a big site to show 50)."""
     items = sorted(pairs, key=lambda e: (e[1].at, e[1].pk), reverse=True)
+    if limit is not None:
+        items = items[:limit]
     return [Entry(f"{base_url}{t.id_path}#m{m.pk}", f"{m.kind_words}: {t.title}", m.at,
                   f"{base_url}{t.path}#m{m.pk}", m.sender, summary(m)) for t, m in items]
 
@@ -101,7 +106,7 @@ def atom(*, title: str, base_url: str, page: str, feed: str,
     """One Atom feed of messages: `page` and `feed` are paths under the site (e.g.
     "request/1-x/")."""
     return atom_feed(title=title, base_url=base_url, page=page, feed=feed, author=author,
-                     entries=message_entries(entries, base_url))
+                     entries=message_entries(entries, base_url, FEED_SIZE))
 
 
 def report_entries(reports: Iterable[Any], base_url: str) -> list[Entry]:
