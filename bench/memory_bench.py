@@ -35,13 +35,29 @@ def _work(tmp: Path, *args: str) -> dict[str, Any]:
     return json.loads(r.stdout)
 
 
+def _family(pid: int) -> list[int]:
+    """The daemon and its children: `mailflow serve` runs its processor in a child process."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid, *(int(k) for k in kids)]
+
+
 def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    total = 0
+    for p in _family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def _at_rest(daemon: Daemon, settle: float = 3.0, timeout: float = 600) -> tuple[int, float]:
-    """RSS once the daemon has used no CPU for `settle` seconds (start-up sweeps done)."""
+    """RSS (of the daemon and its processor together) once they have used no CPU for
+    `settle` seconds (start-up sweeps done)."""
     assert daemon.proc is not None
     pid = daemon.proc.pid
     t0 = time.monotonic()
@@ -53,7 +69,7 @@ def _at_rest(daemon: Daemon, settle: float = 3.0, timeout: float = 600) -> tuple
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= settle:
             break
-    return rss_of(pid)["VmRSS"], time.monotonic() - t0
+    return sum(rss_of(p).get("VmRSS", 0) for p in _family(pid)), time.monotonic() - t0
 
 
 def run(tmp: Path, quick: bool, profile: Any = None) -> Section:
@@ -114,5 +130,6 @@ def run(tmp: Path, quick: bool, profile: Any = None) -> Section:
     sec.notes.append(
         "Peak RSS is the kernel's VmHWM of a subprocess, reset after warm-up; the message is an "
         "authority's reply to a real thread, so processing also forwards it (with its "
-        "attachment, DKIM-signed) to the citizen.")
+        "attachment, DKIM-signed) to the citizen. The daemon's RSS at rest is that of both of "
+        "`mailflow serve`'s processes (the accepting one and its processor child) added up.")
     return sec

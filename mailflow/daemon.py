@@ -33,7 +33,6 @@ from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.instances import HEARTBEAT, Registry, health_path, spool_depth, write_health
 from mailflow.pipeline import Gatekeeper
-from mailflow.processor import STOP_TIMEOUT
 from mailflow.site import Site
 from mailflow.store.tables import blocked_senders
 
@@ -48,6 +47,10 @@ LET_IN_MAX = 10_000
 UNREAD_MAX = 1 << 20
 """Bytes of wake-ups the processor has not read yet beyond which more are dropped (it is
 stuck or starting; its sweep of the spool finds those messages), so memory stays bounded."""
+PROCESSOR_STOP_SECONDS = 45.0
+"""How long a stopping daemon waits for its processor (which gives its item 30 s) before
+killing it; safe either way, the item stays in the spool. (mailflow.processor is not
+imported here: its archive and delivery modules would only weigh on this process.)"""
 RESTART_DELAY = (1.0, 60.0)
 """A processor that died is started again after the first delay, doubling up to the second
 while it keeps dying young (a broken config or database is not a reason to spin)."""
@@ -228,7 +231,7 @@ class Daemon:
                     except asyncio.TimeoutError:
                         pass
 
-    async def stop_processor(self, timeout: float = STOP_TIMEOUT + 15) -> None:
+    async def stop_processor(self, timeout: float = PROCESSOR_STOP_SECONDS) -> None:
         """Ask the processor to finish its item and stop (a ``stop`` line, then the end of
         its stdin; a SIGTERM to the whole group reaches it anyway), and wait; kill it if
         it does not stop in time, which is safe: its item stays in the spool."""
