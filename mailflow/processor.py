@@ -61,6 +61,9 @@ NICENESS = 10
 """The processor runs at a lower CPU priority than the daemon: under a burst, answering the
 clients comes first, and the backlog is processed in the time the accept loop leaves (a few
 seconds later; the spool holds it safely meanwhile)."""
+BATCH_MAX = 50
+"""Wake-ups taken together into one `Pipeline.process_items` (one commit) when a burst has
+queued them: each commit is an fsync, which the accepting process waits on too."""
 STOP_TIMEOUT = 30.0
 """How long the item being processed may take to finish once asked to stop."""
 
@@ -86,7 +89,38 @@ class Processor:
             spool_id = await self.wakeup.get()
             if spool_id is None:
                 return
-            await self.process(spool_id)
+            ids = [spool_id]
+            last = False
+            while len(ids) < BATCH_MAX and not self.wakeup.empty():
+                nxt = self.wakeup.get_nowait()
+                if nxt is None:
+                    last = True
+                    break
+                ids.append(nxt)
+            if len(ids) == 1:
+                await self.process(spool_id)
+            else:
+                await self.process_many(ids)
+            if last:
+                return
+
+    async def process_many(self, spool_ids: list[str]) -> None:
+        """Claim what is still there of `spool_ids` and process it in one transaction."""
+        spool = self.site.spool
+        items = [i for i in await asyncio.to_thread(lambda: [spool.claim(x) for x in spool_ids])
+                 if i is not None]
+        if not items:
+            return
+        try:
+            results = await asyncio.to_thread(self.pipeline.process_items, spool, items)
+        except Exception as e:  # noqa: BLE001 - given back to the spool by process_items
+            log.warning("%d spool items not processed yet: %s", len(items), e)
+            return
+        outbox_ids = [o for r in results if not isinstance(r, BaseException)
+                      for o in r.outbox_ids]
+        if outbox_ids:
+            await self.flush_outbox(outbox_ids)
+        self.archive_soon()
 
     async def process(self, spool_id: str | None) -> None:
         item = await asyncio.to_thread(self.site.spool.claim, spool_id)
