@@ -229,6 +229,25 @@ _INSERT_RAW: dict[str, Any] = {
 }
 
 
+def _no_nul(value: Any) -> Any:
+    """`value` with every NUL in its strings (in dicts and lists too) replaced by U+FFFD.
+
+    PostgreSQL's text and jsonb cannot hold NUL, which mail's subjects, bodies and names
+    sometimes have; SQLite could, and the two stores must keep the same values. The raw bytes
+    (raw_messages) are never changed."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_no_nul(v) for v in value)
+    return value
+
+
+def _no_nul_values(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _no_nul(v) for k, v in values.items()}
+
+
 class Tx:
     """One database transaction and the operations mailflow performs in it.
 
@@ -284,7 +303,8 @@ class Tx:
         values.setdefault("created_at", utcnow())
         values.setdefault("kind", "foi")
         values.setdefault("delivery_status", "pending")
-        return int(self.c.execute(insert(threads).values(**values)).inserted_primary_key[0])
+        return int(self.c.execute(insert(threads).values(**_no_nul_values(values)))
+                   .inserted_primary_key[0])
 
     def thread(self, thread_id: int) -> Thread | None:
         if thread_id in self._threads:
@@ -332,6 +352,7 @@ class Tx:
     def update_thread(self, thread_id: int, **values: Any) -> None:
         """Set columns of one thread (plain values: the SET clause follows their names)."""
         self._threads.pop(thread_id, None)
+        values = _no_nul_values(values)
         if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
             self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
             return
@@ -356,10 +377,7 @@ class Tx:
         values.setdefault("hidden", False)
         # PostgreSQL's text cannot hold NUL, which decoded mail sometimes has (the raw bytes,
         # kept whole in raw_messages, are untouched): U+FFFD marks where one was.
-        for key in ("text", "subject", "from_name", "from_addr", "message_id"):
-            if isinstance(values.get(key), str) and "\x00" in values[key]:
-                values[key] = values[key].replace("\x00", "\ufffd")
-        return int(self.c.execute(_INSERT_MESSAGE, values).inserted_primary_key[0])
+        return int(self.c.execute(_INSERT_MESSAGE, _no_nul_values(values)).inserted_primary_key[0])
 
     def messages(self, thread_id: int) -> list[StoredMessage]:
         q = select(messages).where(messages.c.thread_id == thread_id).order_by(messages.c.id)
@@ -529,7 +547,7 @@ class Tx:
     def add_event(self, thread_id: int, actor: str, kind: str,
                   detail: dict[str, Any] | None = None) -> None:
         self.c.execute(_INSERT_EVENT, {"thread_id": thread_id, "at": utcnow(), "actor": actor,
-                                       "kind": kind, "detail": detail})
+                                       "kind": kind, "detail": _no_nul(detail)})
 
     def events(self, thread_id: int) -> list[dict[str, Any]]:
         q = (select(thread_events).where(thread_events.c.thread_id == thread_id)
@@ -549,7 +567,8 @@ class Tx:
         unknown = set(values) - _REPORT_FIELDS
         if unknown:
             raise ValueError(f"not report fields: {', '.join(sorted(unknown))}")
-        self.c.execute(insert(reports).values(thread_id=thread_id, updated_at=utcnow(), **values))
+        self.c.execute(insert(reports).values(thread_id=thread_id, updated_at=utcnow(),
+                                              **_no_nul_values(values)))
 
     def report(self, thread_id: int) -> Report | None:
         row = self.c.execute(select(reports).where(reports.c.thread_id == thread_id)).first()
@@ -560,7 +579,7 @@ class Tx:
         if unknown:
             raise ValueError(f"not report fields: {', '.join(sorted(unknown))}")
         self.c.execute(update(reports).where(reports.c.thread_id == thread_id)
-                       .values(updated_at=utcnow(), **values))
+                       .values(updated_at=utcnow(), **_no_nul_values(values)))
 
     def reports(self, states: list[str] | tuple[str, ...] | set[str] | None = None,
                 category: str | None = None, area: str | None = None) -> list[Report]:
@@ -609,8 +628,9 @@ class Tx:
     def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,
                        thread_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
         return int(self.c.execute(_INSERT_QUEUE_ITEM, {
-            "reason": reason, "state": "open", "summary": summary, "raw_sha256": raw_sha256,
-            "thread_id": thread_id, "detail": detail, "created_at": utcnow(),
+            "reason": reason, "state": "open", "summary": _no_nul(summary),
+            "raw_sha256": raw_sha256, "thread_id": thread_id, "detail": _no_nul(detail),
+            "created_at": utcnow(),
         }).inserted_primary_key[0])
 
     def queue(self, include_decided: bool = False, reason: str | None = None) -> list[QueueItem]:
@@ -637,8 +657,8 @@ class Tx:
               target: str | None = None, reason: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
         self.c.execute(insert(audit_log).values(at=utcnow(), actor=actor, action=action,
-                                                thread_id=thread_id, target=target,
-                                                reason=reason, detail=detail))
+                                                thread_id=thread_id, target=_no_nul(target),
+                                                reason=_no_nul(reason), detail=_no_nul(detail)))
 
     def audit_entries(self, thread_id: int | None = None) -> list[dict[str, Any]]:
         q = select(audit_log).order_by(audit_log.c.id)
