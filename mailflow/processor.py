@@ -175,8 +175,10 @@ class Processor:
     async def refresh_archive(self) -> None:
         async with self._archive_lock:
             try:
+                # Pagefind has no incremental mode (a minute at 10,000 pages): it runs in
+                # the background, at most every few minutes, not inside each build.
                 report = await asyncio.to_thread(build_archive, self.site, None, False,
-                                                 wait=False)
+                                                 wait=False, search="background")
             except ArchiveBusy as e:
                 # Another instance is the writer just now: what changed here is in the
                 # database, so a build a little later picks it up (ours, or theirs).
