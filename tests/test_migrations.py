@@ -88,3 +88,22 @@ def test_upgrade_to_fault_reports_keeps_the_threads_and_adds_reports(site: Site,
         assert tx.open_reports_near("bins", Point(51.1653, -1.4497), 100) == []
         assert tx.open_reports_near("pothole", Point(51.1752, -1.4497), 100) == []
     store.close()
+
+
+def test_the_fast_head_is_alembics_head() -> None:
+    """`known_head` reads the revision files without Alembic; it must agree with Alembic."""
+    assert db.known_head() is not None
+    assert db.known_head() == db.head_revision()
+
+
+def test_a_command_on_a_current_database_does_not_import_alembic(site: Site) -> None:
+    """Alembic (with Mako) is only loaded when there is a migration to run: every admin
+    command and every `mailflow ingest` from an MTA's pipe would pay for it otherwise."""
+    import subprocess
+    import sys
+    code = ("import sys; from mailflow.site import Site; s = Site.open(sys.argv[1]); "
+            "s.store; print('alembic' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(site.config)], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().strip() == "False"
