@@ -50,6 +50,57 @@ def addresses(msg: EmailMessage, *headers: str) -> list[str]:
     return [a for _, a in getaddresses(vals) if a]
 
 
+# Each `mailflow` subprocess spends about a second of CPU importing (SQLAlchemy, the rules'
+# libraries) before 0.1-0.2 s of work, and the suite runs thousands: in-process, the same
+# click commands run with the imports paid once per worker. Daemons, `init` and the tests of
+# process behaviour (exit codes from a pipe, crashes, resource limits) still use subprocesses.
+CLI_SUBPROCESS = os.environ.get("MAILFLOW_TEST_CLI", "in-process") == "subprocess"
+
+
+def _run_in_process(site: "Site", args: list[str], input: bytes | None,
+                    env: dict[str, str] | None) -> subprocess.CompletedProcess[bytes]:
+    import logging
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    import mailflow.site as site_mod
+    from mailflow.cli import cli
+
+    opened: list = []
+    real_open = site_mod.Site.open.__func__  # type: ignore[attr-defined]
+
+    def tracked_open(cls, *a, **k):  # type: ignore[no-untyped-def]
+        s = real_open(cls, *a, **k)
+        opened.append(s)
+        return s
+
+    root = logging.getLogger()
+    saved_logging = (root.handlers[:], root.level)
+    root.handlers[:] = []          # a fresh process's logging: the command sets up its own
+    cwd = os.getcwd()
+    os.chdir(site.dir)
+    site_mod.Site.open = classmethod(tracked_open)  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")          # as in a process of its own
+            result = CliRunner().invoke(cli, ["--config", str(site.config), *args],
+                                        input=input, env=env, prog_name="mailflow")
+    finally:
+        site_mod.Site.open = classmethod(real_open)  # type: ignore[method-assign]
+        os.chdir(cwd)
+        root.handlers[:], _ = saved_logging
+        root.setLevel(saved_logging[1])
+        for s in opened:
+            s.close()
+    err = result.stderr_bytes or b""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        err += "".join(traceback.format_exception(result.exception)).encode()
+    return subprocess.CompletedProcess([*MAILFLOW, *args], result.exit_code,
+                                       result.stdout_bytes, err)
+
+
 @dataclass
 class Site:
     dir: Path
@@ -61,6 +112,10 @@ class Site:
 
     def run(self, *args: str, input: bytes | None = None, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """The real `mailflow` command line, in this process (see `_run_in_process`), or in a
+        subprocess as an MTA's pipe or cron would start it with MAILFLOW_TEST_CLI=subprocess."""
+        if not CLI_SUBPROCESS:
+            return _run_in_process(self, list(args), input, env)
         return subprocess.run([*MAILFLOW, "--config", str(self.config), *args], input=input,
                               capture_output=True, timeout=timeout, cwd=self.dir,
                               env={**os.environ, **(env or {})})

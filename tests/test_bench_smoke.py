@@ -29,13 +29,16 @@ def _postgresql_or_skip() -> None:
 
 @pytest.mark.slow
 def test_quick_benchmarks_complete_and_write_a_table(tmp_path: Path) -> None:
+    """The archive and memory benchmarks (SMTP, pipeline and reminders run in the test
+    below, on both databases: the suite's CPU time is what keeps CI under its limit)."""
     out = tmp_path / "results.md"
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
-                        "--tmp", str(tmp_path)], cwd=ROOT, capture_output=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "archive",
+                        "--only", "memory", "--out", str(out), "--tmp", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, timeout=900)
     assert r.returncode == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-5000:])
     table = out.read_text()
     assert "| benchmark | case | mailflow | baseline | ratio | target | pass |" in table
-    for bench in ("smtp", "pipeline", "archive", "memory", "reminders"):
+    for bench in ("archive", "memory"):
         assert f"\n| {bench} |" in table, f"no {bench} rows in the table"
     assert "| error |" not in table
     for fact in ("| CPU |", "| Cores |", "| RAM |", "| Python |", "| SQLite |"):

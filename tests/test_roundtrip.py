@@ -242,3 +242,18 @@ def test_authority_list_json(site: Site) -> None:
     camden = next(r for r in rows if r["slug"] == "camden")
     assert camden["emails"] == [AUTHORITY] and camden["law"] == "uk-foia"
     assert set(camden) >= {"slug", "name", "emails", "law"}
+
+
+def test_ingest_as_its_own_process_like_an_mta_pipe(site: Site) -> None:
+    """The suite runs CLI commands in-process (conftest: Site.run); this is the real entry
+    point an MTA's pipe transport starts, with its exit codes: 0 taken, 67 not ours."""
+    import subprocess
+
+    from conftest import MAILFLOW
+    raw = compose(f"Jane Citizen <{JANE}>", f"camden@{DOMAIN}", "Budget", "How much?")
+    for rcpt, code in ((f"camden@{DOMAIN}", 0), (f"nobody@{DOMAIN}", 67)):
+        r = subprocess.run([*MAILFLOW, "--config", str(site.config), "ingest", "--rcpt", rcpt,
+                            "--sender", JANE], input=raw, capture_output=True, cwd=site.dir,
+                           timeout=120)
+        assert r.returncode == code, (rcpt, r.returncode, r.stderr.decode())
+    assert [rcpt for rcpt, _, _ in site.new_mail()] == [JANE]   # the confirmation, once
