@@ -465,3 +465,13 @@ def corpus_index() -> list[tuple[Path, str]]:
             if out:
                 return out
     return []
+
+
+def process_family(pid: int) -> list[int]:
+    """A daemon and its child processes: `mailflow serve` runs its processor in one, so the
+    daemon's memory and CPU are the sum over both."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid, *(int(k) for k in kids)]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (MAILFLOW, Daemon, PgWatch, Row, Section, cpu_seconds, db_name,
+from bench.common import (process_family, MAILFLOW, Daemon, PgWatch, Row, Section, cpu_seconds, db_name,
                           drop_pg_databases, env, fmt_rate, machine_cpu, make_site, open_site,
                           runqueue_wait, set_config, wait_quiet)
 from bench.smtp_bench import connect, wire
@@ -175,7 +175,7 @@ def run_case(folder: Path, database: str, daemons: int, n_msgs: int, n_threads: 
             procs.append(Daemon(cfg, folder / f"serve-{i}.log"))   # sets [smtp] listen
         for d in procs:
             d.start()
-        wait_quiet([p for d in procs if d.proc for p in _family(d.proc.pid)], settle=2.0,
+        wait_quiet([p for d in procs if d.proc for p in process_family(d.proc.pid)], settle=2.0,
                    timeout=120)
         probe = Probe(url)
         if database == "postgresql":
@@ -247,17 +247,8 @@ def _ms(x: float, n: int) -> str:
     return f"{x / n * 1e3:.1f}" if n else "?"
 
 
-def _family(pid: int) -> list[int]:
-    """A daemon and its child processes (`mailflow serve` runs its processor in one)."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    return [pid, *(int(k) for k in kids)]
-
-
 def _family_sum(measure: Any, pid: int) -> float:
-    return sum(measure(p) or 0.0 for p in _family(pid))
+    return sum(measure(p) or 0.0 for p in process_family(pid))
 
 
 def _cpu_note(cases: list[Case]) -> str:

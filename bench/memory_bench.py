@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (Daemon, Row, Section, env, fmt_mb, make_site, open_site, rss_of,
+from bench.common import (process_family, Daemon, Row, Section, env, fmt_mb, make_site, open_site, rss_of,
                           set_config)
 from bench.world import authority_reply, bulk_archive_site, make_threads
 
@@ -35,18 +35,9 @@ def _work(tmp: Path, *args: str) -> dict[str, Any]:
     return json.loads(r.stdout)
 
 
-def _family(pid: int) -> list[int]:
-    """The daemon and its children: `mailflow serve` runs its processor in a child process."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    return [pid, *(int(k) for k in kids)]
-
-
 def _cpu_ticks(pid: int) -> int:
     total = 0
-    for p in _family(pid):
+    for p in process_family(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -69,7 +60,7 @@ def _at_rest(daemon: Daemon, settle: float = 3.0, timeout: float = 600) -> tuple
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= settle:
             break
-    return sum(rss_of(p).get("VmRSS", 0) for p in _family(pid)), time.monotonic() - t0
+    return sum(rss_of(p).get("VmRSS", 0) for p in process_family(pid)), time.monotonic() - t0
 
 
 def run(tmp: Path, quick: bool, profile: Any = None) -> Section:
