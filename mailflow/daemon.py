@@ -179,11 +179,19 @@ class Daemon:
         return [sys.executable, "-m", "mailflow.processor",
                 "--config", str(self.site.settings.path), "--instance", self.registry.id,
                 "--parent", str(os.getpid()), "--log-level", str(root.getEffectiveLevel()),
-                "--log-format", fmt]
+                "--log-format", fmt, "--no-recover"]
 
     async def start_processor(self) -> asyncio.subprocess.Process:
         """Start the processor with this very mailflow (its package first on the path, so a
-        checkout or `bench --commit` runs the same code in both processes)."""
+        checkout or `bench --commit` runs the same code in both processes).
+
+        What a crash (of the daemon, or of the processor before this one) left in work/ goes
+        back to new/ here, before the processor starts: at the daemon's start that is before
+        it accepts mail, as it always was. The processor does not do it itself, as it would
+        do it a second or two later, when a `mailflow ingest` may be holding a live item."""
+        recovered = await asyncio.to_thread(self.site.spool.recover)
+        if recovered:
+            log.info("recovered %d spool items left by a crash", recovered)
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
@@ -311,8 +319,8 @@ class Daemon:
                                  f"{s.smtp.listen_host}:{s.smtp.listen_port}"})
         await asyncio.to_thread(self._read_blocked)  # before the first RCPT, not during it
         self._blocked_read_at = time.monotonic()
-        # The processor recovers what a crash left in the spool before it claims anything;
-        # this process never touches work/, so it can accept meanwhile.
+        # start_processor recovers what a crash left in the spool, before the processor
+        # claims anything and before this process accepts mail.
         supervisor = asyncio.create_task(self.supervise(await self.start_processor()),
                                          name="processor-supervisor")
         await self.heartbeat()

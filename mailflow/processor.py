@@ -71,8 +71,12 @@ STOP_TIMEOUT = 30.0
 class Processor:
     """Claims spooled messages one at a time and runs everything that follows them."""
 
-    def __init__(self, site: Site, instance_id: str | None = None):
+    def __init__(self, site: Site, instance_id: str | None = None, *, recover: bool = True):
         self.site = site
+        # `mailflow serve` recovers the spool itself, before it accepts mail and before each
+        # processor it starts: a processor still importing when the first `mailflow ingest`
+        # arrives would otherwise move that live item out of work/ under it.
+        self.recover = recover
         self.pipeline = Pipeline(site)
         self.reminders = Reminders(site)
         self.registry = Registry(site.store, instance_id)
@@ -236,9 +240,10 @@ class Processor:
         released = await asyncio.to_thread(self.registry.release_own_claims)
         if released:
             log.info("released %d outbox rows the previous processor was sending", released)
-        recovered = await asyncio.to_thread(self.site.spool.recover)
-        if recovered:
-            log.info("recovered %d spool items left by a crash", recovered)
+        if self.recover:
+            recovered = await asyncio.to_thread(self.site.spool.recover)
+            if recovered:
+                log.info("recovered %d spool items left by a crash", recovered)
         listener = (asyncio.create_task(self.listen(commands), name="daemon-commands")
                     if commands is not None else None)
         worker = asyncio.create_task(self.worker(), name="spool-worker")
@@ -303,9 +308,9 @@ async def _stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def _main(config: str, instance: str | None) -> None:
+async def _main(config: str, instance: str | None, recover: bool = True) -> None:
     site = Site.open(config)
-    await Processor(site, instance).run(await _stdin_reader())
+    await Processor(site, instance, recover=recover).run(await _stdin_reader())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent", type=int, default=0, help="the daemon's pid")
     ap.add_argument("--log-level", type=int, default=logging.INFO)
     ap.add_argument("--log-format", choices=["text", "json"], default=None)
+    ap.add_argument("--no-recover", action="store_true",
+                    help="leave work/ alone at start (the daemon that starts this recovered it)")
     args = ap.parse_args(argv)
     _die_with_parent(args.parent)
     try:
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         # instance that is alive or dead, not this process on its own).
         logs.INSTANCE = args.instance
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    asyncio.run(_main(args.config, args.instance))
+    asyncio.run(_main(args.config, args.instance, recover=not args.no_recover))
 
 
 if __name__ == "__main__":
