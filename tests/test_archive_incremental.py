@@ -47,9 +47,8 @@ def test_an_incremental_build_equals_a_full_build(fresh: World, tmp_path: Path) 
     assert published(fresh.out) == published(tmp_path / "full2")
 
 
-def test_unchanged_threads_keep_their_files_without_rendering(
-        fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    fresh.build()
+def reply_and_rebuild(fresh: World, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The authority answers thread b, then an incremental build: the pages it rendered."""
     req_b, _ = addresses_of(fresh.mf, fresh.b)
     ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks."), req_b, HOME)
     rendered: list[str] = []
@@ -61,6 +60,13 @@ def test_unchanged_threads_keep_their_files_without_rendering(
 
     monkeypatch.setattr(build_mod.Renderer, "page", counting)
     fresh.build()
+    return rendered
+
+
+def test_unchanged_threads_keep_their_files_without_rendering(
+        fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh.build()
+    rendered = reply_and_rebuild(fresh, monkeypatch)
     threads = [p for p in rendered if p.startswith("request/")]
     assert threads == [f"{fresh.thread_dir(fresh.b)}index.html"]
 
@@ -137,17 +143,7 @@ def test_listing_pages_are_paginated_and_kept_when_unchanged(
                        "list/waiting-response/page/3/index.html"]
     # One new message: only the pages showing its thread are rendered again, and the result
     # is what a full build makes.
-    req_b, _ = addresses_of(fresh.mf, fresh.b)
-    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks."), req_b, HOME)
-    rendered: list[str] = []
-    real = build_mod.Renderer.page
-
-    def counting(self, template, path, **kw):  # type: ignore[no-untyped-def]
-        rendered.append(path)
-        return real(self, template, path, **kw)
-
-    monkeypatch.setattr(build_mod.Renderer, "page", counting)
-    fresh.build()
+    rendered = reply_and_rebuild(fresh, monkeypatch)
     assert "body/camden/page/2/index.html" not in rendered
     assert not [p for p in rendered if p.startswith("list/") and p != "list/index.html"
                 and "waiting-response" not in p]
