@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import select
 
 from mailflow.core.addresses import OurAddress
+from mailflow.errors import MailflowError
 from mailflow.ingress.imap import parse_accounts, run_pollers
 from mailflow.ingress.smtp import IngressHandler, RcptDecision, start_server
 from mailflow.instances import HEARTBEAT, Registry, health_path, spool_depth, write_health
@@ -335,6 +336,15 @@ class Daemon:
                                         max_connections=s.smtp.max_connections,
                                         max_connections_per_ip=s.smtp.max_connections_per_ip,
                                         tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key)
+        except OSError as e:
+            # A port already taken or a host that is not this machine's: one line that names
+            # the setting, not a traceback from inside asyncio.
+            self.stopping.set()
+            await self.stop_processor()
+            supervisor.cancel()
+            raise MailflowError(
+                f"cannot listen on {s.smtp.listen_host}:{s.smtp.listen_port} ([smtp] listen in "
+                f"{s.path}): {e.strerror or e}") from e
         except BaseException:
             self.stopping.set()
             await self.stop_processor()

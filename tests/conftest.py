@@ -261,20 +261,37 @@ class Daemon:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([*MAILFLOW, "--config", str(self.site.config), "serve"],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                     cwd=self.site.dir, start_new_session=True)
-        _RUNNING.append(self)
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(100).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("daemon did not start: " + self.log.read_text())
+        """Start `mailflow serve` and wait for its own "listening on" line, not just for
+        something to answer on the port: free_port() releases the port before the daemon binds
+        it, so another xdist worker's test server (or a client's ephemeral port) can take it in
+        between, and a test would then talk to a stranger that also says 220 (seen once in CI:
+        a 250 from a server whose spool was not this site's). A daemon that lost its port is
+        started again on a new one."""
+        for attempt in range(5):
+            offset = self.log.stat().st_size if self.log.exists() else 0
+            self.proc = subprocess.Popen([*MAILFLOW, "--config", str(self.site.config), "serve"],
+                                         stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                         cwd=self.site.dir, start_new_session=True)
+            _RUNNING.append(self)
+            mine = f"listening on 127.0.0.1:{self.port} ".encode()
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                with open(self.log, "rb") as f:
+                    f.seek(offset)
+                    said = f.read()
+                if self.proc.poll() is not None:
+                    _RUNNING.remove(self)
+                    if b"in use" in said and attempt < 4:
+                        self.port = free_port()  # lost the race for the port: try another
+                        self.site.set("smtp", "listen", f'"127.0.0.1:{self.port}"')
+                        break
+                    raise AssertionError(said.decode(errors="replace"))
+                if mine in said:
+                    return
+                time.sleep(0.05)
+            else:
+                raise AssertionError("daemon did not start: " + self.log.read_text())
+        raise AssertionError("daemon found no free port: " + self.log.read_text())
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self in _RUNNING:

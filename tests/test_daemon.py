@@ -100,3 +100,25 @@ def test_demo_plays_the_round_trip(site: Site, daemon: Daemon) -> None:
     assert b"Round trip complete" in r.stdout
     states = [t["state"] for t in site.json("thread", "list")]
     assert states == ["waiting_response"]
+
+
+def test_a_port_already_taken_is_one_clear_line_not_a_traceback(site: Site) -> None:
+    """Another server on the configured port (seen in CI as a race between test workers): serve
+    says which setting to change and stops, with nothing left running."""
+    import socket
+    import subprocess
+
+    from conftest import MAILFLOW
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        site.set("smtp", "listen", f'"127.0.0.1:{port}"')
+        r = subprocess.run([*MAILFLOW, "--config", str(site.config), "serve"], cwd=site.dir,
+                           capture_output=True, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "Traceback" not in err
+    said = " ".join(err.split())  # the console wraps long lines
+    assert f"error: cannot listen on 127.0.0.1:{port} ([smtp] listen in" in said, err
+    assert said.endswith("address already in use"), err
