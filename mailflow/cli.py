@@ -680,13 +680,17 @@ def queue_spam(ctx: Ctx, item: int, reason: str | None, block: str | None) -> No
 @queue.command("approve")
 @click.argument("item", type=int)
 @click.option("--reason", default=None)
+@click.option("--authority", default=None, metavar="SLUG",
+              help="For a report no single authority handles (report_routing): send it to "
+                   "this one. Without it, the report is routed again by the current rules.")
 @pass_ctx
-def queue_approve(ctx: Ctx, item: int, reason: str | None) -> None:
-    """Let an item through: a pre-moderated request is sent, a held reply published.
+def queue_approve(ctx: Ctx, item: int, reason: str | None, authority: str | None) -> None:
+    """Let an item through: a pre-moderated request is sent, a held reply published, an
+    unrouted report sent to the authority you name.
 
-    Example: mailflow queue approve 7
+    Example: mailflow queue approve 7; mailflow queue approve 9 --authority wessex
     """
-    ctx.done(ctx.moderation().approve(item, reason=reason))
+    ctx.done(ctx.moderation().approve(item, reason=reason, authority=authority))
 
 
 @thread.command("state")
@@ -695,7 +699,14 @@ def queue_approve(ctx: Ctx, item: int, reason: str | None) -> None:
 @click.option("--reason", default=None)
 @pass_ctx
 def thread_state(ctx: Ctx, thread_id: int, state: str, reason: str | None) -> None:
-    """Set how a request stands (as the citizen would by a one-line reply)."""
+    """Set how a request or report stands (as the citizen would by a one-line reply).
+
+    Requests: waiting_response, waiting_clarification, internal_review, successful,
+    partially_successful, rejected, not_held, user_withdrawn. Reports: open, fixed,
+    user_withdrawn.
+
+    Example: mailflow thread state 12 fixed --reason "the council's photo of the repair"
+    """
     ctx.done(ctx.moderation().set_state(thread_id, state, reason=reason))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from mailflow.core import addresses as A
 from mailflow.core.addresses import AddressKind
 from mailflow.core.commands import STATE_WORDS
+from mailflow.core.geo import Point
 from mailflow.core.reminders import FINAL
 from mailflow.errors import MailflowError, NotFound
 from mailflow.mail.parse import ParseError, parse
@@ -27,6 +28,8 @@ from mailflow.templating import render
 
 STATES = ("waiting_response", "waiting_clarification", "internal_review", "successful",
           "partially_successful", "rejected", "not_held", "user_withdrawn")
+# A fault report, once sent: what the reporter's one-line replies can set (mailflow/reports.py).
+REPORT_STATES = ("open", "fixed", "user_withdrawn")
 
 
 def default_actor() -> str:
@@ -183,18 +186,25 @@ class Moderation:
                 return frm
         return (env.get("mail_from") or "").lower()
 
-    def approve(self, item_id: int, *, reason: str | None = None) -> Outcome:
+    def approve(self, item_id: int, *, reason: str | None = None,
+                authority: str | None = None) -> Outcome:
         """Let an item through: a pre-moderated request is sent; a held reply (held for review,
         or because it claimed to be the authority and failed authentication) is published,
         forwarded and takes effect, once; a new request or report that was not answered (its
         answer would not have gone to the envelope sender, or the address had an automatic
-        answer this week) is answered now; anything else is accepted as it is (a postmaster
-        message read)."""
+        answer this week) is answered now; a fault report no single authority handles goes to
+        `authority` (or, without it, is routed again by the rules as they are now); anything
+        else is accepted as it is (a postmaster message read)."""
         pipeline, result = Pipeline(self.site), Result()
         with self.site.store.tx() as tx:
             item = self._open_item(tx, item_id)
             what = "approved"
-            if item.reason == "approval" and item.thread_id is not None:
+            if authority is not None and item.reason != "report_routing":
+                raise MailflowError(f"queue item {item_id} is {item.reason!r}; --authority is "
+                                    "for 'report_routing' items only")
+            if item.reason == "report_routing" and item.thread_id is not None:
+                what = "approved: " + self._route_report(tx, pipeline, result, item, authority)
+            elif item.reason == "approval" and item.thread_id is not None:
                 pipeline.dispatch_request(tx, result, item.thread_id, actor=f"admin:{self.actor}")
                 what = "approved: the request was sent"
             elif item.reason in ("held_reply", "unauthenticated") and item.thread_id is not None:
@@ -216,6 +226,54 @@ class Moderation:
                 what = "approved: " + self._answer_anyway(tx, pipeline, result, item)
             self._decide(tx, item, what, reason=reason, action="queue_approve")
         return Outcome(f"item {item_id} {what}", result.outbox_ids)
+
+    def _route_report(self, tx: Tx, pipeline: Pipeline, result: Result, item: QueueItem,
+                      authority: str | None) -> str:
+        """Send a report on that the areas could not place with one authority: to the one a
+        person names, or to the one the rules now give (after the areas were corrected). The
+        report then goes on as a routed one would: duplicates, confirmation, moderation."""
+        assert item.thread_id is not None
+        thread, report = tx.thread(item.thread_id), tx.report(item.thread_id)
+        rules = self.site.rules.reports
+        if thread is None or report is None or rules is None:
+            raise MailflowError(f"queue item {item.id} names no report this site can route")
+        if thread.state != "awaiting_routing":
+            raise MailflowError(f"report {thread.id} is {thread.state}, not awaiting routing")
+        if report.lat is None or report.lon is None or report.category is None:
+            raise MailflowError(f"report {thread.id} has no place or no category")
+        route = rules.route(Point(report.lat, report.lon), report.category)
+        candidates = sorted({a.authority for a in route.areas})
+        if authority is not None:
+            known = self.site.rules.authorities.get(authority)
+            if known is None:
+                raise MailflowError(
+                    f"unknown authority {authority!r}; the areas at this point are "
+                    f"{', '.join(candidates) or 'of nobody'} (see `mailflow authority list`)")
+            if known.report_contact(report.category) is None:
+                raise MailflowError(f"{authority} has no address for {report.category} reports "
+                                    "(add one in rules/authorities.toml)")
+        elif route.authority is None:
+            raise MailflowError(
+                f"still no single authority for report {thread.id}: {'; '.join(route.reasons)}."
+                f" Name one: --authority SLUG (the areas here: {', '.join(candidates) or 'none'})")
+        if item.raw_sha256 is None:
+            raise MailflowError(f"queue item {item.id} has no message to go on from")
+        try:
+            pm = parse(tx.get_raw(item.raw_sha256))
+        except ParseError as e:
+            raise MailflowError(f"queue item {item.id} cannot be parsed ({e})") from None
+        d = item.detail or {}
+        env = Envelope.from_json(d.get("envelope") or {
+            "mail_from": pm.from_addr, "rcpt_tos": [], "via": "unknown"})
+        c = StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
+                        sha=item.raw_sha256, envelope=env, result=result,
+                        step=Step(str(d.get("rcpt") or f"report-{thread.id}"), "report",
+                                  thread_id=thread.id),
+                        authentication=d.get("authentication"), approved=True)
+        outcome = pipeline.reports.advance(c, thread.id, authority=authority,
+                                           actor=f"admin:{self.actor}")
+        chosen = (tx.thread(thread.id) or thread).authority
+        return f"routed to {chosen} ({outcome.outcome.removeprefix('report:')})"
 
     def _answer_anyway(self, tx: Tx, pipeline: Pipeline, result: Result,
                        item: QueueItem) -> str:
@@ -253,14 +311,25 @@ class Moderation:
 
     # -- threads and messages -------------------------------------------------------------------
     def set_state(self, thread_id: int, state: str, *, reason: str | None = None) -> Outcome:
-        if state not in STATES:
-            raise MailflowError(f"unknown state {state!r}; allowed: {', '.join(STATES)}")
+        """Say how a thread stands: an FOI request's outcome, or a fault report fixed, open
+        again or withdrawn (as the authority says it is, when the reporter never answers the
+        questionnaire). Each kind takes only its own states."""
+        if state not in STATES and state not in REPORT_STATES:
+            raise MailflowError(f"unknown state {state!r}; allowed: {', '.join(STATES)} "
+                                f"(requests), {', '.join(REPORT_STATES)} (reports)")
         with self.site.store.tx() as tx:
             thread = tx.thread(thread_id)
             if thread is None:
                 raise tx.no_thread(thread_id)
-            if thread.state in ("awaiting_confirmation", "awaiting_address"):
+            allowed = REPORT_STATES if thread.kind == "report" else STATES
+            if state not in allowed:
+                raise MailflowError(f"thread {thread_id} is a {thread.kind or 'request'}; its "
+                                    f"states are {', '.join(allowed)}")
+            if thread.state in ("awaiting_confirmation", "awaiting_address") or (
+                    thread.kind == "report" and thread.sent_at is None):
                 raise MailflowError(f"thread {thread_id} has not been sent ({thread.state})")
+            if thread.kind == "report":
+                self._report_state(tx, thread.id, thread.state, state)
             tx.update_thread(thread_id, state=state,
                              awaiting_description=False if state in FINAL else
                              thread.awaiting_description)
@@ -268,6 +337,18 @@ class Moderation:
                      reason=reason, detail={"from": thread.state, "to": state})
             tx.add_event(thread_id, f"admin:{self.actor}", "state", {"to": state})
         return Outcome(f"thread {thread_id}: {STATE_WORDS.get(state, state)}", [])
+
+    def _report_state(self, tx: Tx, thread_id: int, was: str, state: str) -> None:
+        """What a reporter's own "fixed" / "not fixed" does besides the state: when it was
+        fixed, and the questionnaire asked again while it is open."""
+        from mailflow.store.repository import utcnow
+        now = utcnow()
+        if state == "fixed" and was != "fixed":
+            tx.update_report(thread_id, fixed_at=now)
+        elif state != "fixed" and was == "fixed":
+            tx.update_report(thread_id, fixed_at=None)
+        if state == "open" and was != "open":
+            Pipeline(self.site).reports.plan_questionnaire(tx, thread_id, now)
 
     def hide_thread(self, thread_id: int, hidden: bool, *, reason: str | None = None) -> Outcome:
         with self.site.store.tx() as tx:

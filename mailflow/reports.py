@@ -227,9 +227,14 @@ class ReportFlow:
 
     # -- what next, once mailflow knows more ---------------------------------------------------
     def advance(self, c: "StepContext", thread_id: int, *, location: Location | None = None,
-                category: CategoryChoice | None = None) -> "Outcome":
+                category: CategoryChoice | None = None, authority: str | None = None,
+                actor: str = "mailflow") -> "Outcome":
         """Move a report on as far as what is known allows: ask, refuse politely, queue for a
-        person, point out duplicates, ask to confirm, or send."""
+        person, point out duplicates, ask to confirm, or send.
+
+        `authority` is a person's answer to the "report_routing" queue item (`queue approve
+        N --authority SLUG`): it stands where the areas gave no single authority, and the
+        report then goes on exactly as a routed one would."""
         from mailflow.pipeline import Outcome
         tx, rules = c.tx, self.rules
         assert rules is not None
@@ -257,7 +262,11 @@ class ReportFlow:
                                                           ("category", report.category is None))
                                         if gone]})
         route = rules.route(point, report.category)
-        if route.authority is None:
+        chosen, reasons = route.authority, list(route.reasons)
+        if authority is not None:
+            chosen = authority
+            reasons.append(f"{authority} chosen by {actor}")
+        if chosen is None:
             tx.update_thread(thread_id, state="awaiting_routing")
             tx.update_report(thread_id, area=route.area.id if route.area else None)
             return self.p._queue(c, "report_routing",
@@ -265,11 +274,13 @@ class ReportFlow:
                                  + "; ".join(route.reasons)[:400], thread_id=thread_id,
                                  reasons=list(route.reasons),
                                  areas=[a.id for a in route.areas])
-        tx.update_thread(thread_id, authority=route.authority)
-        tx.update_report(thread_id, area=route.area.id if route.area else None)
-        tx.add_event(thread_id, "mailflow", "report_routed",
-                     {"authority": route.authority, "area": route.area.id if route.area else None,
-                      "reasons": list(route.reasons)})
+        area = route.area if authority is None else next(
+            (a for a in route.areas if a.authority == chosen), None)
+        tx.update_thread(thread_id, authority=chosen)
+        tx.update_report(thread_id, area=area.id if area else None)
+        tx.add_event(thread_id, actor, "report_routed",
+                     {"authority": chosen, "area": area.id if area else None,
+                      "reasons": reasons})
         thread = tx.thread(thread_id)
         assert thread is not None
         near = tx.open_reports_near(report.category, point,

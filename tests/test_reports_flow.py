@@ -661,11 +661,13 @@ def test_reports_and_duplicates_on_both_stores(mf: MfSite) -> None:
         assert f"/report/{jane.id}/" in dup[0].text
 
 
-def test_no_single_authority_there_goes_to_a_person(site: Site) -> None:
-    """Two district areas of different councils overlap (a data mistake): nobody is guessed."""
+def _overlap_at_ashcombe(site: Site) -> str:
+    """A district area of Southdown's drawn over Northdown's at Ashcombe (a data mistake);
+    returns the areas file as it was."""
     import json
     path = site.dir / "rules" / "areas.geojson"
-    data = json.loads(path.read_text())
+    before = path.read_text()
+    data = json.loads(before)
     lat, lon = ASHCOMBE
     data["features"].append({"type": "Feature", "properties": {
         "id": "overlap", "name": "Overlap", "authority": "southdown", "tiers": ["district"]},
@@ -673,6 +675,13 @@ def test_no_single_authority_there_goes_to_a_person(site: Site) -> None:
             [lon - 0.01, lat - 0.01], [lon + 0.01, lat - 0.01], [lon + 0.01, lat + 0.01],
             [lon - 0.01, lat + 0.01], [lon - 0.01, lat - 0.01]]]}})
     path.write_text(json.dumps(data))
+    return before
+
+
+def test_no_single_authority_there_goes_to_a_person(site: Site) -> None:
+    """Two district areas of different councils overlap (a data mistake): nobody is guessed."""
+    _overlap_at_ashcombe(site)
+    lat, lon = ASHCOMBE
     report(site, "Graffiti on the bus shelter", f"At {lat}, {lon}.")
     assert new_mail(site) == {}
     (t,) = site.json("thread", "list")
@@ -683,6 +692,82 @@ def test_no_single_authority_there_goes_to_a_person(site: Site) -> None:
     report(site, "Pothole", f"At {lat}, {lon}.")
     conf, _ = one(new_mail(site), JANE)
     assert "Wessex County Council" in flat(conf)
+
+
+def test_a_person_names_the_authority_for_a_report_the_areas_could_not_place(site: Site) -> None:
+    """`queue approve N --authority SLUG`: the report goes on as a routed one would (her
+    confirmation names that council, then it is sent there), and the event says who chose."""
+    _overlap_at_ashcombe(site)
+    report(site, "Graffiti on the bus shelter", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.")
+    (item,) = site.json("queue", "list")
+    tid = item["thread_id"]
+
+    r = site.run("queue", "approve", str(item["id"]))         # the rules still cannot say
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 1 and "still no single authority" in err, err
+    assert "--authority" in err and "southdown" in err
+    r = site.run("queue", "approve", str(item["id"]), "--authority", "atlantis")
+    assert r.returncode == 1 and "unknown authority 'atlantis'" in r.stderr.decode()
+    assert site.json("thread", "show", str(tid))["state"] == "awaiting_routing"
+    assert new_mail(site) == {}
+
+    r = site.run("--as", "alice", "queue", "approve", str(item["id"]), "--authority", "southdown",
+                 "--reason", "the overlap is Southdown's estate")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "routed to southdown" in r.stdout.decode()
+    assert site.json("queue", "list") == []
+    sent, _ = confirm_and_send(site, JANE, "graffiti@southdown.gov.example")
+    assert thread_of(sent) == tid
+    t = site.json("thread", "show", str(tid))
+    assert (t["state"], t["authority"]) == ("open", "southdown")
+    (routed,) = [e for e in t["events"] if e["kind"] == "report_routed"]
+    assert routed["actor"] == "admin:alice"
+    assert "southdown chosen by admin:alice" in routed["detail"]["reasons"]
+
+
+def test_approving_a_routing_item_after_the_areas_are_mended_routes_it_by_the_rules(
+        site: Site) -> None:
+    before = _overlap_at_ashcombe(site)
+    report(site, "Graffiti on the bus shelter", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.")
+    (item,) = site.json("queue", "list")
+    (site.dir / "rules" / "areas.geojson").write_text(before)    # the mistake is mended
+    r = site.run("queue", "approve", str(item["id"]))
+    assert r.returncode == 0, r.stderr.decode()
+    conf, _ = one(new_mail(site), JANE)
+    assert "Northdown" in flat(conf)
+    r = site.run("queue", "approve", str(item["id"]))            # decided once
+    assert r.returncode == 1 and "already decided" in r.stderr.decode()
+    r = site.run("queue", "approve", "1", "--authority", "southdown")
+    assert r.returncode == 1
+
+
+def test_an_admin_marks_a_report_fixed_and_open_again(site: Site) -> None:
+    """The council says it is mended and the reporter never answers: an admin sets it, with the
+    report's own states (an FOI outcome is refused), and "open" brings the questionnaire back."""
+    sent, _ = sent_report(site, "Pothole on Mill Lane", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.",
+                          WESSEX_ROADS)
+    tid = thread_of(sent)
+    r = site.run("thread", "state", str(tid), "successful")
+    assert r.returncode == 1 and "its states are open, fixed, user_withdrawn" in \
+        " ".join(r.stderr.decode().split())
+    r = site.run("thread", "state", str(tid), "fixed", "--reason", "council's photo")
+    assert r.returncode == 0, r.stderr.decode()
+    thread, row, reminders = report_row(site, tid)
+    assert thread.state == "fixed" and row.fixed_at is not None
+    assert site.json("thread", "list", "--state", "fixed")[0]["id"] == tid
+    assert [(r.event, r.state) for r in reminders] == [("q:1", "pending")]
+    r = site.run("thread", "state", str(tid), "open")
+    assert r.returncode == 0, r.stderr.decode()
+    thread, row, reminders = report_row(site, tid)
+    assert thread.state == "open" and row.fixed_at is None
+    assert [r.state for r in reminders if r.state == "pending"] == ["pending"]
+    actions = [(a["action"], a["reason"]) for a in site.json("audit", "--thread", str(tid))]
+    assert ("thread_state", "council's photo") in actions
+    # A request takes only the request states.
+    report(site, "Pothole two", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.")  # not sent yet
+    t2 = site.json("thread", "list")[-1]["id"]
+    r = site.run("thread", "state", str(t2), "fixed")
+    assert r.returncode == 1 and "has not been sent" in r.stderr.decode()
 
 
 def test_the_report_tag_and_address_thread_like_the_foi_ones() -> None:
