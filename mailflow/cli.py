@@ -412,6 +412,9 @@ def thread_json(site: Any, tx: Any, thread: Any, with_messages: bool = True) -> 
             "match": ({"method": m.match_method, "detail": m.match_detail}
                       if m.direction == "in" and m.match_method else None),
             "flags": m.flags,
+            # What DKIM/SPF/DMARC said of mail received (RFC 8601), e.g. why a reply that
+            # claimed to be the authority's was held.
+            "authentication": m.authentication if m.direction == "in" else None,
         } for m in tx.messages(thread.id)]
         d["events"] = tx.events(thread.id)
         d["reminders"] = [{"kind": r.kind, "event": r.event, "due_at": r.due_at,
@@ -478,6 +481,19 @@ def thread_show(ctx: Ctx, thread_id: int, as_json: bool) -> None:
         arrow = "→" if m["direction"] == "out" else "←"
         console.print(f" {arrow} {m['date']:%Y-%m-%d %H:%M} {m['kind']:<13} {m['from']}: "
                       f"{m['subject']}{how}", highlight=False)
+        if m["authentication"]:
+            console.print(f"   [dim]{_auth_summary(m['authentication'])}[/]", highlight=False)
+
+
+def _auth_summary(value: str) -> str:
+    """"dkim=pass spf=fail dmarc=none" out of our Authentication-Results value (the host name
+    first, then `method=result (comment) prop=value` clauses separated by semicolons)."""
+    results = []
+    for clause in value.split(";")[1:]:
+        words = clause.split()
+        if words and "=" in words[0]:
+            results.append(words[0])
+    return " ".join(results) or value
 
 
 def _set_allow(ctx: Ctx, thread_id: int, policy: str) -> None:

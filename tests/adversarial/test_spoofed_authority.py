@@ -160,6 +160,12 @@ def test_a_spoofed_authority_reply_is_held_until_an_admin_approves_it(
     assert msg.authentication is not None
     assert msg.authentication.startswith(f"{DOMAIN}; dkim=none; spf=fail")
     assert f"dmarc=fail" in msg.authentication and f"header.from={GOV}" in msg.authentication
+    # An admin deciding sees why it was held, in `thread show` and its JSON.
+    (shown,) = [m for m in site.json("thread", "show", str(tid))["messages"]
+                if m["kind"] == "response"]
+    assert shown["authentication"] == msg.authentication
+    r = site.run("thread", "show", str(tid))
+    assert "dkim=none spf=fail dmarc=fail" in r.stdout.decode(), r.stdout.decode()
     assert mail_to(mf, JANE) == ["confirmation"]
     assert snapshot(mf, tid) == before
     # The same bytes again (an MTA retry) change nothing.
