@@ -375,11 +375,33 @@ class ReportFlow:
                 tx.update_report(thread.id, fixed_at=None)
                 self.plan_questionnaire(tx, thread.id, now)   # ask again while it is open
         elif command == "withdraw":
+            if thread.state == "open":
+                # The council may already have sent someone: tell it, as an FOI withdrawal does.
+                self._tell_authority_withdrawn(c, thread)
             tx.update_thread(thread.id, state="user_withdrawn")
         tx.add_event(thread.id, "citizen", "state", {"command": command})
         thread = tx.thread(thread.id) or thread
         self._ack(c, thread)
         return Outcome(c.step.key, f"command:{command}", thread.id)
+
+    def _tell_authority_withdrawn(self, c: "StepContext", thread: Thread) -> None:
+        """A short letter from the report's address to where the report went, in its thread."""
+        report = c.tx.report(thread.id)
+        to = self.contact(thread, report)
+        authority = self.site.rules.authorities.get(thread.authority)
+        if to is None or authority is None:
+            return
+        req = self.site.request_address(thread)
+        refs = [m.message_id for m in c.tx.messages(thread.id)
+                if m.message_id and m.kind in ("request", "response", "followup")]
+        out = Outgoing(from_addr=req, from_name=thread.citizen_name, to_addr=to,
+                       to_name=authority.name, domain=self.domain,
+                       subject=self.site._("Withdrawn: ") + self.site.report_subject(thread),
+                       text=render(self.site.templates, "mail/report_withdrawal.txt",
+                                   **self.context(thread, report)),
+                       in_reply_to=refs[-1] if refs else None, references=refs,
+                       message_id=new_message_id(self.domain, f"report{thread.id}"))
+        self.p._send(c, out, thread_id=thread.id, kind="followup", mail_from=req)
 
     # -- sending ------------------------------------------------------------------------------
     def contact(self, thread: Thread, report: Report | None) -> str | None:

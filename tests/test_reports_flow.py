@@ -463,6 +463,29 @@ def test_authority_reply_forwarded_fixed_by_reply_and_the_questionnaire(site: Si
     assert "no longer open" in (reminders[-1].note or "")
 
 
+def test_a_withdrawn_report_is_withdrawn_at_the_council_too(site: Site) -> None:
+    """"withdraw" from the reporter: the council is told once, in the report's own thread and
+    without her address, and she gets the usual acknowledgement."""
+    sent, _ = sent_report(site, "Pothole on Mill Lane", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.",
+                          WESSEX_ROADS)
+    tid = thread_of(sent)
+    report_addr = addresses(sent, "From")[0]
+    reply_addr = reply_address(site, tid)
+    ingest(site, mail(JANE_FROM, reply_addr, "Re", "withdraw"), reply_addr)
+    got = new_mail(site)
+    assert sorted(got) == sorted([JANE, WESSEX_ROADS])
+    letter, raw = got[WESSEX_ROADS][0]
+    assert addresses(letter, "From") == [report_addr]
+    assert str(letter["Subject"]) == f"Withdrawn: Problem report - Pothole on Mill Lane [Report #{tid}]"
+    assert str(sent["Message-ID"]) in str(letter["References"])
+    assert "withdrawing my report" in flat(letter) and JANE.encode() not in raw.lower()
+    ack, _ = got[JANE][0]
+    assert "withdrawn" in str(ack["Subject"])
+    assert site.json("thread", "show", str(tid))["state"] == "user_withdrawn"
+    ingest(site, mail(JANE_FROM, reply_addr, "Re", "withdraw"), reply_addr)   # said twice
+    assert WESSEX_ROADS not in new_mail(site)
+
+
 def test_reports_do_not_trouble_the_foi_clock(site: Site) -> None:
     sent_report(site, "Pothole", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.", WESSEX_ROADS)
     assert site.json("thread", "list", "--overdue") == []
