@@ -6,10 +6,12 @@ does happens in one of them, so a crash leaves either all of it or none of it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
@@ -221,6 +223,21 @@ _INSERT_REMINDER: dict[str, Any] = {
     "postgresql": pg_dialect.insert(reminders).on_conflict_do_nothing(
         index_elements=["thread_id", "kind", "event"]),
 }
+# Raw messages on SQLite, through the driver (Tx._put_raw_sqlite).
+BLOB_PIECEWISE = 256 * 1024
+_SQLITE_INSERT_RAW = ("INSERT INTO raw_messages (sha256, size, created_at, data) "
+                      "VALUES (?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING")
+_SQLITE_INSERT_RAW_ZERO = ("INSERT INTO raw_messages (sha256, size, created_at, data) "
+                           "VALUES (?, ?, ?, zeroblob(?)) ON CONFLICT (sha256) DO NOTHING")
+
+
+@lru_cache(maxsize=4)
+def _sqlite_datetime(dialect: Any) -> Any:
+    """How SQLAlchemy writes raw_messages.created_at on SQLite (its own bind processor, so
+    rows written through the driver read back exactly as the others)."""
+    return raw_messages.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+
+
 _INSERT_RAW: dict[str, Any] = {
     "sqlite": sqlite_dialect.insert(raw_messages).on_conflict_do_nothing(
         index_elements=["sha256"]),
@@ -268,11 +285,29 @@ class Tx:
         self._learned = None
 
     # -- raw bytes ----------------------------------------------------------------------
-    def put_raw(self, raw: bytes) -> str:
+    def put_raw(self, raw: bytes | Sequence[bytes]) -> str:
         """Store the bytes once, keyed by their sha256: one statement whether or not they
-        were already there (INSERT … ON CONFLICT DO NOTHING on SQLite and PostgreSQL)."""
-        sha = hashlib.sha256(raw).hexdigest()
-        row = {"sha256": sha, "size": len(raw), "data": raw, "created_at": utcnow()}
+        were already there (INSERT … ON CONFLICT DO NOTHING on SQLite and PostgreSQL).
+
+        `raw` may be given as pieces (a signature header and the message it signs) so that
+        a big message is not joined in memory first. On SQLite the row is written through
+        the driver (the statement is the same every time; SQLAlchemy's per-statement work
+        cost more than SQLite's), and a message of BLOB_PIECEWISE bytes or more as a
+        zeroblob filled with incremental blob I/O (`data` is the table's last column, so
+        SQLite never holds the whole record in memory)."""
+        pieces = (raw,) if isinstance(raw, (bytes, bytearray, memoryview)) else tuple(raw)
+        h = hashlib.sha256()
+        size = 0
+        for piece in pieces:
+            h.update(piece)
+            size += len(piece)
+        sha = h.hexdigest()
+        now = utcnow()
+        if self.c.dialect.name == "sqlite":
+            self._put_raw_sqlite(sha, size, now, pieces)
+            return sha
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        row = {"sha256": sha, "size": size, "data": data, "created_at": now}
         stmt = _INSERT_RAW.get(self.c.dialect.name)
         if stmt is not None:
             self.c.execute(stmt, row)
@@ -281,6 +316,24 @@ class Tx:
                               .where(raw_messages.c.sha256 == sha)).first():
             self.c.execute(insert(raw_messages), row)
         return sha
+
+    def _put_raw_sqlite(self, sha: str, size: int, now: datetime,
+                        pieces: Sequence[bytes]) -> None:
+        created = _sqlite_datetime(self.c.dialect)(now)
+        driver = self.c.connection.driver_connection
+        try:
+            if size < BLOB_PIECEWISE:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                driver.execute(_SQLITE_INSERT_RAW, (sha, size, created, data))
+                return
+            cur = driver.execute(_SQLITE_INSERT_RAW_ZERO, (sha, size, created, size))
+            if cur.rowcount != 1:
+                return   # already stored
+            with driver.blobopen("raw_messages", "data", cur.lastrowid) as blob:
+                for piece in pieces:
+                    blob.write(piece)
+        except sqlite3.OperationalError as e:   # locked, I/O error, disk full: not this message's
+            raise StoreError(f"database error: {e}") from e
 
     def get_raw(self, sha: str) -> bytes:
         row = self.c.execute(select(raw_messages.c.data).where(raw_messages.c.sha256 == sha)).first()

@@ -18,12 +18,15 @@ metadata = MetaData(naming_convention={
 
 UTC_DT = DateTime(timezone=True)
 
+# `data` is the last column (migration 0008 on SQLite): SQLite then writes a big message into
+# the row a piece at a time (zeroblob + incremental blob I/O, `Tx.put_raw`) instead of
+# building the whole record in memory. PostgreSQL keeps the order it was created with.
 raw_messages = Table(
     "raw_messages", metadata,
     Column("sha256", String(64), primary_key=True),
     Column("size", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
     Column("created_at", UTC_DT, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )
 
 threads = Table(
