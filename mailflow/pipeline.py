@@ -126,10 +126,16 @@ class Pipeline:
 
     # -- the spool side ------------------------------------------------------------------
     def process_item(self, spool: Spool, item: SpoolItem) -> Result:
-        """Process one claimed spool item and settle it: done, retried, or failed for an admin."""
+        """Process one claimed spool item and settle it: done, retried, or failed for an admin.
+
+        The raw bytes are let go as soon as they are stored (the spool file still has them
+        until the item is settled: a failure reads them again for the admin queue)."""
         raw = item.read()
         try:
-            result = self.process(raw, item.envelope)
+            pre = self._prepare(raw, item.envelope)
+            del raw
+            with self.site.store.tx() as tx:
+                result = self._apply(tx, pre)
         except StoreError as e:
             # The database is unavailable: nothing was written, try again later.
             spool.retry(item, f"store: {e}")
@@ -137,7 +143,7 @@ class Pipeline:
         except Exception as e:  # noqa: BLE001 - any bug must leave the message safe
             log.exception("processing spool item %s failed", item.id)
             if item.attempts + 1 >= self.site.settings.spool.max_attempts:
-                self._quarantine(raw, item, e)
+                self._quarantine(item, e)
                 spool.fail(item, f"{type(e).__name__}: {e}")
             else:
                 spool.retry(item, f"{type(e).__name__}: {e}")
@@ -184,21 +190,24 @@ class Pipeline:
                        items: Sequence[SpoolItem]) -> list[Result | Exception]:
         """`process_items` for one transaction's worth of items."""
         outcome: list[Result | Exception | None] = [None] * len(items)
-        prepared: list[tuple[int, bytes, _Prepared]] = []
+        prepared: list[tuple[int, _Prepared]] = []
         for i, item in enumerate(items):
+            read = False
             try:
                 raw = item.read()
-                prepared.append((i, raw, self._prepare(raw, item.envelope)))
+                read = True
+                prepared.append((i, self._prepare(raw, item.envelope)))
+                del raw
             except Exception as e:  # noqa: BLE001 - as in process_item
                 outcome[i] = e
                 try:
-                    self._settle_failure(spool, item, None, e)
+                    self._settle_failure(spool, item, e, readable=read)
                 except Exception:  # noqa: BLE001 - left claimed: recover() finds it
                     log.exception("could not settle spool item %s", item.id)
-        failed: dict[int, tuple[bytes, Exception]] = {}
+        failed: dict[int, Exception] = {}
         try:
             with self.site.store.tx() as tx:
-                for i, raw, pre in prepared:
+                for i, pre in prepared:
                     try:
                         with tx.c.begin_nested():
                             outcome[i] = self._apply(tx, pre)
@@ -206,11 +215,11 @@ class Pipeline:
                         if _database_gone(e):
                             raise   # not this message's fault: the whole batch waits
                         tx.forget()   # rows it read may hold its rolled-back writes
-                        failed[i] = (raw, e)
+                        failed[i] = e
         except Exception as e:
             # Nothing of the batch was committed: every item goes back for another attempt.
             error = e if isinstance(e, StoreError) else StoreError(f"database error: {e}")
-            for i, _, _ in prepared:
+            for i, _ in prepared:
                 outcome[i] = error
                 try:
                     spool.retry(items[i], f"store: {error}")
@@ -219,12 +228,11 @@ class Pipeline:
             if error is e:
                 raise
             raise error from e
-        for i, _, _ in prepared:
+        for i, _ in prepared:
             try:
                 if i in failed:
-                    raw, e = failed[i]
-                    outcome[i] = e
-                    self._settle_failure(spool, items[i], raw, e)
+                    outcome[i] = failed[i]
+                    self._settle_failure(spool, items[i], failed[i])
                 else:
                     spool.done(items[i])
             except Exception as e:  # noqa: BLE001 - committed; a redo would be a duplicate
@@ -232,20 +240,22 @@ class Pipeline:
                 outcome[i] = e
         return [o if o is not None else RuntimeError("not processed") for o in outcome]
 
-    def _settle_failure(self, spool: Spool, item: SpoolItem, raw: bytes | None,
-                        error: Exception) -> None:
+    def _settle_failure(self, spool: Spool, item: SpoolItem, error: Exception, *,
+                        readable: bool = True) -> None:
         """An item whose processing raised (a bug, never the database): another attempt,
-        or, after the last, the failed folder and the admin queue."""
+        or, after the last, the failed folder and the admin queue (with its raw bytes, read
+        again from the spool, when the item could be read at all)."""
         log.error("processing spool item %s failed", item.id, exc_info=error)
         if item.attempts + 1 >= self.site.settings.spool.max_attempts:
-            if raw is not None:
-                self._quarantine(raw, item, error)
+            if readable:
+                self._quarantine(item, error)
             spool.fail(item, f"{type(error).__name__}: {error}")
         else:
             spool.retry(item, f"{type(error).__name__}: {error}")
 
-    def _quarantine(self, raw: bytes, item: SpoolItem, error: Exception) -> None:
+    def _quarantine(self, item: SpoolItem, error: Exception) -> None:
         try:
+            raw = item.read()
             with self.site.store.tx() as tx:
                 sha = tx.put_raw(raw)
                 tx.add_queue_item("processing_failed",
@@ -276,9 +286,11 @@ class Pipeline:
     def _apply(self, tx: Tx, pre: "_Prepared") -> Result:
         """Everything one message changes in the store, in the caller's transaction."""
         result = Result()
-        raw, envelope, pm, auth = pre.raw, pre.envelope, pre.pm, pre.auth
+        envelope, pm, auth = pre.envelope, pre.pm, pre.auth
         authentication = auth.header_value(self.domain) if auth is not None else None
-        sha = tx.put_raw(raw)
+        assert pre.raw is not None, "a prepared message is applied once"
+        sha = tx.put_raw(pre.raw)
+        pre.raw = None   # stored: the rest needs only the parsed message (and memory)
         if pm is None:
             if not tx.delivery_seen(sha, "unparseable"):
                 tx.add_queue_item("unparseable", f"unparseable message: {pre.parse_error}"[:500],
@@ -1025,7 +1037,7 @@ class Gatekeeper:
 @dataclass
 class _Prepared:
     """A message read and checked outside the transaction, ready to be applied in one."""
-    raw: bytes
+    raw: bytes | None          # None once `_apply` has stored it
     envelope: Envelope
     pm: ParsedMessage | None
     parse_error: str
