@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,8 +36,15 @@ def no_dns(name: bytes) -> None:
     return None
 
 
+class _NoGuard:
+    labels: dict[bytes, str] = {}
+
+
 class PlainWriter:
     """What the baseline writes with: open(), write(), nothing else."""
+
+    guard = _NoGuard()
+    owner = ""
 
     def __init__(self, root: Path):
         self.root = root
@@ -61,11 +69,17 @@ def bare_build(site: Any, out: Path, dest: Path, today: Any) -> tuple[float, Pla
     """Render and write the site mailflow built in `out` again, into `dest`, the bare way."""
     from mailflow.archive import build as B
     from mailflow.archive import context as C
+    from mailflow.archive.cachedb import INDEX_FILE
     from mailflow.archive.writer import CACHE_DIR
-    cache = json.loads((out / CACHE_DIR / "threads.json").read_text())["threads"]
-    views = [C.view_from_dict(e["view"]) for e in cache.values()]
+    db = sqlite3.connect(out / CACHE_DIR / INDEX_FILE)
+    try:
+        cache = [(json.loads(view), json.loads(files)) for key, view, files in db.execute(
+            "SELECT key, view, files FROM threads") if not key.startswith("report-")]
+    finally:
+        db.close()
+    views = [C.view_from_dict(view) for view, _ in cache]
     views.sort(key=lambda v: (v.sent, v.id), reverse=True)
-    blobs = [(rel, (out / rel).read_bytes()) for e in cache.values() for rel in e["files"]]
+    blobs = [(rel, (out / rel).read_bytes()) for _, files in cache for rel in files]
     _, base_url = B.archive_settings(site)
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)

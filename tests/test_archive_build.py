@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sqlite3
 import re
 import subprocess
 from collections.abc import Callable
@@ -206,7 +207,8 @@ def test_layout(world: World) -> None:
     files = {str(p.relative_to(world.out)) for p in all_files(world.out)}
     a, b, c = (world.thread_dir(t) for t in (world.a, world.b, world.c))
     for rel in ["index.html", "feed.atom", "sitemap.xml", "robots.txt", "static/style.css",
-                "static/search.js", "search/index.html", "data/threads.jsonl.gz",
+                "static/search.js", "search/index.html", "data/threads-0.jsonl.gz",
+                "data/index.json",
                 "body/index.html", "list/index.html", "body/camden/index.html",
                 "body/camden/index.json", "body/camden/feed.atom", "body/home-office/index.html",
                 "body/edinburgh/index.html", f"{a}index.html", f"{a}index.json", f"{a}feed.atom",
@@ -306,7 +308,9 @@ def test_json_twin(world: World) -> None:
     hidden = json.loads(world.read(f"{world.thread_dir(world.b)}index.json"))["messages"][1]
     assert hidden["hidden"] is True and "text" not in hidden
     # The bulk download holds the same, one thread a line.
-    lines = gzip.decompress((world.out / "data/threads.jsonl.gz").read_bytes()).splitlines()
+    [part] = json.loads(world.read("data/index.json"))["requests"]["parts"]
+    assert part["url"] == f"https://{DOMAIN}/data/threads-0.jsonl.gz" and part["requests"] == 3
+    lines = gzip.decompress((world.out / "data/threads-0.jsonl.gz").read_bytes()).splitlines()
     assert [json.loads(x)["id"] for x in lines] == sorted([world.a, world.b, world.c])
     assert json.loads(lines[0]) == d if world.a < world.b else True
 
@@ -392,7 +396,7 @@ def test_one_new_message_rewrites_only_the_pages_that_show_it(
         f"{b}index.html", f"{b}index.json", f"{b}feed.atom",
         "body/home-office/index.html", "body/home-office/index.json",
         "body/home-office/feed.atom", "body/index.html",      # its record changed
-        "index.html", "feed.atom", "data/threads.jsonl.gz"}
+        "index.html", "feed.atom", "data/threads-0.jsonl.gz"}
     assert r.removed == 0
     assert "Six weeks on average." in fresh.read(f"{b}index.html")
 
@@ -432,7 +436,10 @@ def test_full_rebuild_is_built_aside_and_swapped_in(fresh: World) -> None:
 def test_a_failed_build_changes_nothing(fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Redaction switched off: the writer's last check refuses, and the site stays as it was."""
     fresh.build()
-    (fresh.out / CACHE_DIR / "threads.json").unlink()   # else the views of the last build serve
+    db = sqlite3.connect(fresh.out / CACHE_DIR / "cache.sqlite")
+    with db:
+        db.execute("DELETE FROM threads")   # else the views of the last build serve
+    db.close()
     before = {p: p.read_bytes() for p in all_files(fresh.out)}
 
     class NoRedaction(Redactor):

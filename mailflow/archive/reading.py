@@ -9,8 +9,10 @@ tables directly and never write.
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -19,11 +21,31 @@ from mailflow.store.repository import _aware
 from mailflow.store.tables import messages, thread_events
 
 
-def events_by_thread(tx: Any) -> dict[int, list[dict[str, Any]]]:
-    """Every thread event, by thread id, each list ordered by id, as `Tx.events` gives them."""
+# Thread ids per `IN (...)` list (well under SQLite's and PostgreSQL's limits).
+_CHUNK = 500
+
+
+def _chunks(ids: Iterable[int] | None) -> list[list[int] | None]:
+    if ids is None:
+        return [None]
+    ids = sorted(set(ids))
+    return [ids[i:i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+
+
+def events_by_thread(tx: Any, ids: Iterable[int] | None = None) -> dict[int, list[dict[str, Any]]]:
+    """Every thread event (of the threads `ids`, or all), by thread id, each list ordered by
+    id, as `Tx.events` gives them."""
     out: dict[int, list[dict[str, Any]]] = {}
     c = thread_events.c
-    q = select(c.thread_id, c.at, c.actor, c.kind, c.detail).order_by(c.thread_id, c.id)
+    for chunk in _chunks(ids):
+        q = select(c.thread_id, c.at, c.actor, c.kind, c.detail).order_by(c.thread_id, c.id)
+        if chunk is not None:
+            q = q.where(c.thread_id.in_(chunk))
+        _events_into(tx, q, out)
+    return out
+
+
+def _events_into(tx: Any, q: Any, out: dict[int, list[dict[str, Any]]]) -> None:
     for thread_id, at, actor, kind, detail in tx.c.execute(q):
         out.setdefault(thread_id, []).append(
             {"at": _aware(at), "actor": actor, "kind": kind, "detail": detail})
@@ -51,16 +73,111 @@ class MessageSummary:
 _SUMMARY = tuple(MessageSummary.__dataclass_fields__)
 
 
-def message_summaries_by_thread(tx: Any) -> dict[int, list[MessageSummary]]:
-    """`MessageSummary` of every message that belongs to a thread, by thread id, in id
-    order (as `Tx.messages` orders them)."""
+def message_summaries_by_thread(tx: Any, ids: Iterable[int] | None = None
+                                ) -> dict[int, list[MessageSummary]]:
+    """`MessageSummary` of every message that belongs to a thread (of the threads `ids`, or
+    any), by thread id, in id order (as `Tx.messages` orders them)."""
     out: dict[int, list[MessageSummary]] = {}
-    q = (select(*(messages.c[f] for f in _SUMMARY)).where(messages.c.thread_id.is_not(None))
-         .order_by(messages.c.thread_id, messages.c.id))
     i_created = _SUMMARY.index("created_at")
-    for row in tx.c.execute(q):
-        values = list(row)
-        values[i_created] = _aware(values[i_created])
-        m = MessageSummary(*values)
-        out.setdefault(m.thread_id, []).append(m)
+    for chunk in _chunks(ids):
+        q = (select(*(messages.c[f] for f in _SUMMARY)).where(messages.c.thread_id.is_not(None))
+             .order_by(messages.c.thread_id, messages.c.id))
+        if chunk is not None:
+            q = q.where(messages.c.thread_id.in_(chunk))
+        for row in tx.c.execute(q):
+            values = list(row)
+            values[i_created] = _aware(values[i_created])
+            m = MessageSummary(*values)
+            out.setdefault(m.thread_id, []).append(m)
     return out
+
+
+# -- what changed since the last build -------------------------------------------------------
+# The columns of `threads` read by every build, raw (as the database driver returns them: no
+# type conversion), for the probe. `body` is left out: no part of a public view comes from it
+# (the request's text is its message), and it is most of the row's bytes.
+_THREAD_COLUMNS = ("id", "kind", "state", "authority", "law", "title", "citizen_email",
+                   "citizen_name", "request_token", "reply_token", "confirm_token",
+                   "created_at", "confirmed_at", "sent_at", "due_date", "delivery_status",
+                   "delivery_detail", "allow", "clock_start", "extension", "very_late_date",
+                   "awaiting_description", "hidden")
+_I = {name: i for i, name in enumerate(_THREAD_COLUMNS)}
+
+
+def _day(v: Any) -> date | None:
+    if v is None or isinstance(v, date):
+        return v
+    return date.fromisoformat(str(v)[:10])
+
+
+class ThreadRow:
+    """One row of `threads`, cheaply: what the builder decides with before it knows whether
+    the thread changed (is it public, its list state today, its private values), and the raw
+    values for its probe. The whole `Thread` is read only for threads that changed."""
+    __slots__ = ("raw", "id", "kind", "state", "authority", "law", "citizen_email",
+                 "request_token", "reply_token", "confirm_token", "sent_at", "hidden",
+                 "_due", "_very_late", "_parsed")
+
+    def __init__(self, raw: tuple[Any, ...]):
+        self.raw = raw
+        (self.id, self.kind, self.state, self.authority, self.law, self.citizen_email,
+         self.request_token, self.reply_token, self.confirm_token, self.sent_at,
+         hidden) = (raw[_I["id"]], raw[_I["kind"]], raw[_I["state"]], raw[_I["authority"]],
+                    raw[_I["law"]], raw[_I["citizen_email"]], raw[_I["request_token"]],
+                    raw[_I["reply_token"]], raw[_I["confirm_token"]], raw[_I["sent_at"]],
+                    raw[_I["hidden"]])
+        self.hidden = bool(hidden)
+        self._parsed = False
+
+    def _parse(self) -> None:
+        self._due = _day(self.raw[_I["due_date"]])
+        self._very_late = _day(self.raw[_I["very_late_date"]])
+        self._parsed = True
+
+    @property
+    def due_date(self) -> date | None:
+        if not self._parsed:
+            self._parse()
+        return self._due
+
+    @property
+    def very_late_date(self) -> date | None:
+        if not self._parsed:
+            self._parse()
+        return self._very_late
+
+
+def thread_rows(tx: Any) -> list[ThreadRow]:
+    """Every thread, as `ThreadRow`, in id order."""
+    sql = f"SELECT {', '.join(_THREAD_COLUMNS)} FROM threads ORDER BY id"
+    return [ThreadRow(tuple(r)) for r in tx.c.exec_driver_sql(sql)]
+
+
+def thread_probes(tx: Any) -> dict[int, bytes]:
+    """A digest per thread of what the store holds for it besides its row: which messages it
+    has (their number, the sum and the largest of their ids: messages are only ever added,
+    and their content never changes), which of them are hidden (the one thing about a
+    message that changes), and its events (only ever added). With the thread's row, the
+    rules and the code, it says whether anything a thread's view is made from changed, in a
+    few scans of narrow indexes, without reading a message (see build.ThreadCache)."""
+    parts: dict[int, list[Any]] = {}
+    for tid, n, total, top in tx.c.exec_driver_sql(
+            "SELECT thread_id, count(*), sum(id), max(id) FROM messages "
+            "WHERE thread_id IS NOT NULL GROUP BY thread_id"):
+        parts[tid] = [n, total, top, [], None]
+    for tid, pk in tx.c.exec_driver_sql(
+            "SELECT thread_id, id FROM messages WHERE hidden AND thread_id IS NOT NULL "
+            "ORDER BY id"):
+        parts.setdefault(tid, [0, 0, 0, [], None])[3].append(pk)
+    for tid, n, top in tx.c.exec_driver_sql(
+            "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id"):
+        parts.setdefault(tid, [0, 0, 0, [], None])[4] = (n, top)
+    return {tid: repr(p).encode() for tid, p in parts.items()}
+
+
+def probe(salt: bytes, row: ThreadRow, store_part: bytes | None, rules: bytes) -> str:
+    h = hashlib.sha256(salt)
+    h.update(rules)
+    h.update(repr(row.raw).encode("utf-8", "surrogatepass"))
+    h.update(store_part or b"-")
+    return h.hexdigest()

@@ -31,8 +31,12 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from mailflow.errors import MailflowError
+
+if TYPE_CHECKING:
+    from mailflow.archive.cachedb import CacheDB
 
 CACHE_DIR = ".mailflow-cache"
 MANIFEST = "manifest.json"
@@ -205,6 +209,7 @@ class WriteResult:
     written: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    kept_whole: int = 0     # files kept by owner (`Writer.keep_owner`), not listed
 
 
 # From this many files on, one syncfs() of the file system replaces an fsync per file: a full
@@ -218,28 +223,53 @@ class Writer:
     `fresh`: `root` is a new folder nobody reads yet (a full build's, swapped in whole
     afterwards): files are written in place, with no staging and no renames, and made
     durable together at `commit`.
+
+    `index`: the build's `CacheDB`, which then holds the manifest (read a row at a time,
+    written for the files of this build only); without it, `manifest.json` is read and
+    written whole. Each file has an owner (`owner`, set by the builder: a thread's key, or
+    "" for the site-wide files); `keep_owner` keeps every file of an owner as it is without
+    looking at them, and a file is removed when its owner produced files this build but not
+    that one, or produced nothing and was not kept (a thread gone from the archive).
     """
 
-    def __init__(self, root: Path, guard: LeakGuard, *, fresh: bool = False):
+    def __init__(self, root: Path, guard: LeakGuard, *, fresh: bool = False,
+                 index: CacheDB | None = None):
         self.root = Path(root)
         self.guard = guard
         self.fresh = fresh
+        self.index = index
         self._root = str(self.root)
         self._direct: list[Path] = []
         self._dirs: set[Path] = set()
         self.cache = self.root / CACHE_DIR
-        self.previous = load_manifest(self.root)
+        self.previous = load_manifest(self.root) if index is None else {}
         self.manifest: dict[str, str] = {}
+        self.owner = ""
+        self.owners: dict[str, str] = {}       # rel -> owner, of the files of this build
+        self.kept_owners: set[str] = set()
         self._staged: list[tuple[Path, Path]] = []
         self._staging = self.cache / "staging"
         self.result = WriteResult()
         self.kept: list[str] = []
         self._kept_content: list[tuple[str, bytes]] = []
 
+    def _prev(self, rel: str) -> str | None:
+        if self.index is None:
+            return self.previous.get(rel)
+        return None if self.fresh else self.index.digest(rel)
+
     def has(self, rel: str, digest: str) -> bool:
         """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
-        # os.path rather than pathlib: called for every file of every unchanged thread.
-        return self.previous.get(rel) == digest and os.path.isfile(os.path.join(self._root, rel))
+        return self._prev(rel) == digest and os.path.isfile(os.path.join(self._root, rel))
+
+    def keep_owner(self, owner: str) -> None:
+        """Keep every file of `owner` (a thread whose view and pages did not change) as the
+        last build left it, without reading the manifest or the disk: an incremental build
+        after one message then costs the same on a site of any size. (A file deleted by
+        hand from the output is restored by the next build of its thread, or `--full`.)"""
+        if self.index is None:
+            raise ValueError("keep_owner needs the cache index")
+        self.kept_owners.add(owner)
 
     def keep(self, rel: str, digest: str) -> None:
         """Keep a file this build knows to be unchanged without producing it again (the
@@ -250,6 +280,7 @@ class Writer:
         if not self.has(rel, digest):
             raise ValueError(f"{rel} is not on disk as it was")
         self.manifest[rel] = digest
+        self.owners[rel] = self.owner
         self.result.unchanged.append(rel)
         self.kept.append(rel)
 
@@ -259,7 +290,10 @@ class Writer:
         values added since the kept files were checked."""
         if not guard.labels:
             return
-        for rel in self.kept:
+        kept = list(self.kept)
+        if self.index is not None and self.kept_owners:
+            kept += self.index.rels_of(self.kept_owners)
+        for rel in kept:
             guard.check(rel, (self.root / rel).read_bytes())
         for rel, data in self._kept_content:
             guard.check(rel, data)
@@ -280,8 +314,9 @@ class Writer:
         self.guard.check(rel, raw if scan is None else scan)
         digest = hashlib.sha256(raw).hexdigest()
         self.manifest[rel] = digest
+        self.owners[rel] = self.owner
         target = self.root / rel
-        if self.previous.get(rel) == digest and target.is_file():
+        if self._prev(rel) == digest and target.is_file():
             self.result.unchanged.append(rel)
             return digest
         if self.fresh:
@@ -321,7 +356,15 @@ class Writer:
             changed.add(target.parent)
         self._staged.clear()
         shutil.rmtree(self._staging, ignore_errors=True)
-        for rel in sorted(set(self.previous) - set(self.manifest)):
+        if self.index is not None:
+            # Only the owners that produced files now, or vanished, can have lost some.
+            produced = set(self.owners.values()) | {""}
+            gone = self.index.owners() - produced - self.kept_owners
+            previous = set(self.index.rels_of(produced | gone))
+        else:
+            previous = set(self.previous)
+        removed: list[str] = []
+        for rel in sorted(previous - set(self.manifest)):
             try:
                 safe_rel(rel)
             except ValueError:
@@ -331,14 +374,37 @@ class Writer:
                 path.unlink()
                 changed.add(path.parent)
             self.result.removed.append(rel)
+            removed.append(rel)
             _prune_empty(path.parent, self.root, changed)
         for folder in sorted(changed, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(folder)   # deepest first: a folder's entry in its parent comes after
-        save_manifest(self.root, self.manifest)
+        if self.index is None:
+            save_manifest(self.root, self.manifest)
+            return self.result
+        own = not self.index.in_transaction
+        self.index.begin()
+        self.index.delete_files(removed)
+        self.index.put_files((rel, digest, self.owners[rel])
+                             for rel, digest in self.manifest.items())
+        if own:
+            self.index.commit()
+        self.result.kept_whole = self.index.manifest_size() - len(self.manifest)
         return self.result
 
 
 def load_manifest(root: Path) -> dict[str, str]:
+    """path -> sha256 of every file the last build left in `root` (from its cache index,
+    or the older `manifest.json`)."""
+    index_path = root / CACHE_DIR / "cache.sqlite"
+    if index_path.exists():
+        from mailflow.archive.cachedb import CacheDB
+        index = CacheDB(index_path)
+        try:
+            files = index.manifest()
+        finally:
+            index.close()
+        if files:
+            return files
     try:
         data = json.loads((root / CACHE_DIR / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
