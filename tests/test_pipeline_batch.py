@@ -192,3 +192,35 @@ def test_a_big_batch_is_cut_into_transactions_by_size(site: Site, mf: MfSite,
     assert _outcomes(Pipeline(mf).process_items(mf.spool, items)) == ["response"] * 5
     assert len(commits) == 3
     assert mf.spool.pending() == []
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["process_items", "process_item"])
+def test_a_message_failing_its_last_attempt_goes_to_the_queue_with_its_raw_bytes(
+        site: Site, mf: MfSite, monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    """The pipeline lets go of the raw bytes once they are stored; when the message then
+    fails for the last time, the admin queue still gets them, read again from the spool."""
+    from dataclasses import replace
+    tid, address = _sent_request(site, mf, "Batch with a bug to the end")
+    raws = _replies(address, 2, "last")
+    mf.settings = replace(mf.settings, spool=replace(mf.settings.spool, max_attempts=1))
+    p = Pipeline(mf)
+
+    def broken(c, thread, pk):  # type: ignore[no-untyped-def]
+        if "last 1" in c.pm.subject:
+            raise RuntimeError("a bug in this message")
+        return Pipeline.accept_response(p, c, thread, pk)
+
+    monkeypatch.setattr(p, "accept_response", broken)
+    items = _spool(mf, raws)
+    if batched:
+        assert _outcomes(p.process_items(mf.spool, items)) == ["response", "RuntimeError"]
+    else:
+        assert p.process_item(mf.spool, items[0]).outcomes[0].outcome == "response"
+        with pytest.raises(RuntimeError):
+            p.process_item(mf.spool, items[1])
+    assert mf.spool.pending() == []
+    with mf.store.read() as tx:
+        (item,) = tx.queue(reason="processing_failed")
+        assert item.raw_sha256 is not None and tx.get_raw(item.raw_sha256) == raws[1][0]
+        assert sorted(m.subject for m in tx.messages(tid) if m.kind == "response") == [
+            "Re: last 0"]
