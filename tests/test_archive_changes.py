@@ -1,0 +1,247 @@
+"""An incremental build reads only the threads that changed (by their probe: the thread row, the
+ids of its messages, which of them are hidden, its events), and still publishes exactly what a
+full build of the same store publishes, after every kind of change: a new message, a hidden
+message or thread, a new state, a redaction rule, a template, a damaged or older cache."""
+from __future__ import annotations
+
+import gzip
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from mailflow.archive import build as build_mod
+from mailflow.archive import reading
+from mailflow.archive.writer import CACHE_DIR, load_manifest, write_private_json
+from mailflow.rulesdir import packaged_dir
+from mailflow.site import Site as MfSite
+from mailflow.store.tables import messages as messages_table
+from test_archive_build import (CAMDEN, HOME, TODAY, World, addresses_of, ask, ingest, mail,
+                                make_world)
+from test_archive_incremental import full_elsewhere, published
+
+
+@pytest.fixture()
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    # One request per part of the data dump and per listing page, so that which ones are
+    # written again shows.
+    monkeypatch.setattr(build_mod, "DUMP_PART", 1)
+    monkeypatch.setattr(build_mod, "PAGE_SIZE", 1)
+    w = make_world(tmp_path)
+    yield w
+    w.mf.close()
+
+
+def made_views(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[list[int] | None]]:
+    """Which threads a build fingerprints, and for which it reads message summaries."""
+    fingerprinted: list[int] = []
+    summaries: list[list[int] | None] = []
+    real_fp = build_mod.ThreadCache.fingerprint
+    real_summaries = build_mod.message_summaries_by_thread
+
+    def fp(self, inp, *a, **kw):  # type: ignore[no-untyped-def]
+        fingerprinted.append(inp.thread.id)
+        return real_fp(self, inp, *a, **kw)
+
+    def summ(tx, ids=None):  # type: ignore[no-untyped-def]
+        summaries.append(sorted(ids) if ids is not None else None)
+        return real_summaries(tx, ids)
+
+    monkeypatch.setattr(build_mod.ThreadCache, "fingerprint", fp)
+    monkeypatch.setattr(build_mod, "message_summaries_by_thread", summ)
+    return fingerprinted, summaries
+
+
+def part(tid: int) -> str:
+    return f"data/threads-{tid}.jsonl.gz"
+
+
+def test_a_new_message_reads_and_rewrites_only_what_shows_it(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh.build()
+    fingerprinted, summaries = made_views(monkeypatch)
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Six weeks on average."),
+           req_b, HOME)
+    r = fresh.build()
+    assert fingerprinted == [fresh.b] and summaries == [[fresh.b]]   # nothing else was read
+    b = fresh.thread_dir(fresh.b)
+    written = set(r.written_paths)
+    assert {f"{b}index.html", f"{b}index.json", f"{b}feed.atom", part(fresh.b),
+            "body/home-office/index.html", "body/home-office/index.json",
+            "body/home-office/feed.atom", "index.html", "feed.atom"} <= written
+    # Not Camden's files, nor the other requests' own files or parts of the data.
+    assert not [p for p in written if p.startswith(("body/camden/", "body/edinburgh/"))]
+    for tid in (fresh.a, fresh.c):
+        assert not [p for p in written if p.startswith(fresh.thread_dir(tid))]
+        assert part(tid) not in written
+    line = gzip.decompress((fresh.out / part(fresh.b)).read_bytes()).decode()
+    assert "Six weeks on average." in line
+    assert r.unchanged > 0 and r.removed == 0
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+    # Nothing changed: nothing is read, written or rendered.
+    fingerprinted.clear()
+    summaries.clear()
+    again = fresh.build()
+    assert again.written == 0 and fingerprinted == [] and summaries == []
+
+
+def test_every_kind_of_change_equals_a_full_build(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh.build()
+    steps = 0
+
+    def same_as_full() -> None:
+        nonlocal steps
+        steps += 1
+        assert published(fresh.out) == full_elsewhere(fresh, tmp_path / f"full{steps}")
+
+    a, c = fresh.thread_dir(fresh.a), fresh.thread_dir(fresh.c)
+    # A moderator hides an answer straight in the database (no audit, no event): the probe
+    # sees the hidden ids, so the thread's page and its data line lose it.
+    with fresh.mf.store.tx() as tx:
+        tx.c.execute(update(messages_table).where(
+            messages_table.c.thread_id == fresh.a, messages_table.c.kind == "auto_reply")
+            .values(hidden=True))
+    r = fresh.build()
+    assert f"{a}index.html" in r.written_paths and part(fresh.a) in r.written_paths
+    assert "I am away until Monday." not in fresh.read(f"{a}index.html")
+    same_as_full()
+    # A hidden thread disappears: its files, its part of the data, its lines everywhere.
+    with fresh.mf.store.tx() as tx:
+        tx.update_thread(fresh.c, hidden=True)
+    r = fresh.build()
+    assert f"{c}index.html" in r.removed_paths and part(fresh.c) in r.removed_paths
+    assert not (fresh.out / c).exists()
+    assert c not in fresh.read("sitemap.xml") and c not in fresh.read("body/camden/index.json")
+    parts = json.loads(fresh.read("data/index.json"))["requests"]["parts"]
+    assert fresh.c not in [p["first_id"] for p in parts]
+    same_as_full()
+    # ... and comes back.
+    with fresh.mf.store.tx() as tx:
+        tx.update_thread(fresh.c, hidden=False)
+    r = fresh.build()
+    assert f"{c}index.html" in r.written_paths
+    same_as_full()
+    # A new state moves it between lists.
+    with fresh.mf.store.tx() as tx:
+        tx.update_thread(fresh.a, state="successful")
+    r = fresh.build()
+    assert "list/successful/index.html" in r.written_paths
+    same_as_full()
+    # A day later some requests are overdue: the lists and pages say so.
+    later = TODAY.replace(year=TODAY.year + 1)
+    r = fresh.build(today=later)
+    assert any(p.startswith("list/overdue/") or p.startswith("list/very-overdue/")
+               for p in r.written_paths)
+    steps += 1
+    build_mod.build(fresh.mf, tmp_path / f"full{steps}", full=True, dns_txt=fresh.dns,
+                    today=later, search=False)
+    assert published(fresh.out) == published(tmp_path / f"full{steps}")
+    fresh.build()
+    same_as_full()
+    # A redaction rule: every view is made again.
+    rules = fresh.mf.settings.site.rules / "redactions.toml"
+    rules.write_text((rules.read_text() if rules.exists() else "")
+                     + '\n[[redaction]]\ntext = "tonnes"\nreplacement = "[amount]"\n')
+    r = fresh.build()
+    assert "[amount]" in fresh.read(f"{a}index.html") and "tonnes" not in fresh.read(
+        f"{a}index.html")
+    assert b"tonnes" not in gzip.decompress((fresh.out / part(fresh.a)).read_bytes())
+    same_as_full()
+
+
+def test_a_template_change_renders_every_page_again(fresh: World, tmp_path: Path) -> None:
+    fresh.build()
+    site_dir = fresh.mf.settings.path.parent
+    (site_dir / "templates" / "archive").mkdir(parents=True)
+    shipped = (packaged_dir("templates") / "archive" / "thread.html").read_text()
+    (site_dir / "templates" / "archive" / "thread.html").write_text(
+        shipped.replace("{% block main %}", "{% block main %}<!-- local change -->", 1))
+    config = fresh.mf.settings.path
+    config.write_text(config.read_text().replace('# templates = "templates"',
+                                                 'templates = "templates"'))
+    fresh.mf.close()
+    fresh.mf = MfSite.open(config)
+    r = fresh.build()
+    for tid in (fresh.a, fresh.b, fresh.c):
+        assert "<!-- local change -->" in fresh.read(f"{fresh.thread_dir(tid)}index.html")
+        assert f"{fresh.thread_dir(tid)}index.html" in r.written_paths
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+
+
+def test_a_new_thread_changes_its_authority_and_a_new_part(
+        fresh: World, tmp_path: Path) -> None:
+    fresh.build()
+    new = ask(fresh.mf, "edinburgh", "Trams", "How many trams run on Sundays?")
+    r = fresh.build()
+    assert part(new) in r.written_paths
+    assert "body/edinburgh/index.html" in r.written_paths
+    assert not [p for p in r.written_paths if p.startswith("body/camden/")]
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+
+
+def test_a_damaged_cache_starts_again(fresh: World, tmp_path: Path) -> None:
+    fresh.build()
+    (fresh.out / CACHE_DIR / "cache.sqlite").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (fresh.out / CACHE_DIR / f"cache.sqlite{suffix}").unlink(missing_ok=True)
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Soon."), req_b, HOME)
+    fresh.build()
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+    assert fresh.build().written == 0
+
+
+def test_an_archive_made_before_the_cache_index_is_taken_over(
+        fresh: World, tmp_path: Path) -> None:
+    """An older archive had `manifest.json` and `threads.json`: the first build takes the
+    manifest over, so a file it no longer produces (the old single data file) is removed."""
+    fresh.build()
+    cache = fresh.out / CACHE_DIR
+    files = load_manifest(fresh.out)
+    old = fresh.out / "data" / "threads.jsonl.gz"
+    old.write_bytes(gzip.compress(b"{}\n"))
+    files["data/threads.jsonl.gz"] = "0" * 64
+    for name in ("cache.sqlite", "cache.sqlite-wal", "cache.sqlite-shm"):
+        (cache / name).unlink(missing_ok=True)
+    write_private_json(cache / "manifest.json", {"version": 1, "files": files})
+    write_private_json(cache / "threads.json", {"salt": "x", "threads": {}})
+    r = fresh.build()
+    assert "data/threads.jsonl.gz" in r.removed_paths and not old.exists()
+    assert not (cache / "manifest.json").exists() and not (cache / "threads.json").exists()
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+    assert fresh.build().written == 0
+
+
+def test_probes_change_with_what_a_view_is_made_from(fresh: World) -> None:
+    def probes() -> dict[int, bytes]:
+        with fresh.mf.store.read() as tx:
+            return reading.thread_probes(tx)
+
+    before = probes()
+    req_a, _ = addresses_of(fresh.mf, fresh.a)
+    ingest(fresh.mf, mail(f"John Smith <{CAMDEN}>", req_a, "RE: more", "More."), req_a, CAMDEN)
+    after = probes()
+    assert after[fresh.a] != before[fresh.a]
+    assert {k: v for k, v in after.items() if k != fresh.a} == {
+        k: v for k, v in before.items() if k != fresh.a}
+    with fresh.mf.store.tx() as tx:   # hiding one message and showing another of the thread
+        tx.c.execute(update(messages_table).where(messages_table.c.thread_id == fresh.b)
+                     .values(hidden=~messages_table.c.hidden))
+    assert probes()[fresh.b] != after[fresh.b]
+
+
+def test_the_cache_index_holds_no_private_value(fresh: World) -> None:
+    """The cache folder sits inside the output folder: what it keeps is redacted like the
+    pages (the views), or digests."""
+    fresh.build()
+    db = sqlite3.connect(fresh.out / CACHE_DIR / "cache.sqlite")
+    try:
+        dump = "\n".join(db.iterdump()).lower()
+    finally:
+        db.close()
+    for secret in fresh.secrets:
+        assert secret.lower() not in dump, secret
