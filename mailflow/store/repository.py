@@ -202,6 +202,9 @@ _INSERT_MESSAGE = insert(messages)
 _INSERT_OUTBOX = insert(outbox)
 _INSERT_QUEUE_ITEM = insert(queue_items)
 _INSERT_EVENT = insert(thread_events)
+BLOCKED_KEPT = 1000
+"""At most this many blocked patterns are read whole and kept by a transaction."""
+_BLOCKED_ALL = select(blocked_senders.c.pattern).limit(BLOCKED_KEPT + 1)
 _BLOCKED = select(blocked_senders.c.id).where(
     blocked_senders.c.pattern.in_(bindparam("patterns", expanding=True))).limit(1)
 _MESSAGES_WITH_ID = select(messages).where(messages.c.thread_id == bindparam("tid"),
@@ -220,8 +223,10 @@ _INSERT_SENDER = insert(authority_senders)
 _INSERT_REMINDER: dict[str, Any] = {
     "sqlite": sqlite_dialect.insert(reminders).on_conflict_do_nothing(
         index_elements=["thread_id", "kind", "event"]),
+    # RETURNING: with the implicit RETURNING SQLAlchemy adds on PostgreSQL, rowcount is -1
+    # (add_reminder said False, "not new", for every reminder it planned there).
     "postgresql": pg_dialect.insert(reminders).on_conflict_do_nothing(
-        index_elements=["thread_id", "kind", "event"]),
+        index_elements=["thread_id", "kind", "event"]).returning(reminders.c.id),
 }
 # Raw messages on SQLite, through the driver (Tx._put_raw_sqlite).
 BLOB_PIECEWISE = 256 * 1024
@@ -268,21 +273,31 @@ def _no_nul_values(values: dict[str, Any]) -> dict[str, Any]:
 class Tx:
     """One database transaction and the operations mailflow performs in it.
 
-    Thread rows and the learned senders are remembered for the life of the transaction (a
-    message asks for its thread three or four times): every write to them goes through this
+    Thread rows, the learned senders and the blocked list (when it is short) are remembered
+    for the life of the transaction (a message asks for its thread three or four times, and
+    a batch of messages asks for the same few): every write to them goes through this
     class, which forgets what it changed, and `forget` drops the lot (after rolling back a
-    savepoint, whose writes the remembered rows may include).
+    savepoint, whose writes the remembered rows may include). So are the senders already
+    seen and the reminders already planned in this transaction, whose statements would
+    change nothing more the second time.
     """
 
     def __init__(self, conn: Connection):
         self.c = conn
         self._threads: dict[int, Thread | None] = {}
         self._learned: list[tuple[str, str, bool]] | None = None
+        self._blocked: frozenset[str] | None = None   # None: not read (or too many to keep)
+        self._blocked_read = False
+        self._seen_senders: set[tuple[str, str]] = set()
+        self._planned: set[tuple[int, str, str]] = set()
 
     def forget(self) -> None:
         """Drop the rows remembered in this transaction: after a savepoint rolls back."""
         self._threads.clear()
         self._learned = None
+        self._blocked, self._blocked_read = None, False
+        self._seen_senders.clear()
+        self._planned.clear()
 
     # -- raw bytes ----------------------------------------------------------------------
     def put_raw(self, raw: bytes | Sequence[bytes]) -> str:
@@ -379,6 +394,7 @@ class Tx:
         return NotFound(f"no thread {thread_id}; nearby threads: {', '.join(map(str, sorted(ids)))}")
 
     def block(self, pattern: str, actor: str, reason: str | None) -> bool:
+        self._blocked, self._blocked_read = None, False
         if self.c.execute(select(blocked_senders.c.id).where(
                 blocked_senders.c.pattern == pattern)).first():
             return False
@@ -396,6 +412,14 @@ class Tx:
                 patterns += [sender, "@" + sender.rpartition("@")[2]]
         if not patterns:
             return False
+        if not self._blocked_read:
+            # The whole list, once per transaction, when it is short (it usually is: a few
+            # addresses an admin blocked); else one query per call.
+            self._blocked_read = True
+            rows = self.c.execute(_BLOCKED_ALL).scalars().all()
+            self._blocked = frozenset(rows) if len(rows) <= BLOCKED_KEPT else None
+        if self._blocked is not None:
+            return not self._blocked.isdisjoint(patterns)
         return self.c.execute(_BLOCKED, {"patterns": patterns}).first() is not None
 
     def threads_of_citizen(self, email: str) -> list[Thread]:
@@ -486,7 +510,13 @@ class Tx:
 
     def learn_sender(self, authority: str, address: str, *, reply_to: bool,
                      thread_id: int | None) -> bool:
-        """Record an address as a known sender for the authority; True if it is new."""
+        """Record an address as a known sender for the authority; True if it is new.
+
+        Once per transaction for each (authority, address): a second message from the same
+        sender in a batch would only move its last_seen by a fraction of a second."""
+        if (authority, address) in self._seen_senders:
+            return False
+        self._seen_senders.add((authority, address))
         now = utcnow()
         found = self.c.execute(_SENDER_ID, {"authority": authority, "address": address}).first()
         if found:
@@ -556,12 +586,19 @@ class Tx:
         """Plan a reminder unless one for the same (thread, kind, event) exists; True if new.
 
         One INSERT … ON CONFLICT DO NOTHING on the unique (thread, kind, event), which also
-        settles a race with another daemon without a savepoint."""
+        settles a race with another daemon without a savepoint. A (thread, kind, event)
+        already planned or found in this transaction is not asked for again."""
+        key = (thread_id, kind, event)
+        if key in self._planned:
+            return False
+        self._planned.add(key)
         stmt = _INSERT_REMINDER.get(self.c.dialect.name)
         if stmt is not None:
-            return self.c.execute(stmt, {
+            res = self.c.execute(stmt, {
                 "thread_id": thread_id, "kind": kind, "event": event, "due_at": due_at,
-                "state": "pending", "created_at": utcnow()}).rowcount == 1
+                "state": "pending", "created_at": utcnow()})
+            return (res.first() is not None if self.c.dialect.name == "postgresql"
+                    else res.rowcount == 1)
         q = select(reminders.c.id).where(reminders.c.thread_id == thread_id,
                                          reminders.c.kind == kind, reminders.c.event == event)
         if self.c.execute(q).first() is not None:
