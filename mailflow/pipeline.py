@@ -954,8 +954,8 @@ class Pipeline:
         if last is not None:
             pm_last_reply_to = None
             raw_last = c.tx.get_raw(last.raw_sha256)
-            try:
-                pm_last_reply_to = parse(raw_last).reply_to
+            try:   # only its Reply-To is wanted: its header section is enough to parse
+                pm_last_reply_to = parse(_header_section(raw_last)).reply_to
             except ParseError:
                 pass
             to = (pm_last_reply_to[0] if pm_last_reply_to else None) or last.from_addr or to
@@ -990,6 +990,18 @@ class Pipeline:
                                 (thread.citizen_email, "[requester's email address]")):
             text = re.sub(re.escape(secret), instead, text, flags=re.I)
         return text
+
+
+_EOL = rb"(?:\r\n|\n|\r(?!\n))"
+_EMPTY_LINE = re.compile(_EOL + _EOL)
+
+
+def _header_section(raw: bytes) -> bytes:
+    """A message up to and including its first empty line (any of CRLF, LF or CR, as the
+    parser reads line ends), or the whole message when there is none: a prefix that holds
+    every header the parser would read from the whole message."""
+    m = _EMPTY_LINE.search(raw)
+    return raw[:m.end()] if m else raw
 
 
 def _after_first_line(text: str) -> list[str]:
