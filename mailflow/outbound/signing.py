@@ -258,7 +258,9 @@ def _headers_and_body_hash(raw: bytes, canon: CanonicalizationPolicy,
         stop = size if cut < 0 else cut + 2
         piece = bytes(view[pos:stop])
         pos = stop
-        if relaxed:
+        if relaxed and (b"\t" in piece or b"  " in piece or b" \r\n" in piece):
+            # (without a tab, two spaces together or a space before a line end, both
+            # substitutions change nothing: base64 attachments, most text)
             piece = _WSP.sub(b" ", _WSP_EOL.sub(b"\r\n", piece))
         # The piece's trailing CRLF pairs. Every LF follows a CR (checked above), so the
         # CRs and LFs at its end are pairs, after the last bare CR if there is one.
