@@ -41,6 +41,7 @@ from typing import Any
 from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
+from mailflow.archive import maps
 from mailflow.archive import reports as R
 from mailflow.archive import reading
 from mailflow.archive.cachedb import INDEX_FILE, CacheDB, IndexRow
@@ -1010,9 +1011,9 @@ def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
-# Requests per part of the data dump (`data/threads-<n>.jsonl.gz` holds ids n*250 to
-# n*250+249): a new message rewrites one part, whatever the size of the site.
-DUMP_PART = 250
+# Requests per part of the data dump (`data/threads-<n>.jsonl.gz` holds ids n*100 to
+# n*100+99): a new message rewrites one part, whatever the size of the site.
+DUMP_PART = 100
 
 
 def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | None = None,
@@ -1110,7 +1111,7 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
                                      *(rp.last_activity.date() for rp in a.reports)],
                                     default=None)))
     if sv.reports is not None:
-        _write_reports(site, r, sv, sv.reports, w, sitemap)
+        _write_reports(site, r, sv, sv.reports, w, sitemap, listings)
     w.write("list/index.html", r.page("lists.html", "list/index.html", counts=counts))
     for key, words in C.LIST_STATES.items():
         first = f"list/{key}/"
@@ -1176,42 +1177,72 @@ def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: 
 
 
 def _write_reports(site: Site, r: Renderer, sv: C.SiteView, lists: R.ReportLists, w: Writer,
-                   sitemap: list[tuple[str, date | None]]) -> None:
+                   sitemap: list[tuple[str, date | None]],
+                   listings: _Listings | None = None) -> None:
     """Each fault report's page, JSON twin and feed; the list of all reports and the lists by
     area and by category, each with its map and feed; the reports as data. Rendered from the
-    views every build (the writer keeps what did not change), so a report fixed since the last
-    build changes its page, its lists, their maps and feeds together."""
+    views, so a report fixed since the last build changes its page, its lists, their maps and
+    feeds together; with `listings`, all of them are kept when the lists (every report view,
+    area and category) and the site's areas and map link are as the last build had them."""
     base = sv.base_url
     geo = lists.geography
     link = getattr(getattr(site.settings, "reports", None), "map_link", "") or ""
+    items_of = (("area", lists.areas), ("category", lists.categories))
+    rels = [f"{rp.path}{name}" for rp in lists.reports
+            for name in ("index.html", "index.json", "feed.atom")]
+    rels += ["report/index.html", "report/feed.atom", "data/reports.jsonl.gz"]
+    rels += [f"{item.path}{name}" for _, items in items_of for item in items
+             for name in ("index.html", "feed.atom")]
+    key = None
+    if listings is not None and listings.cache is not None:
+        areas = getattr(getattr(site.rules, "reports", None), "areas", None) or ()
+        shapes = hashlib.sha256()
+        for area in areas:    # their outlines (not in their repr)
+            g = maps.geometry_of(area)
+            shapes.update(g.wkb if g is not None else b"-")
+        text = repr([lists, areas, link, shapes.hexdigest()])
+        if " at 0x" not in text:    # an object without a value repr: render every time
+            key = hashlib.sha256(f"{listings.salt}:reports:{text}".encode(
+                "utf-8", "surrogatepass")).hexdigest()
+    for rp in lists.reports:
+        sitemap.append((rp.path, rp.last_activity.date()))
+    sitemap.append(("report/", max((rp.last_activity.date() for rp in lists.reports),
+                                   default=None)))
+    for _, items in items_of:
+        for item in items:
+            sitemap.append((item.path, max((rp.last_activity.date() for rp in item.reports),
+                                           default=None)))
+    if listings is not None and listings.keep_all(rels, key):
+        return
+
+    def write(rel: str, data: str | bytes, **kw: Any) -> None:
+        digest = w.write(rel, data, **kw)
+        if listings is not None:
+            listings.put(rel, key, digest)
+
     for rp in lists.reports:
         page = f"{rp.path}index.html"
         map_url = (link.replace("{lat}", f"{rp.lat:.6f}").replace("{lon}", f"{rp.lon:.6f}")
                    if link and rp.has_location else "")
-        w.write(page, r.page("report.html", page, rp=rp, geo=geo, map_url=map_url))
-        w.write(f"{rp.path}index.json", _json(R.report_json(rp, base)))
-        w.write(f"{rp.path}feed.atom", feeds.atom_feed(
+        write(page, r.page("report.html", page, rp=rp, geo=geo, map_url=map_url))
+        write(f"{rp.path}index.json", _json(R.report_json(rp, base)))
+        write(f"{rp.path}feed.atom", feeds.atom_feed(
             title=rp.title, base_url=base, page=rp.path, feed=f"{rp.path}feed.atom",
             entries=feeds.report_entries([rp], base), author=sv.name))
-        sitemap.append((rp.path, rp.last_activity.date()))
-    w.write("report/index.html", r.page("reports.html", "report/index.html", lists=lists, geo=geo))
-    w.write("report/feed.atom", feeds.atom_feed(
+    write("report/index.html", r.page("reports.html", "report/index.html", lists=lists, geo=geo))
+    write("report/feed.atom", feeds.atom_feed(
         title=f"{sv.name}: fault reports", base_url=base, page="report/", feed="report/feed.atom",
         entries=feeds.report_entries(lists.reports, base), author=sv.name))
-    sitemap.append(("report/", max((rp.last_activity.date() for rp in lists.reports),
-                                   default=None)))
-    for kind, items in (("area", lists.areas), ("category", lists.categories)):
+    for kind, items in items_of:
         for item in items:
             page = f"{item.path}index.html"
-            w.write(page, r.page("report_list.html", page, geo=geo,
-                                 area=item if kind == "area" else None,
-                                 category=item if kind == "category" else None))
-            w.write(f"{item.path}feed.atom", feeds.atom_feed(
+            write(page, r.page("report_list.html", page, geo=geo,
+                               area=item if kind == "area" else None,
+                               category=item if kind == "category" else None))
+            write(f"{item.path}feed.atom", feeds.atom_feed(
                 title=f"{sv.name}: fault reports, {item.name}", base_url=base, page=item.path,
                 feed=f"{item.path}feed.atom", entries=feeds.report_entries(item.reports, base),
                 author=sv.name))
-            sitemap.append((item.path, max((rp.last_activity.date() for rp in item.reports),
-                                           default=None)))
     lines = "".join(json.dumps(R.report_json(rp, base), ensure_ascii=False) + "\n"
                     for rp in sorted(lists.reports, key=lambda rp: rp.id)).encode("utf-8")
-    w.write("data/reports.jsonl.gz", gzip.compress(lines, mtime=0), scan=lines)
+    write("data/reports.jsonl.gz", gzip.compress(lines, mtime=0), scan=lines)

@@ -147,10 +147,22 @@ class ThreadRow:
         return self._very_late
 
 
+def _fetch(tx: Any, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a query without parameters, straight from the database driver, in the
+    transaction of `tx` (SQLAlchemy's result objects cost more than the query, per row)."""
+    tx.c.exec_driver_sql("SELECT 1")    # the transaction has begun: one snapshot for all
+    cur = tx.c.connection.dbapi_connection.cursor()
+    try:
+        cur.execute(sql)
+        return [tuple(r) for r in cur.fetchall()]
+    finally:
+        cur.close()
+
+
 def thread_rows(tx: Any) -> list[ThreadRow]:
     """Every thread, as `ThreadRow`, in id order."""
     sql = f"SELECT {', '.join(_THREAD_COLUMNS)} FROM threads ORDER BY id"
-    return [ThreadRow(tuple(r)) for r in tx.c.exec_driver_sql(sql)]
+    return [ThreadRow(r) for r in _fetch(tx, sql)]
 
 
 def thread_probes(tx: Any) -> dict[int, bytes]:
@@ -161,15 +173,15 @@ def thread_probes(tx: Any) -> dict[int, bytes]:
     rules and the code, it says whether anything a thread's view is made from changed, in a
     few scans of narrow indexes, without reading a message (see build.ThreadCache)."""
     parts: dict[int, list[Any]] = {}
-    for tid, n, total, top in tx.c.exec_driver_sql(
+    for tid, n, total, top in _fetch(tx, 
             "SELECT thread_id, count(*), sum(id), max(id) FROM messages "
             "WHERE thread_id IS NOT NULL GROUP BY thread_id"):
         parts[tid] = [n, total, top, [], None]
-    for tid, pk in tx.c.exec_driver_sql(
+    for tid, pk in _fetch(tx, 
             "SELECT thread_id, id FROM messages WHERE hidden AND thread_id IS NOT NULL "
             "ORDER BY id"):
         parts.setdefault(tid, [0, 0, 0, [], None])[3].append(pk)
-    for tid, n, top in tx.c.exec_driver_sql(
+    for tid, n, top in _fetch(tx, 
             "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id"):
         parts.setdefault(tid, [0, 0, 0, [], None])[4] = (n, top)
     return {tid: repr(p).encode() for tid, p in parts.items()}
