@@ -28,6 +28,7 @@ from sqlalchemy import update
 
 from conftest import DOMAIN, JANE, MAILFLOW, compose
 from mailflow.archive import build as build_mod
+from mailflow.archive import writer as writer_mod
 from mailflow.archive.build import BuildReport, build
 from mailflow.archive.writer import CACHE_DIR, LeakError, LeakGuard, Writer
 from mailflow.core.redaction import Redactor
@@ -429,6 +430,7 @@ def test_full_rebuild_is_built_aside_and_swapped_in(fresh: World) -> None:
              if CACHE_DIR not in str(p)}
     assert after == before                   # same content, and the stray file is gone
     assert fresh.out.stat().st_ino != inode  # a new folder took the old one's place
+    writer_mod.wait_for_removals()            # the old one is deleted in the background
     assert [p.name for p in fresh.out.parent.iterdir() if p.name.startswith(".out")] == [".out.lock"]
     assert fresh.build().written == 0        # the manifest came along with it
 

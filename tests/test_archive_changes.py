@@ -245,3 +245,16 @@ def test_the_cache_index_holds_no_private_value(fresh: World) -> None:
         db.close()
     for secret in fresh.secrets:
         assert secret.lower() not in dump, secret
+
+
+def test_a_full_rebuild_removes_the_old_site_and_leftovers_in_the_background(
+        fresh: World) -> None:
+    from mailflow.archive import writer as writer_mod
+    fresh.build()
+    stray = fresh.out.parent / f".{fresh.out.name}.old-1-abc"   # a crashed process's leftover
+    (stray / "request").mkdir(parents=True)
+    (stray / "request" / "x.html").write_text("old")
+    fresh.build(full=True)
+    writer_mod.wait_for_removals()
+    assert [p.name for p in fresh.out.parent.iterdir() if ".old-" in p.name] == []
+    assert (fresh.out / "index.html").exists()

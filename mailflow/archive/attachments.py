@@ -16,6 +16,8 @@ not become image/svg+xml on our origin.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import re
 import warnings
@@ -233,22 +235,50 @@ def _raw_pdf_strings(data: bytes) -> list[str]:
     return out
 
 
+# What a PDF holds is a function of its bytes alone: the same file attached again (forwarded,
+# quoted, sent to several requests) is read once per process. Only the redaction check, which
+# depends on the thread, runs for each.
+_PDF_MEMO: collections.OrderedDict[bytes, tuple[str | None, list[str]]] = collections.OrderedDict()
+_PDF_MEMO_SIZE = 64
+_PDF_MEMO_MAX_TEXT = 1 << 20
+
+
+def _pdf_read(data: bytes) -> tuple[str | None, list[str]]:
+    """(why the PDF cannot be checked, or None; every text in it)."""
+    key = hashlib.sha256(data).digest()
+    hit = _PDF_MEMO.get(key)
+    if hit is not None:
+        _PDF_MEMO.move_to_end(key)
+        return hit
+    texts: list[str] = []
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            problem: str | None = f"encrypted PDF: {CANNOT_CHECK}"
+        elif len(reader.pages) > PDF_MAX_PAGES:
+            problem = f"PDF of more than {PDF_MAX_PAGES} pages: {CANNOT_CHECK}"
+        elif reader.attachments:
+            problem = f"PDF with files embedded in it: {CANNOT_CHECK}"
+        else:
+            texts, problem = _pdf_texts(reader)
+            if problem:
+                problem = f"{problem}: {CANNOT_CHECK}"
+    except Exception as e:   # any failure on hostile input means: not checked
+        problem = f"PDF could not be read ({type(e).__name__}): {CANNOT_CHECK}"
+    result = (problem, [] if problem else [*texts, "\n".join(_raw_pdf_strings(data))])
+    if sum(len(t) for t in result[1]) <= _PDF_MEMO_MAX_TEXT:
+        _PDF_MEMO[key] = result
+        while len(_PDF_MEMO) > _PDF_MEMO_SIZE:
+            _PDF_MEMO.popitem(last=False)
+    return result
+
+
 def _publish_pdf(att: Attachment, name: str, redactor: Redactor) -> PublicAttachment | Withheld:
     name = _with_ext(name, (".pdf",), ".pdf")
-    try:
-        reader = PdfReader(io.BytesIO(att.data))
-        if reader.is_encrypted:
-            return Withheld(name, f"encrypted PDF: {CANNOT_CHECK}")
-        if len(reader.pages) > PDF_MAX_PAGES:
-            return Withheld(name, f"PDF of more than {PDF_MAX_PAGES} pages: {CANNOT_CHECK}")
-        if reader.attachments:
-            return Withheld(name, f"PDF with files embedded in it: {CANNOT_CHECK}")
-        texts, problem = _pdf_texts(reader)
-    except Exception as e:   # any failure on hostile input means: not checked
-        return Withheld(name, f"PDF could not be read ({type(e).__name__}): {CANNOT_CHECK}")
+    problem, texts = _pdf_read(att.data)
     if problem:
-        return Withheld(name, f"{problem}: {CANNOT_CHECK}")
-    labels = _found(redactor, [*texts, "\n".join(_raw_pdf_strings(att.data))])
+        return Withheld(name, problem)
+    labels = _found(redactor, texts)
     if labels:
         return Withheld(name, _private_reason("PDF", labels))
     return _public(name, "application/pdf", att.data)

@@ -49,7 +49,8 @@ from mailflow.archive.reading import events_by_thread, message_summaries_by_thre
 from mailflow.archive.charts import report_chart
 from mailflow.archive.render import SEARCH_CSP, Renderer, authority_json, thread_json
 from mailflow.archive.writer import (CACHE_DIR, LeakGuard, Writer, _exchange, load_manifest,
-                                     swap_in, write_private_json)
+                                     swap_in, sweep_removed,
+                                     write_private_json)
 from mailflow.core.redaction import PrivatePattern, Redactor, load_redactions, private_values
 from mailflow.errors import MailflowError
 from mailflow.outbound.signing import verify as dkim_verify
@@ -611,6 +612,7 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
     today = today or datetime.now(timezone.utc).date()
     with _one_writer(site, out, wait):
         if full:
+            sweep_removed(out)
             work = out.with_name(f".{out.name}.new-{os.getpid()}")
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -794,10 +796,11 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 events = events_by_thread(tx, None if many else ids)
                 report_rows = ({x.thread_id: x for x in tx.reports()} if reports_public
                                else {})
+                get_raw = reading.raw_reader(tx)
                 for r, probe in need:
                     t = threads[r.id]
                     inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []),  # type: ignore[arg-type]
-                                        tx.get_raw)
+                                        get_raw)
                     if R.is_public(t):
                         writer.owner = f"report-{t.id}"
                         report_views.append(_report(site, inp, tx.messages,

@@ -193,3 +193,26 @@ def probe(salt: bytes, row: ThreadRow, store_part: bytes | None, rules: bytes) -
     h.update(repr(row.raw).encode("utf-8", "surrogatepass"))
     h.update(store_part or b"-")
     return h.hexdigest()
+
+
+def raw_reader(tx: Any) -> Any:
+    """`tx.get_raw`, without building a SQLAlchemy statement for every message (a full
+    build reads every message's raw bytes): one prepared query through the driver."""
+    from mailflow.errors import NotFound
+    tx.c.exec_driver_sql("SELECT 1")    # in the transaction's snapshot
+    dbapi = tx.c.connection.dbapi_connection
+    mark = "?" if tx.c.dialect.paramstyle == "qmark" else "%s"
+    sql = f"SELECT data FROM raw_messages WHERE sha256 = {mark}"
+
+    def get_raw(sha: str) -> bytes:
+        cur = dbapi.cursor()
+        try:
+            cur.execute(sql, (sha,))
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row is None:
+            raise NotFound(f"no raw message {sha}")
+        return bytes(row[0])
+
+    return get_raw

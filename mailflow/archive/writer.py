@@ -28,6 +28,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -515,8 +517,47 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+_removing: dict[Path, threading.Thread] = {}
+_removals_lock = threading.Lock()
+
+
+def remove_later(path: Path, out: Path) -> None:
+    """Delete a folder nobody reads any more (the site a full rebuild replaced) in a thread
+    of this process: removing tens of thousands of files took longer than building them.
+    The folder is first renamed to `.<out>.old-…` beside `out`; the thread is not a daemon,
+    so the process finishes it before it exits (`sweep_removed` catches up after a crash)."""
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    os.replace(path, trash)
+    t = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
+                         name="archive-remove")
+    with _removals_lock:
+        for p, x in list(_removing.items()):
+            if not x.is_alive():
+                del _removing[p]
+        _removing[trash] = t
+    t.start()
+
+
+def wait_for_removals() -> None:
+    """Wait until the folders handed to `remove_later` are gone."""
+    with _removals_lock:
+        pending = list(_removing.values())
+    for t in pending:
+        t.join()
+
+
+def sweep_removed(out: Path) -> None:
+    """Remove what an earlier process left of `remove_later`'s folders beside `out`."""
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        with _removals_lock:
+            busy = p in _removing and _removing[p].is_alive()
+        if p.is_dir() and not busy:
+            remove_later(p, out)
+
+
 def swap_in(new: Path, out: Path) -> None:
-    """Make the fully built folder `new` the published `out`; the old one is deleted.
+    """Make the fully built folder `new` the published `out`; the old one is deleted (in
+    the background: `remove_later`).
 
     With RENAME_EXCHANGE a reader sees either the old site or the new one, never a gap;
     elsewhere two renames leave `out` missing for an instant, but never half-built.
@@ -527,10 +568,10 @@ def swap_in(new: Path, out: Path) -> None:
         return
     if _exchange(new, out):
         fsync_dir(out.parent)
-        shutil.rmtree(new)
+        remove_later(new, out)
         return
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(new, out)
     fsync_dir(out.parent)
-    shutil.rmtree(old)
+    remove_later(old, out)
