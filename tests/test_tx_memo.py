@@ -101,3 +101,21 @@ def test_a_reminder_planned_twice_in_a_transaction_is_one_row(store: Store) -> N
         events = sorted(tx.c.execute(select(reminders.c.kind, reminders.c.event)).all())
     assert n == 3 and [tuple(e) for e in events] == [
         ("due", "2027-01-04"), ("due", "2027-02-01"), ("late", "2027-01-04")]
+
+
+def test_a_thread_row_changed_in_the_transaction_is_what_the_database_reads_back(
+        store: Store) -> None:
+    from datetime import date
+    with store.tx() as tx:
+        tid = _thread(tx)
+        tx.thread(tid)
+        for values in ({"awaiting_description": True}, {"state": "successful"},
+                       {"due_date": date(2027, 2, 1), "extension": "x"},
+                       {"extension": None, "allow": "authority", "hidden": True},
+                       {"sent_at": datetime(2027, 1, 4, 9, tzinfo=timezone.utc),
+                        "state": "waiting_response"},
+                       {"title": "nul \x00 here"}, {"confirm_token": None}):
+            tx.update_thread(tid, **values)
+            remembered = tx.thread(tid)
+            tx.forget()
+            assert remembered == tx.thread(tid), values

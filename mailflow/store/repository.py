@@ -9,7 +9,7 @@ import hashlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any
@@ -266,6 +266,12 @@ def _no_nul(value: Any) -> Any:
     return value
 
 
+def _same_read_back(old: Any, new: Any) -> bool:
+    """Whether `new`, written over a column holding `old`, reads back as `new` itself."""
+    return new is None or (type(new) in (bool, int, str, date)
+                           and (old is None or type(old) is type(new)))
+
+
 def _no_nul_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _no_nul(v) for k, v in values.items()}
 
@@ -427,13 +433,20 @@ class Tx:
         return [_thread(r) for r in self.c.execute(q)]
 
     def update_thread(self, thread_id: int, **values: Any) -> None:
-        """Set columns of one thread (plain values: the SET clause follows their names)."""
-        self._threads.pop(thread_id, None)
+        """Set columns of one thread (plain values: the SET clause follows their names).
+
+        A remembered row is changed the same way when every value is one the database
+        gives back unchanged (None, bool, int, str, a date: not a datetime, which SQLite
+        stores without its zone), so the next message of a batch does not read it again."""
+        cached = self._threads.pop(thread_id, None)
         values = _no_nul_values(values)
         if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
             self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
             return
         self.c.execute(_UPDATE_THREAD, {"_thread_id": thread_id, **values})
+        if cached is not None and all(_same_read_back(getattr(cached, k), v)
+                                      for k, v in values.items()):
+            self._threads[thread_id] = replace(cached, **values)
 
     def threads(self, state: str | None = None, authority: str | None = None) -> list[Thread]:
         q = select(threads).order_by(threads.c.id)
