@@ -412,14 +412,23 @@ def _secret_digest(value: str) -> bytes:
     return hashlib.sha256(value.strip().lower().encode("utf-8")).digest()[:16]
 
 
+_KNOWN: list[Any] = [None, None]    # (path, size, mtime_ns), digests: the last file read
+
+
 def load_secret_digests(path: Path) -> set[bytes] | None:
     """The digests (never the values) of the private values the last build checked against;
     None when there is no record (nothing kept can then be trusted unchecked)."""
     try:
+        st = path.stat()
+        stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if _KNOWN[0] == stamp:
+            return _KNOWN[1]  # type: ignore[no-any-return]
         data = path.read_bytes()
     except OSError:
         return None
-    return {data[i:i + 16] for i in range(0, len(data) - len(data) % 16, 16)}
+    found = {data[i:i + 16] for i in range(0, len(data) - len(data) % 16, 16)}
+    _KNOWN[:] = [stamp, frozenset(found)]
+    return found
 
 
 def save_secret_digests(path: Path, digests: set[bytes]) -> None:
@@ -430,6 +439,8 @@ def save_secret_digests(path: Path, digests: set[bytes]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    st = path.stat()
+    _KNOWN[:] = [(str(path), st.st_size, st.st_mtime_ns, st.st_ino), frozenset(digests)]
 
 
 # -- search ---------------------------------------------------------------------------------------
@@ -665,7 +676,7 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
 # after every message; a thread's values change only with its address or its tokens), and the
 # leak guard of the last build (the same values make the same guard).
 _SECRETS: dict[tuple[Any, ...], tuple[list[tuple[str, str]], list[bytes]]] = {}
-_GUARD: list[Any] = [None, None]
+_GUARD: list[Any] = [None, None, None, None]
 
 
 def _thread_secrets(r: reading.ThreadRow, domain: str
@@ -689,18 +700,36 @@ def _guard(site: Site, rows: list[reading.ThreadRow]
     """The guard against every private value of every thread (drafts never sent included),
     the values, and their digests."""
     secret = site.settings.site.secret
+    domain = site.domain
+    gkey = (secret, tuple((r.id, r.kind, r.citizen_email, r.request_token, r.reply_token,
+                           r.confirm_token, domain) for r in rows))
+    if _GUARD[0] == gkey:      # the same threads' values as the last build of this process
+        return _GUARD[1], _GUARD[2], _GUARD[3]
     secrets: list[tuple[str, str]] = [(secret, "the site's secret")]
     digests = {_secret_digest(secret)}
-    keys = []
     for r in rows:
-        key, values, found = _thread_secrets(r, site.domain)
-        keys.append(key)
+        _, values, found = _thread_secrets(r, domain)
         secrets.extend(values)
         digests.update(found)
-    gkey = (secret, tuple(keys))
-    if _GUARD[0] != gkey:
-        _GUARD[:] = [gkey, LeakGuard(secrets)]
+    _GUARD[:] = [gkey, LeakGuard(secrets), secrets, digests]
     return _GUARD[1], secrets, digests
+
+
+# The summaries this process decoded, by thread key: the same row (summary and page key)
+# makes the same summary, so a daemon decodes only what changed since its last build.
+_SUMMARIES: dict[str, tuple[str, ThreadSummary]] = {}
+
+
+def _summary(key: str, row: IndexRow, load: Callable[[str], C.ThreadView]) -> ThreadSummary:
+    hit = _SUMMARIES.get(key)
+    if hit is not None and hit[0] == row.summary and hit[1].pages_key == row.pages_key:
+        hit[1]._load = load
+        return hit[1]
+    if len(_SUMMARIES) > 1_000_000:
+        _SUMMARIES.clear()
+    made = ThreadSummary(json.loads(row.summary), row.pages_key, load)  # type: ignore[arg-type]
+    _SUMMARIES[key] = (row.summary, made)  # type: ignore[assignment]
+    return made
 
 
 def _open_index(root: Path) -> CacheDB:
@@ -781,8 +810,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                                                         C.list_state(r, today))):  # type: ignore[arg-type]
                     writer.keep_owner(key)
                     cache.alive.add(key)
-                    views.append(ThreadSummary(json.loads(row.summary), row.pages_key,
-                                               load_view))
+                    views.append(_summary(key, row, load_view))
                     continue
                 need.append((r, probe))
             if need:

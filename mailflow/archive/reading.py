@@ -165,7 +165,7 @@ def thread_rows(tx: Any) -> list[ThreadRow]:
     return [ThreadRow(r) for r in _fetch(tx, sql)]
 
 
-def thread_probes(tx: Any) -> dict[int, bytes]:
+def thread_probes(tx: Any) -> dict[int, tuple[Any, ...]]:
     """A digest per thread of what the store holds for it besides its row: which messages it
     has (their number, the sum and the largest of their ids: messages are only ever added,
     and their content never changes), which of them are hidden (the one thing about a
@@ -184,15 +184,31 @@ def thread_probes(tx: Any) -> dict[int, bytes]:
     for tid, n, top in _fetch(tx, 
             "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id"):
         parts.setdefault(tid, [0, 0, 0, [], None])[4] = (n, top)
-    return {tid: repr(p).encode() for tid, p in parts.items()}
+    return {tid: (n, total, top, tuple(hidden), ev) for tid, (n, total, top, hidden, ev)
+            in parts.items()}
 
 
-def probe(salt: bytes, row: ThreadRow, store_part: bytes | None, rules: bytes) -> str:
+# Probes computed by this process, by thread id: (inputs, probe). Comparing the inputs with
+# the last build's is cheaper than hashing them again (the daemon builds after every message).
+_PROBES: dict[int, tuple[tuple[Any, ...], str]] = {}
+
+
+def probe(salt: bytes, row: ThreadRow, store_part: tuple[Any, ...] | None, rules: bytes) -> str:
+    """A digest of everything of a thread's inputs that can change, besides the code and
+    the rules: its row and `thread_probes`' part."""
+    inputs = (salt, rules, row.raw, store_part)
+    hit = _PROBES.get(row.id)
+    if hit is not None and hit[0] == inputs:
+        return hit[1]
     h = hashlib.sha256(salt)
     h.update(rules)
     h.update(repr(row.raw).encode("utf-8", "surrogatepass"))
-    h.update(store_part or b"-")
-    return h.hexdigest()
+    h.update(repr(store_part).encode() if store_part is not None else b"-")
+    found = h.hexdigest()
+    if len(_PROBES) > 1_000_000:
+        _PROBES.clear()
+    _PROBES[row.id] = (inputs, found)
+    return found
 
 
 def raw_reader(tx: Any) -> Any:
