@@ -246,7 +246,7 @@ class ThreadCache:
         if e is None or not all(writer.has(r, d) for r, d in e["files"].items()):
             return None
         try:
-            view = decode(e["view"])
+            view = decode(json.loads(e["view"]))
         except (KeyError, TypeError, ValueError):
             return None
         for rel, digest in e["files"].items():
@@ -256,11 +256,13 @@ class ThreadCache:
         return view
 
     def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str]) -> None:
-        self.fresh[str(t.id)] = {"fp": fp, "view": C.view_to_dict(view), "files": files,
+        self.fresh[str(t.id)] = {"fp": fp, "view": _view_json(view), "files": files,
                                  "pages": None}
 
     def put_report(self, t: Any, fp: str, view: R.ReportView, files: dict[str, str]) -> None:
-        self.fresh[f"report-{t.id}"] = {"fp": fp, "view": R.view_to_dict(view), "files": files,
+        self.fresh[f"report-{t.id}"] = {"fp": fp, "files": files,
+                                        "view": json.dumps(R.view_to_dict(view),
+                                                           ensure_ascii=False),
                                         "pages": None}
 
     def keep_pages(self, key: str, pages_key: str, writer: Writer) -> bool:
@@ -294,6 +296,21 @@ class ThreadCache:
         index.delete_threads(self.old_keys - self.alive - set(self.fresh))
         index.set_meta("salt", self.salt.hex())
         index.set_listings(self.listings)
+
+
+def _view_json(v: C.ThreadView) -> str:
+    """`C.view_to_dict(v)` as JSON text, without `asdict`'s deep copies (the views are
+    frozen dataclasses of plain values: the same dict, built directly)."""
+    d = dict(v.__dict__)
+    d["messages"] = [
+        {**m.__dict__, "attachments": [dict(a.__dict__) for a in m.attachments],
+         "dkim": dict(m.dkim.__dict__) if m.dkim is not None else None}
+        for m in v.messages]
+    return json.dumps(d, default=_iso_default, ensure_ascii=False)
+
+
+def _iso_default(o: Any) -> str:
+    return o.isoformat()
 
 
 class ThreadSummary:

@@ -152,13 +152,14 @@ class CacheDB:
         return {r[0] for r in self.conn.execute("SELECT key FROM threads")}
 
     def thread_entry(self, key: str) -> dict[str, Any] | None:
-        """The whole cached entry of one thread: fp, view, files, pages, line."""
+        """The whole cached entry of one thread: fp, view (its JSON text), files, pages,
+        line."""
         row = self.conn.execute("SELECT fp, view, files, pages, line FROM threads WHERE key = ?",
                                 (key,)).fetchone()
         if row is None:
             return None
         fp, view, files, pages, line = row
-        return {"fp": fp, "view": json.loads(view), "files": json.loads(files),
+        return {"fp": fp, "view": view, "files": json.loads(files),
                 "pages": json.loads(pages) if pages else None, "line": line}
 
     def view_json(self, key: str) -> Any:
@@ -173,13 +174,12 @@ class CacheDB:
         return out
 
     def put_thread(self, key: str, *, probe: str | None, fp: str, pages_key: str | None,
-                   summary: str | None, view: Any, files: dict[str, str],
+                   summary: str | None, view: str, files: dict[str, str],
                    pages: dict[str, Any] | None, line: str | None) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO threads (key, probe, fp, pages_key, summary, view, files, "
             "pages, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, probe, fp, pages_key, summary,
-             json.dumps(view, separators=(",", ":"), ensure_ascii=False),
+            (key, probe, fp, pages_key, summary, view,
              json.dumps(files, separators=(",", ":"), sort_keys=True),
              json.dumps(pages, separators=(",", ":"), sort_keys=True) if pages else None, line))
 

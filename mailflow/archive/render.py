@@ -39,19 +39,25 @@ def _locale(language: str) -> str:
     return {"en": "en_GB"}.get(language, language)
 
 
+@functools.lru_cache(maxsize=8192)
+def _day(d: date, form: str, locale: str) -> str:
+    """Babel's format_date, once per day, form and locale (a build formats a date for every
+    message; a site's messages fall on a few hundred days)."""
+    return format_date(d, format=form, locale=locale)
+
+
 def short_date(d: date | datetime | None, language: str = "en") -> str:
     if d is None:
         return ""
     if isinstance(d, datetime):
         d = d.astimezone(timezone.utc).date()
-    return format_date(d, format="medium", locale=_locale(language))
+    return _day(d, "medium", _locale(language))
 
 
 def long_datetime(dt: datetime, language: str = "en") -> str:
     """Absolute, in UTC, with the weekday: "Monday 1 March 2027, 10:00 UTC"."""
     dt = dt.astimezone(timezone.utc)
-    locale = _locale(language)
-    return f"{format_date(dt.date(), format='full', locale=locale)}, {dt:%H:%M} UTC"
+    return f"{_day(dt.date(), 'full', _locale(language))}, {dt:%H:%M} UTC"
 
 
 def iso(d: date | datetime) -> str:
