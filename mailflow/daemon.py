@@ -320,14 +320,11 @@ class Daemon:
                                  f"{s.smtp.listen_host}:{s.smtp.listen_port}"})
         await asyncio.to_thread(self._read_blocked)  # before the first RCPT, not during it
         self._blocked_read_at = time.monotonic()
-        # start_processor recovers what a crash left in the spool, before the processor
-        # claims anything and before this process accepts mail.
-        supervisor = asyncio.create_task(self.supervise(await self.start_processor()),
-                                         name="processor-supervisor")
-        await self.heartbeat()
         handler = IngressHandler(self.site.spool, self.check_rcpt, self.on_spooled,
                                  max_recipients=s.smtp.max_recipients,
                                  via="lmtp" if s.smtp.lmtp else "smtp")
+        # The port is bound first, not yet listening: a port another program holds is one
+        # clear error at once, without a processor started only to be stopped again.
         try:
             server = await start_server(handler, s.smtp.listen_host, s.smtp.listen_port,
                                         hostname=s.smtp.hostname,
@@ -335,18 +332,29 @@ class Daemon:
                                         lmtp=s.smtp.lmtp, timeout=s.smtp.idle_timeout,
                                         max_connections=s.smtp.max_connections,
                                         max_connections_per_ip=s.smtp.max_connections_per_ip,
-                                        tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key)
+                                        tls_cert=s.smtp.tls_cert, tls_key=s.smtp.tls_key,
+                                        start_serving=False)
         except OSError as e:
             # A port already taken or a host that is not this machine's: one line that names
             # the setting, not a traceback from inside asyncio.
-            self.stopping.set()
-            await self.stop_processor()
-            supervisor.cancel()
+            self.registry.stopped()
             raise MailflowError(
                 f"cannot listen on {s.smtp.listen_host}:{s.smtp.listen_port} ([smtp] listen in "
                 f"{s.path}): {e.strerror or e}") from e
+        try:
+            # start_processor recovers what a crash left in the spool, before the processor
+            # claims anything and before this process accepts mail.
+            supervisor = asyncio.create_task(self.supervise(await self.start_processor()),
+                                             name="processor-supervisor")
+        except BaseException:
+            server.close()
+            raise
+        try:
+            await self.heartbeat()
+            await server.start_serving()
         except BaseException:
             self.stopping.set()
+            server.close()
             await self.stop_processor()
             supervisor.cancel()
             raise

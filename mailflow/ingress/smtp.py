@@ -225,7 +225,9 @@ class IngressHandler:
             return _per_recipient(LOCAL_ERROR, rcpts, lmtp)
         # DEBUG, not INFO: a line per message cost the accept loop 4 % of its CPU, and the
         # spool file records the same (peer, HELO, time); processing logs each message.
-        log.debug("queued %s from %r for %d recipient(s)", id, session.peer, len(rcpts))
+        # One line per accepted message, as a mail server's log has ("queued as"): how an
+        # operator answers "did you get my mail?" (about 0.09 ms of the accept loop's ~2 ms).
+        log.info("queued %s from %r for %d recipient(s)", id, session.peer, len(rcpts))
         return _per_recipient(f"250 2.0.0 Ok: queued as {id}", rcpts, lmtp)
 
     async def _spool(self, raw: bytes, spooled: Envelope, peer: Any) -> str:
@@ -500,6 +502,7 @@ async def start_server(
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
+    start_serving: bool = True,
 ) -> asyncio.AbstractServer:
     """Listen for SMTP (or LMTP) on the running loop; close the returned server to stop.
 
@@ -512,6 +515,8 @@ async def start_server(
     client may stay silent (421 after it); ``max_connections`` and ``max_connections_per_ip``
     (0: none) cap the open connections (421 over them). With ``tls_cert`` and ``tls_key``
     STARTTLS is offered (never required: port 25 must take mail in the clear too).
+    With ``start_serving=False`` the port is bound (an address in use fails here) but
+    connections wait until ``await server.start_serving()``.
     """
     if not hostname:
         raise ValueError("start_server needs the hostname to announce (no DNS lookups)")
@@ -540,4 +545,4 @@ async def start_server(
             loop=loop,
         )
 
-    return await loop.create_server(factory, host, port)
+    return await loop.create_server(factory, host, port, start_serving=start_serving)
