@@ -258,3 +258,18 @@ def test_a_full_rebuild_removes_the_old_site_and_leftovers_in_the_background(
     writer_mod.wait_for_removals()
     assert [p.name for p in fresh.out.parent.iterdir() if ".old-" in p.name] == []
     assert (fresh.out / "index.html").exists()
+
+
+def test_the_store_changes_messages_and_events_only_as_the_probe_expects() -> None:
+    """A tripwire for `reading.thread_probes`: it sees a thread's messages by their ids and
+    its hidden ones, and its events by their ids, because the store only ever inserts them and
+    only ever changes a message's `hidden`. A store change that edits or deletes them in any
+    other way must teach the probe about it (or the archive would keep a stale page)."""
+    import re
+
+    import mailflow.store.repository as repository
+    src = Path(repository.__file__).read_text(encoding="utf-8")
+    updates = re.findall(r"update\(messages\)[^\n]*", src)
+    assert updates and all(".values(hidden=hidden)" in u for u in updates), updates
+    for forbidden in ("delete(messages)", "update(thread_events)", "delete(thread_events)"):
+        assert forbidden not in src, forbidden
