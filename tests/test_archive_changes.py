@@ -217,9 +217,10 @@ def test_an_archive_made_before_the_cache_index_is_taken_over(
 
 
 def test_probes_change_with_what_a_view_is_made_from(fresh: World) -> None:
-    def probes() -> dict[int, bytes]:
+    def probes() -> dict[int, object]:
         with fresh.mf.store.read() as tx:
-            return reading.thread_probes(tx)
+            part = reading.thread_probes(tx)
+            return {t.id: part(t.id) for t in tx.threads()}
 
     before = probes()
     req_a, _ = addresses_of(fresh.mf, fresh.a)

@@ -811,7 +811,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             # What changed since the last build: a thread whose probe (its row, the ids of
             # its messages, hidden ones and events) and list state are as they were keeps
             # its files, and its summary stands in for its view (nothing else is read).
-            probes = reading.thread_probes(tx) if public else {}
+            probes = reading.thread_probes(tx) if public else None
             rules_memo: dict[tuple[str, str], bytes] = {}
             need: list[tuple[reading.ThreadRow, str | None]] = []
             for r in public:
@@ -819,7 +819,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                     need.append((r, None))
                     continue
                 key = str(r.id)
-                probe = reading.probe(cache.salt, r, probes.get(r.id),
+                probe = reading.probe(cache.salt, r, probes(r.id),  # type: ignore[misc]
                                       _rules_key(site, r, rules_memo))
                 row = cache.rows.get(key)
                 if (row is not None and row.probe == probe and row.summary is not None
@@ -1025,8 +1025,9 @@ class _Listings:
         keys = [(t.id, self.pages_keys.get(t.id)) for t in threads]
         if not all(k for _, k in keys):
             return None
-        return hashlib.sha256(json.dumps([self.salt, rel, words, keys],
-                                         default=str).encode("utf-8")).hexdigest()
+        h = hashlib.sha256(json.dumps([self.salt, rel, words], default=str).encode("utf-8"))
+        h.update("".join(f"\n{tid}:{k}" for tid, k in keys).encode("utf-8"))
+        return h.hexdigest()
 
     def keep_all(self, rels: list[str], key: str | None) -> bool:
         """Keep all of `rels` if each was made under `key` and is on disk as made."""
@@ -1184,6 +1185,19 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     listings.save()
 
 
+def _multiline(guard: Any) -> bool:
+    """Whether a private value holds a line break (then every line of the data is checked),
+    once per guard."""
+    found = getattr(guard, "_multiline", None)
+    if found is None:
+        found = any(b"\n" in v for v in guard.labels)
+        try:
+            guard._multiline = found
+        except AttributeError:
+            pass
+    return bool(found)
+
+
 def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: _Listings,
                 lines: dict[int, str]) -> None:
     """Every request as data, in parts of DUMP_PART ids (`data/threads-<n>.jsonl.gz`), and
@@ -1196,7 +1210,7 @@ def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: 
     parts: dict[int, list[Any]] = {}
     for t in sorted(sv.threads, key=lambda t: t.id):
         parts.setdefault(t.id // DUMP_PART, []).append(t)
-    whole = any(b"\n" in v for v in w.guard.labels)
+    whole = _multiline(w.guard)
     listed = []
     for n, ts in sorted(parts.items()):
         rel = f"data/threads-{n}.jsonl.gz"

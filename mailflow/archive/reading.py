@@ -165,27 +165,29 @@ def thread_rows(tx: Any) -> list[ThreadRow]:
     return [ThreadRow(r) for r in _fetch(tx, sql)]
 
 
-def thread_probes(tx: Any) -> dict[int, tuple[Any, ...]]:
-    """A digest per thread of what the store holds for it besides its row: which messages it
+def thread_probes(tx: Any) -> Any:
+    """What the store holds for each thread besides its row, for its probe: which messages it
     has (their number, the sum and the largest of their ids: messages are only ever added,
     and their content never changes), which of them are hidden (the one thing about a
     message that changes), and its events (only ever added). With the thread's row, the
     rules and the code, it says whether anything a thread's view is made from changed, in a
-    few scans of narrow indexes, without reading a message (see build.ThreadCache)."""
-    parts: dict[int, list[Any]] = {}
-    for tid, n, total, top in _fetch(tx, 
-            "SELECT thread_id, count(*), sum(id), max(id) FROM messages "
-            "WHERE thread_id IS NOT NULL GROUP BY thread_id"):
-        parts[tid] = [n, total, top, [], None]
-    for tid, pk in _fetch(tx, 
-            "SELECT thread_id, id FROM messages WHERE hidden AND thread_id IS NOT NULL "
-            "ORDER BY id"):
-        parts.setdefault(tid, [0, 0, 0, [], None])[3].append(pk)
-    for tid, n, top in _fetch(tx, 
-            "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id"):
-        parts.setdefault(tid, [0, 0, 0, [], None])[4] = (n, top)
-    return {tid: (n, total, top, tuple(hidden), ev) for tid, (n, total, top, hidden, ev)
-            in parts.items()}
+    few scans of narrow indexes, without reading a message (see build.ThreadCache).
+    Returns a function of the thread id."""
+    msgs = {r[0]: r[1:] for r in _fetch(
+        tx, "SELECT thread_id, count(*), sum(id), max(id) FROM messages "
+            "WHERE thread_id IS NOT NULL GROUP BY thread_id")}
+    hidden: dict[int, list[int]] = {}
+    for tid, pk in _fetch(tx, "SELECT thread_id, id FROM messages WHERE hidden AND "
+                              "thread_id IS NOT NULL ORDER BY id"):
+        hidden.setdefault(tid, []).append(pk)
+    events = {r[0]: r[1:] for r in _fetch(
+        tx, "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id")}
+    hidden_parts = {tid: tuple(ids) for tid, ids in hidden.items()}
+
+    def part(tid: int) -> tuple[Any, ...]:
+        return (msgs.get(tid), hidden_parts.get(tid, ()), events.get(tid))
+
+    return part
 
 
 # Probes computed by this process, by thread id: (inputs, probe). Comparing the inputs with
@@ -193,7 +195,7 @@ def thread_probes(tx: Any) -> dict[int, tuple[Any, ...]]:
 _PROBES: dict[int, tuple[tuple[Any, ...], str]] = {}
 
 
-def probe(salt: bytes, row: ThreadRow, store_part: tuple[Any, ...] | None, rules: bytes) -> str:
+def probe(salt: bytes, row: ThreadRow, store_part: tuple[Any, ...], rules: bytes) -> str:
     """A digest of everything of a thread's inputs that can change, besides the code and
     the rules: its row and `thread_probes`' part."""
     inputs = (salt, rules, row.raw, store_part)
@@ -203,7 +205,7 @@ def probe(salt: bytes, row: ThreadRow, store_part: tuple[Any, ...] | None, rules
     h = hashlib.sha256(salt)
     h.update(rules)
     h.update(repr(row.raw).encode("utf-8", "surrogatepass"))
-    h.update(repr(store_part).encode() if store_part is not None else b"-")
+    h.update(repr(store_part).encode())
     found = h.hexdigest()
     if len(_PROBES) > 1_000_000:
         _PROBES.clear()
