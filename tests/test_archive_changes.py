@@ -248,6 +248,24 @@ def test_the_cache_index_holds_no_private_value(fresh: World) -> None:
         assert secret.lower() not in dump, secret
 
 
+def test_the_private_value_fingerprints_are_keyed_by_the_site_secret(fresh: World) -> None:
+    """`secrets.bin` sits inside the output folder too: a plain hash of a citizen's address
+    there could be checked against guessed addresses, so its digests are keyed by the site's
+    secret, which stays in config.toml."""
+    import hashlib
+
+    from mailflow.archive.build import SECRETS_FILE
+    fresh.build()
+    data = (fresh.out / CACHE_DIR / SECRETS_FILE).read_bytes()
+    assert data and len(data) % 16 == 0
+    stored = {data[i:i + 16] for i in range(0, len(data), 16)}
+    for secret in fresh.secrets:
+        plain = hashlib.sha256(secret.strip().lower().encode()).digest()[:16]
+        assert plain not in stored, secret
+    # The check still works: a build after nothing changed finds no new private value.
+    assert fresh.build().written == 0
+
+
 def test_a_full_rebuild_removes_the_old_site_and_leftovers_in_the_background(
         fresh: World) -> None:
     from mailflow.archive import writer as writer_mod

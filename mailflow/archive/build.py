@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import hmac
 import heapq
 import importlib.util
 import json
@@ -425,8 +426,11 @@ def _pages_salt(site: Site, name: str, base_url: str, reports: bool) -> str:
 SECRETS_FILE = "secrets.bin"
 
 
-def _secret_digest(value: str) -> bytes:
-    return hashlib.sha256(value.strip().lower().encode("utf-8")).digest()[:16]
+def _secret_digest(value: str, key: bytes) -> bytes:
+    """A private value's fingerprint in `secrets.bin`: an HMAC keyed by the site's secret (in
+    config.toml, never in the archive), so the file says nothing to someone who guesses an
+    address, should `.mailflow-cache/` ever be published with the archive around it."""
+    return hmac.new(key, value.strip().lower().encode("utf-8"), hashlib.sha256).digest()[:16]
 
 
 _KNOWN: list[Any] = [None, None]    # (path, size, mtime_ns), digests: the last file read
@@ -696,10 +700,10 @@ _SECRETS: dict[tuple[Any, ...], tuple[list[tuple[str, str]], list[bytes]]] = {}
 _GUARD: list[Any] = [None, None, None, None]
 
 
-def _thread_secrets(r: reading.ThreadRow, domain: str
+def _thread_secrets(r: reading.ThreadRow, domain: str, dkey: bytes
                     ) -> tuple[tuple[Any, ...], list[tuple[str, str]], list[bytes]]:
     key = (r.id, r.kind, r.citizen_email, r.request_token, r.reply_token, r.confirm_token,
-           domain)
+           domain, dkey)
     hit = _SECRETS.get(key)
     if hit is None:
         if len(_SECRETS) > 1_000_000:
@@ -708,7 +712,7 @@ def _thread_secrets(r: reading.ThreadRow, domain: str
         # word) are for redaction, too broad to scan other threads' pages with.
         values = [(v, label) for v, label in private_values(r, domain)  # type: ignore[arg-type]
                   if not isinstance(v, PrivatePattern)]
-        hit = _SECRETS[key] = (values, [_secret_digest(v) for v, _ in values])
+        hit = _SECRETS[key] = (values, [_secret_digest(v, dkey) for v, _ in values])
     return key, hit[0], hit[1]
 
 
@@ -723,9 +727,10 @@ def _guard(site: Site, rows: list[reading.ThreadRow]
     if _GUARD[0] == gkey:      # the same threads' values as the last build of this process
         return _GUARD[1], _GUARD[2], _GUARD[3]
     secrets: list[tuple[str, str]] = [(secret, "the site's secret")]
-    digests = {_secret_digest(secret)}
+    dkey = secret.encode("utf-8")
+    digests = {_secret_digest(secret, dkey)}
     for r in rows:
-        _, values, found = _thread_secrets(r, domain)
+        _, values, found = _thread_secrets(r, domain, dkey)
         secrets.extend(values)
         digests.update(found)
     _GUARD[:] = [gkey, LeakGuard(secrets), secrets, digests]
@@ -876,11 +881,12 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         # values of that day: check them against the values added since (a new citizen's
         # address that an older page happens to contain), or all of them without a record.
         known = load_secret_digests(secrets_path)
+        dkey = site.settings.site.secret.encode("utf-8")
         if known is None:
             writer.check_kept(writer.guard)
         elif not digests <= known:
             writer.check_kept(LeakGuard([(v, label) for v, label in secrets
-                                         if _secret_digest(v) not in known]))
+                                         if _secret_digest(v, dkey) not in known]))
         index.begin()
         result = writer.commit()
         cache.save()
