@@ -256,20 +256,10 @@ class Moderation:
             raise MailflowError(
                 f"still no single authority for report {thread.id}: {'; '.join(route.reasons)}."
                 f" Name one: --authority SLUG (the areas here: {', '.join(candidates) or 'none'})")
-        if item.raw_sha256 is None:
-            raise MailflowError(f"queue item {item.id} has no message to go on from")
-        try:
-            pm = parse(tx.get_raw(item.raw_sha256))
-        except ParseError as e:
-            raise MailflowError(f"queue item {item.id} cannot be parsed ({e})") from None
         d = item.detail or {}
-        env = Envelope.from_json(d.get("envelope") or {
-            "mail_from": pm.from_addr, "rcpt_tos": [], "via": "unknown"})
-        c = StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
-                        sha=item.raw_sha256, envelope=env, result=result,
-                        step=Step(str(d.get("rcpt") or f"report-{thread.id}"), "report",
-                                  thread_id=thread.id),
-                        authentication=d.get("authentication"), approved=True)
+        c = self._replay(tx, pipeline, result, item,
+                         Step(str(d.get("rcpt") or f"report-{thread.id}"), "report",
+                              thread_id=thread.id))
         outcome = pipeline.reports.advance(c, thread.id, authority=authority,
                                            actor=f"admin:{self.actor}")
         chosen = (tx.thread(thread.id) or thread).authority
@@ -281,19 +271,29 @@ class Moderation:
         had just arrived, without the backscatter checks (an admin vouched for it)."""
         d = item.detail or {}
         addr = self.site.check_recipient(str(d.get("rcpt") or "")).address
-        if item.raw_sha256 is None or addr is None:
+        if addr is None:
             raise MailflowError(f"queue item {item.id} names no message or address of ours")
+        c = self._replay(tx, pipeline, result, item,
+                         Step(addr.address, addr.kind.value, addr=addr), addr=addr)
+        return pipeline.execute(c).outcome
+
+    def _replay(self, tx: Tx, pipeline: Pipeline, result: Result, item: QueueItem, step: Step,
+                *, addr: Any = None) -> StepContext:
+        """The queued message as the pipeline first saw it (its envelope and authentication
+        results), to be carried out now on an admin's word."""
+        d = item.detail or {}
+        if item.raw_sha256 is None:
+            raise MailflowError(f"queue item {item.id} names no message")
         try:
             pm = parse(tx.get_raw(item.raw_sha256))
         except ParseError as e:
             raise MailflowError(f"queue item {item.id} cannot be parsed ({e})") from None
         env = Envelope.from_json(d.get("envelope") or {
-            "mail_from": pm.from_addr, "rcpt_tos": [addr.address], "via": "unknown"})
-        c = StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=addr,
-                        sha=item.raw_sha256, envelope=env, result=result,
-                        step=Step(addr.address, addr.kind.value, addr=addr),
-                        authentication=d.get("authentication"), approved=True)
-        return pipeline.execute(c).outcome
+            "mail_from": pm.from_addr, "rcpt_tos": [addr.address] if addr else [],
+            "via": "unknown"})
+        return StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=addr,
+                           sha=item.raw_sha256, envelope=env, result=result, step=step,
+                           authentication=d.get("authentication"), approved=True)
 
     def release(self, item_id: int, *, reason: str | None = None) -> Outcome:
         """Publish an attachment the archive withheld, after a person has checked it."""
