@@ -194,11 +194,14 @@ class ThreadCache:
     (`rows`, `ThreadSummary`).
     """
 
-    def __init__(self, index: CacheDB, salt: bytes):
+    def __init__(self, index: CacheDB, salt: bytes, rows: dict[str, IndexRow] | None = None):
+        """`rows`: the index's thread rows, when the caller knows them (`_Memory`)."""
         self.index = index
         self.salt = salt
         valid = index.get_meta("salt") == salt.hex()
-        self.rows: dict[str, IndexRow] = index.thread_index() if valid else {}
+        if rows is None or not valid:
+            rows = index.thread_index() if valid else {}
+        self.rows: dict[str, IndexRow] = rows
         self.old_keys: set[str] = set(self.rows) if valid else index.thread_keys()
         self.listings: dict[str, list[str]] = index.listings()  # page -> [key, digest]
         self.fresh: dict[str, Any] = {}    # entries made or checked by this build
@@ -654,7 +657,8 @@ def build(site: Site, out: Path | None = None, full: bool = False, *,
         previous = load_manifest(out) if full else {}
         dkim = DkimCache(out / CACHE_DIR / "dkim.json", dns_txt)
         try:
-            report = _build_into(site, work, base_url, today, dkim, fresh=full)
+            report = _build_into(site, work, base_url, today, dkim, fresh=full,
+                                 memory_key=_memory_key(site, out))
             if full:
                 dkim.save(work / CACHE_DIR / "dkim.json")
                 report.removed_paths = sorted(set(previous) - set(load_manifest(work)))
@@ -745,13 +749,117 @@ _SUMMARIES: dict[str, tuple[str, ThreadSummary]] = {}
 def _summary(key: str, row: IndexRow, load: Callable[[str], C.ThreadView]) -> ThreadSummary:
     hit = _SUMMARIES.get(key)
     if hit is not None and hit[0] == row.summary and hit[1].pages_key == row.pages_key:
-        hit[1]._load = load
-        return hit[1]
+        if hit[1]._load is load:
+            return hit[1]
+        # Another archive's (another loader): a copy of its own, as a process that builds
+        # two archives keeps each one's summaries (`_Memory.kept`) between builds.
+        made = object.__new__(ThreadSummary)
+        for name in ThreadSummary.__slots__:
+            setattr(made, name, getattr(hit[1], name))
+        made._load = load
+        _SUMMARIES[key] = (row.summary, made)  # type: ignore[assignment]
+        return made
     if len(_SUMMARIES) > 1_000_000:
         _SUMMARIES.clear()
     made = ThreadSummary(json.loads(row.summary), row.pages_key, load)  # type: ignore[arg-type]
     _SUMMARIES[key] = (row.summary, made)  # type: ignore[assignment]
     return made
+
+
+class _ViewLoader:
+    """Loads a kept thread's whole view from the cache index of the build under way: the
+    summaries this process keeps between builds hold this one object, re-pointed at each
+    build's index (never at a closed one)."""
+
+    def __init__(self) -> None:
+        self.index: CacheDB | None = None
+
+    def __call__(self, key: str) -> C.ThreadView:
+        return C.view_from_dict(self.index.view_json(key))  # type: ignore[union-attr]
+
+
+@dataclass
+class _Memory:
+    """What a process knows after building an archive, so that its next build of the same
+    archive visits only the threads changed since (`reading.changed_threads`): every
+    thread's row, the cache index's thread rows as that build left them, and the kept
+    threads' summaries. It stands only while the cache index is the one that build wrote
+    (`generation`), the day is the same (list states: overdue...), and so are the rules,
+    the redactions and code (`salt`), and the pages' inputs (`psalt`); else the build reads
+    everything, as a new process does."""
+    generation: str
+    mark: int                                # reading.watermark of that build
+    today: date
+    salt: bytes
+    psalt: str
+    rules: tuple[Any, ...]                   # _rules_identity
+    rows: dict[int, reading.ThreadRow]       # every thread
+    index: dict[str, IndexRow]               # the cache's thread rows
+    kept: dict[str, ThreadSummary]           # public FOI threads whose files stand
+    revisit: set[int]                        # public FOI threads to look at again
+    loader: _ViewLoader
+    guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]] | None  # _guard's answer
+
+
+# By (database, output folder): the daemon builds the same archive after every message.
+_MEMORY: dict[tuple[str, str], _Memory] = {}
+_LOADERS: dict[tuple[str, str] | None, _ViewLoader] = {}
+
+
+def _rules_identity(site: Site) -> tuple[Any, ...]:
+    """The authorities and laws as objects (rules are read into new ones when they change):
+    a thread's probe has its own authority's and law's digest in it (`_rules_key`)."""
+    rules = site.rules
+    return (tuple(rules.authorities.items()), tuple(rules.laws.items()))
+
+
+def _secret_key(r: reading.ThreadRow) -> tuple[Any, ...]:
+    """What a thread's private values are made from (`_thread_secrets`)."""
+    return (r.id, r.kind, r.citizen_email, r.request_token, r.reply_token, r.confirm_token)
+
+
+def _unchanged(row: IndexRow | None, probe: str, psalt: str, r: reading.ThreadRow,
+               today: date) -> bool:
+    """Whether a thread's files stand as the last build left them: its probe (its row, the
+    ids of its messages, hidden ones and events) and list state are as they were."""
+    return (row is not None and row.probe == probe and row.summary is not None
+            and row.pages_key == _pages_key(psalt, row.fp,
+                                            C.list_state(r, today)))  # type: ignore[arg-type]
+
+
+def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
+              need: list[tuple[reading.ThreadRow, str | None]],
+              rows: dict[int, reading.ThreadRow], psalt: str, today: date, mark: int,
+              generation: str, rules_id: tuple[Any, ...], loader: _ViewLoader,
+              guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]]) -> _Memory:
+    """What the next build of this archive in this process starts from: the cache index as
+    `cache.save` left it, and which threads it will keep. A thread looked at now is kept
+    next time if its entry passes the same test (`_unchanged`) a full look would make; one
+    that does not (a DKIM answer that may change was not cached) is looked at again."""
+    index = cache.rows
+    for key in cache.old_keys - cache.alive - set(cache.fresh):
+        index.pop(key, None)
+    for key, e in cache.fresh.items():
+        pages = e.get("pages")
+        index[key] = IndexRow(e.get("probe"), e["fp"], pages["key"] if pages else None,
+                              e.get("summary"))
+    revisit: set[int] = set()
+    for r, probe in need:
+        if R.is_public(r):
+            continue
+        key = str(r.id)
+        row = index.get(key)
+        if probe is not None and _unchanged(row, probe, psalt, r, today):
+            kept[key] = _summary(key, row, loader)  # type: ignore[arg-type]
+        else:
+            revisit.add(r.id)
+    return _Memory(generation=generation, mark=mark, today=today, salt=cache.salt,
+                   psalt=psalt, rules=rules_id, rows=rows, index=index, kept=kept,
+                   revisit=revisit, loader=loader, guard=guard)
+
+
+def _memory_key(site: Site, out: Path) -> tuple[str, str]:
+    return (str(site.store.engine.url), str(Path(out).resolve()))
 
 
 def _open_index(root: Path) -> CacheDB:
@@ -789,34 +897,81 @@ def _rules_key(site: Site, r: reading.ThreadRow, memo: dict[tuple[str, str], byt
 
 
 def _build_into(site: Site, root: Path, base_url: str, today: date,
-                verify: DkimCache, fresh: bool = False) -> BuildReport:
+                verify: DkimCache, fresh: bool = False,
+                memory_key: tuple[str, str] | None = None) -> BuildReport:
+    """`memory_key`: the archive's key in `_MEMORY` (its final folder), to build from what
+    this process knows of it, and to leave what the next build needs there."""
     path = site.settings.site.rules / "redactions.toml"
     redactions = path.read_text(encoding="utf-8") if path.exists() else ""
     rules = load_redactions(redactions, str(path)) if redactions else []
     index = _open_index(root)
-    cache = ThreadCache(index, ThreadCache.salt_for(site, redactions))
+    salt = ThreadCache.salt_for(site, redactions)
+    rules_id = _rules_identity(site)
+    mem = _MEMORY.pop(memory_key, None) if memory_key is not None else None
+    if mem is not None and (fresh or mem.today != today or mem.salt != salt
+                            or mem.rules != rules_id
+                            or mem.generation != index.get_meta("generation")):
+        mem = None
+    cache = ThreadCache(index, salt, rows=mem.index if mem is not None else None)
     views: list[Any] = []     # ThreadView (made, or from the cache) or ThreadSummary (kept)
     report_views: list[R.ReportView] = []
     writer: Writer | None = None
     secrets_path = root / CACHE_DIR / SECRETS_FILE
     report_rules = getattr(site.rules, "reports", None)
-
-    def load_view(key: str) -> C.ThreadView:
-        return C.view_from_dict(index.view_json(key))
+    load_view = mem.loader if mem is not None else _LOADERS.setdefault(memory_key, _ViewLoader())
+    load_view.index = index
+    kept: dict[str, ThreadSummary] = {}
 
     try:
         with site.store.read() as tx:
-            every = reading.thread_rows(tx)
-            guard, secrets, digests = _guard(site, every)
+            mark = reading.watermark(tx)
+            changed: set[int] = set()
+            if mem is not None:
+                # Only the threads changed since that build are read again.
+                changed = reading.changed_threads(tx, mem.mark)
+                rows = mem.rows
+                before = sorted(_secret_key(rows[i]) for i in changed if i in rows)
+                for i in changed:
+                    if i in rows:
+                        del rows[i]
+                for r in reading.thread_rows(tx, changed):
+                    rows[r.id] = r
+                same_secrets = before == sorted(_secret_key(rows[i]) for i in changed
+                                                if i in rows)
+            else:
+                rows = {r.id: r for r in reading.thread_rows(tx)}
+                same_secrets = False
+            every = sorted(rows.values(), key=lambda r: r.id) if changed else list(rows.values())
+            if same_secrets and mem is not None and mem.guard is not None:
+                guard, secrets, digests = mem.guard
+            else:
+                guard, secrets, digests = _guard(site, every)
             writer = Writer(root, guard, fresh=fresh, index=index)
             reports_public = any(R.is_public(r) for r in every)
-            public = [r for r in every if R.is_public(r) or C.is_public(r)]
             psalt = _pages_salt(site, site.settings.site.name, base_url,
                                 report_rules is not None or reports_public)
+            if mem is not None and mem.psalt == psalt:
+                # The threads kept by that build stand, but for those changed since (and
+                # fault reports, always looked at).
+                kept = mem.kept
+                visit = changed | mem.revisit
+                for i in visit:
+                    kept.pop(str(i), None)
+                candidates = [rows[i] for i in sorted(visit) if i in rows]
+                if reports_public:
+                    candidates = sorted([*candidates, *(r for r in every if R.is_public(r)
+                                                        and r.id not in visit)],
+                                        key=lambda r: r.id)
+            else:
+                mem = None
+                candidates = every
+            public = [r for r in candidates if R.is_public(r) or C.is_public(r)]
             # What changed since the last build: a thread whose probe (its row, the ids of
             # its messages, hidden ones and events) and list state are as they were keeps
             # its files, and its summary stands in for its view (nothing else is read).
-            probes = reading.thread_probes(tx) if public else None
+            probes = (reading.thread_probes(tx, None if mem is None else
+                                            [r.id for r in public if not R.is_public(r)])
+                      if public else None)
             rules_memo: dict[tuple[str, str], bytes] = {}
             need: list[tuple[reading.ThreadRow, str | None]] = []
             for r in public:
@@ -827,14 +982,13 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 probe = reading.probe(cache.salt, r, probes(r.id),  # type: ignore[misc]
                                       _rules_key(site, r, rules_memo))
                 row = cache.rows.get(key)
-                if (row is not None and row.probe == probe and row.summary is not None
-                        and row.pages_key == _pages_key(psalt, row.fp,
-                                                        C.list_state(r, today))):  # type: ignore[arg-type]
-                    writer.keep_owner(key)
-                    cache.alive.add(key)
-                    views.append(_summary(key, row, load_view))
+                if _unchanged(row, probe, psalt, r, today):
+                    kept[key] = _summary(key, row, load_view)  # type: ignore[arg-type]
                     continue
                 need.append((r, probe))
+            writer.keep_owners(kept)
+            cache.alive.update(kept)
+            views.extend(kept.values())
             if need:
                 ids = [r.id for r, _ in need]
                 many = len(need) > 200
@@ -889,10 +1043,16 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                                          if _secret_digest(v, dkey) not in known]))
         index.begin()
         result = writer.commit()
+        generation = os.urandom(8).hex()
+        index.set_meta("generation", generation)
         cache.save()
         index.commit()
         if digests != known:
             save_secret_digests(secrets_path, digests)
+        if memory_key is not None:
+            _MEMORY[memory_key] = _remember(
+                cache, kept, need, rows, psalt, today, mark, generation, rules_id, load_view,
+                (guard, secrets, digests))
     except BaseException:
         if writer is not None:
             writer.abort()

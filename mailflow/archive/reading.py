@@ -159,29 +159,64 @@ def _fetch(tx: Any, sql: str) -> list[tuple[Any, ...]]:
         cur.close()
 
 
-def thread_rows(tx: Any) -> list[ThreadRow]:
-    """Every thread, as `ThreadRow`, in id order."""
-    sql = f"SELECT {', '.join(_THREAD_COLUMNS)} FROM threads ORDER BY id"
+def _where_ids(column: str, ids: Iterable[int] | None) -> str:
+    """" AND column IN (...)" for the ids (integers, written out: no parameters to bind), or
+    "" for every row."""
+    if ids is None:
+        return ""
+    return f" AND {column} IN ({', '.join(str(int(i)) for i in ids) or 'NULL'})"
+
+
+def thread_rows(tx: Any, ids: Iterable[int] | None = None) -> list[ThreadRow]:
+    """Every thread (or those of `ids`), as `ThreadRow`, in id order."""
+    sql = (f"SELECT {', '.join(_THREAD_COLUMNS)} FROM threads WHERE 1 = 1"
+           f"{_where_ids('id', ids)} ORDER BY id")
     return [ThreadRow(r) for r in _fetch(tx, sql)]
 
 
-def thread_probes(tx: Any) -> Any:
+# -- which threads changed (store migration 0009) ---------------------------------------------
+def watermark(tx: Any) -> int:
+    """The change mark from which changes may be missing from what this transaction reads
+    (see migration 0009): the next build asks for the threads marked at or above it. Read
+    first, before anything it stands for (on PostgreSQL each statement of a read may see a
+    newer state, never an older one)."""
+    if tx.c.dialect.name == "postgresql":
+        sql = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+    else:
+        sql = "SELECT coalesce(max(changed), 0) + 1 FROM thread_changes"
+    return int(_fetch(tx, sql)[0][0])
+
+
+def changed_threads(tx: Any, since: int) -> set[int]:
+    """The threads whose row, messages, events or report were written at or after the
+    change mark `since`, or may have been (a superset: a thread read twice costs a thread)."""
+    return {r[0] for r in _fetch(tx, "SELECT thread_id FROM thread_changes WHERE changed >= "
+                                     f"{int(since)}")}
+
+
+def thread_probes(tx: Any, ids: Iterable[int] | None = None) -> Any:
     """What the store holds for each thread besides its row, for its probe: which messages it
     has (their number, the sum and the largest of their ids: messages are only ever added,
     and their content never changes), which of them are hidden (the one thing about a
     message that changes), and its events (only ever added). With the thread's row, the
     rules and the code, it says whether anything a thread's view is made from changed, in a
     few scans of narrow indexes, without reading a message (see build.ThreadCache).
-    Returns a function of the thread id."""
+    Returns a function of the thread id (of `ids`, when given: the others are not read)."""
+    if ids is not None:
+        ids = sorted(set(ids))
+        if not ids:
+            return lambda tid: (None, (), None)
+    where = _where_ids("thread_id", ids)
     msgs = {r[0]: r[1:] for r in _fetch(
         tx, "SELECT thread_id, count(*), sum(id), max(id) FROM messages "
-            "WHERE thread_id IS NOT NULL GROUP BY thread_id")}
+            f"WHERE thread_id IS NOT NULL{where} GROUP BY thread_id")}
     hidden: dict[int, list[int]] = {}
     for tid, pk in _fetch(tx, "SELECT thread_id, id FROM messages WHERE hidden AND "
-                              "thread_id IS NOT NULL ORDER BY id"):
+                              f"thread_id IS NOT NULL{where} ORDER BY id"):
         hidden.setdefault(tid, []).append(pk)
     events = {r[0]: r[1:] for r in _fetch(
-        tx, "SELECT thread_id, count(*), max(id) FROM thread_events GROUP BY thread_id")}
+        tx, f"SELECT thread_id, count(*), max(id) FROM thread_events WHERE 1 = 1{where} "
+            "GROUP BY thread_id")}
     hidden_parts = {tid: tuple(ids) for tid, ids in hidden.items()}
 
     def part(tid: int) -> tuple[Any, ...]:

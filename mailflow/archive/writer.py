@@ -273,6 +273,12 @@ class Writer:
             raise ValueError("keep_owner needs the cache index")
         self.kept_owners.add(owner)
 
+    def keep_owners(self, owners: Iterable[str]) -> None:
+        """`keep_owner` for each of `owners`, at once."""
+        if self.index is None:
+            raise ValueError("keep_owner needs the cache index")
+        self.kept_owners.update(owners)
+
     def keep(self, rel: str, digest: str) -> None:
         """Keep a file this build knows to be unchanged without producing it again (the
         attachments of a thread whose inputs did not change: see build.ThreadCache)."""
