@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import sqlite3
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +119,13 @@ class World:
     def read(self, rel: str) -> str:
         return (self.out / rel).read_text(encoding="utf-8")
 
+    def sitemap(self) -> str:
+        """The sitemap index and every part it lists, as one text."""
+        index = self.read("sitemap.xml")
+        parts = re.findall(r"<loc>https://[^/]+/(sitemap/[^<]+)</loc>", index)
+        assert parts and parts[0] == "sitemap/site.xml", index
+        return index + "".join(self.read(p) for p in parts)
+
     def thread_dir(self, tid: int) -> str:
         [d] = [p.name for p in (self.out / "request").iterdir() if p.name.startswith(f"{tid}-")]
         return f"request/{d}/"
@@ -220,7 +227,7 @@ def test_layout(world: World) -> None:
     assert a.startswith(f"request/{world.a}-gritting-script-alert-t-script-salt/")
     # The draft is not public; the cache is not in the sitemap.
     assert not any(f.startswith(f"request/{world.draft}-") for f in files)
-    sitemap = world.read("sitemap.xml")
+    sitemap = world.sitemap()
     assert f"https://{DOMAIN}/{a}" in sitemap and CACHE_DIR not in sitemap
     report = world.report  # type: ignore[attr-defined]
     assert report.threads == 3 and report.written == len(
@@ -393,7 +400,7 @@ def test_one_new_message_rewrites_only_the_pages_that_show_it(
     assert made == [fresh.b]     # the other threads' views came from the cache
     b = fresh.thread_dir(fresh.b)
     # (the sitemap's dates are days: it changes only when the day of last activity does)
-    assert set(r.written_paths) - {"sitemap.xml"} == {
+    assert set(r.written_paths) - {"sitemap/site.xml", "sitemap/threads-0.xml"} == {
         f"{b}index.html", f"{b}index.json", f"{b}feed.atom",
         "body/home-office/index.html", "body/home-office/index.json",
         "body/home-office/feed.atom", "body/index.html",      # its record changed

@@ -27,6 +27,7 @@ import heapq
 import importlib.util
 import json
 import logging
+import operator
 import os
 import shutil
 import subprocess
@@ -103,15 +104,36 @@ class DkimCache:
 
     A lookup that failed for a passing reason (a DNS timeout) is not remembered, so the next
     build tries again; a missing key or a bad signature is an answer and is kept.
+
+    The results of a build that adds a few are appended to a journal beside the file
+    (`dkim.json.log`, a JSON list a line), not written with all the others: an incremental
+    build after one message writes one line, whatever the size of the site. The journal is
+    folded into the file once it holds JOURNAL_MAX results (and by a full build).
     """
+
+    JOURNAL_MAX = 2000
 
     def __init__(self, path: Path, dns_txt: DnsTxt | None):
         self.path = path
+        self.journal = path.with_name(path.name + ".log")
         self.dns_txt = dns_txt
         try:
             self.results: dict[str, list[Any]] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self.results = {}
+        self.journaled = 0
+        try:
+            with open(self.journal, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        sha, ok, domain = json.loads(line)
+                    except (ValueError, TypeError):
+                        continue     # a line cut short by a crash: asked again
+                    self.results[sha] = [ok, domain]
+                    self.journaled += 1
+        except OSError:
+            pass
+        self.added: dict[str, list[Any]] = {}
         self.changed = False
         self.transient = 0      # lookups that failed for a passing reason, this build
 
@@ -139,13 +161,28 @@ class DkimCache:
             ok, domain, transient = False, None, True
         self.transient += transient
         if not transient:
-            self.results[sha] = [ok, domain]
+            self.results[sha] = self.added[sha] = [ok, domain]
             self.changed = True
         return ok, domain
 
     def save(self, path: Path | None = None) -> None:
-        if self.changed or path is not None:
+        """Record the results added by this build; `path`: write them all there (a full
+        build's new folder), without a journal."""
+        if path is not None or (self.changed and (
+                self.journaled + len(self.added) > self.JOURNAL_MAX or not self.path.exists())):
             write_private_json(path or self.path, self.results)
+            if path is None:
+                self.journal.unlink(missing_ok=True)
+                self.journaled = 0
+        elif self.changed:
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps([sha, *v], separators=(",", ":")) + "\n"
+                                for sha, v in sorted(self.added.items())))
+                f.flush()
+                os.fsync(f.fileno())
+            self.journaled += len(self.added)
+        self.added = {}
+        self.changed = False
 
 
 # -- threads whose inputs did not change ----------------------------------------------------------
@@ -786,7 +823,8 @@ class _Memory:
     threads' summaries. It stands only while the cache index is the one that build wrote
     (`generation`), the day is the same (list states: overdue...), and so are the rules,
     the redactions and code (`salt`), and the pages' inputs (`psalt`); else the build reads
-    everything, as a new process does."""
+    everything, as a new process does. (The index holding as many threads as it did is a
+    cheap check against rows deleted by hand to have views made again.)"""
     generation: str
     mark: int                                # reading.watermark of that build
     today: date
@@ -799,6 +837,7 @@ class _Memory:
     revisit: set[int]                        # public FOI threads to look at again
     loader: _ViewLoader
     guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]] | None  # _guard's answer
+    owners: set[str] | None                  # Writer.owners_now: the manifest's owners
 
 
 # By (database, output folder): the daemon builds the same archive after every message.
@@ -831,7 +870,8 @@ def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
               need: list[tuple[reading.ThreadRow, str | None]],
               rows: dict[int, reading.ThreadRow], psalt: str, today: date, mark: int,
               generation: str, rules_id: tuple[Any, ...], loader: _ViewLoader,
-              guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]]) -> _Memory:
+              guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]],
+              owners: set[str] | None) -> _Memory:
     """What the next build of this archive in this process starts from: the cache index as
     `cache.save` left it, and which threads it will keep. A thread looked at now is kept
     next time if its entry passes the same test (`_unchanged`) a full look would make; one
@@ -855,7 +895,7 @@ def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
             revisit.add(r.id)
     return _Memory(generation=generation, mark=mark, today=today, salt=cache.salt,
                    psalt=psalt, rules=rules_id, rows=rows, index=index, kept=kept,
-                   revisit=revisit, loader=loader, guard=guard)
+                   revisit=revisit, loader=loader, guard=guard, owners=owners)
 
 
 def _memory_key(site: Site, out: Path) -> tuple[str, str]:
@@ -910,7 +950,8 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
     mem = _MEMORY.pop(memory_key, None) if memory_key is not None else None
     if mem is not None and (fresh or mem.today != today or mem.salt != salt
                             or mem.rules != rules_id
-                            or mem.generation != index.get_meta("generation")):
+                            or mem.generation != index.get_meta("generation")
+                            or len(mem.index) != index.thread_count()):
         mem = None
     cache = ThreadCache(index, salt, rows=mem.index if mem is not None else None)
     views: list[Any] = []     # ThreadView (made, or from the cache) or ThreadSummary (kept)
@@ -947,6 +988,8 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             else:
                 guard, secrets, digests = _guard(site, every)
             writer = Writer(root, guard, fresh=fresh, index=index)
+            if mem is not None:
+                writer.known_owners = mem.owners
             reports_public = any(R.is_public(r) for r in every)
             psalt = _pages_salt(site, site.settings.site.name, base_url,
                                 report_rules is not None or reports_public)
@@ -1052,7 +1095,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         if memory_key is not None:
             _MEMORY[memory_key] = _remember(
                 cache, kept, need, rows, psalt, today, mark, generation, rules_id, load_view,
-                (guard, secrets, digests))
+                (guard, secrets, digests), writer.owners_now)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -1172,6 +1215,12 @@ def page_path(first: str, n: int) -> str:
     return f"{first}index.html" if n == 1 else f"{first}page/{n}/index.html"
 
 
+_ID = operator.attrgetter("id")
+# The last key of each listing file this process computed, by path: (head, thread ids,
+# their page keys, key).
+_LISTING_KEYS: dict[str, tuple[str, tuple[int, ...], tuple[Any, ...], str]] = {}
+
+
 class _Listings:
     """Files rendered only when what they show changed: a page of a list, an authority's
     first page, JSON twin and feed, a part of the data dump. Each is keyed by the page salt,
@@ -1188,12 +1237,23 @@ class _Listings:
     def key(self, rel: str, threads: Any, words: Any) -> str | None:
         if self.cache is None:
             return None
-        keys = [(t.id, self.pages_keys.get(t.id)) for t in threads]
-        if not all(k for _, k in keys):
+        ids = tuple(map(_ID, threads))
+        pks = tuple(map(self.pages_keys.get, ids))
+        if None in pks or "" in pks:
             return None
-        h = hashlib.sha256(json.dumps([self.salt, rel, words], default=str).encode("utf-8"))
-        h.update("".join(f"\n{tid}:{k}" for tid, k in keys).encode("utf-8"))
-        return h.hexdigest()
+        head = json.dumps([self.salt, rel, words], default=str)
+        # The same threads with the same page keys as this process's last build: its key
+        # (comparing the tuples is cheaper than hashing them, once per page and build).
+        hit = _LISTING_KEYS.get(rel)
+        if hit is not None and hit[0] == head and hit[1] == ids and hit[2] == pks:
+            return hit[3]
+        h = hashlib.sha256(head.encode("utf-8"))
+        h.update("".join(f"\n{tid}:{k}" for tid, k in zip(ids, pks)).encode("utf-8"))
+        found = h.hexdigest()
+        if len(_LISTING_KEYS) > 100_000:
+            _LISTING_KEYS.clear()
+        _LISTING_KEYS[rel] = (head, ids, pks, found)
+        return found
 
     def keep_all(self, rels: list[str], key: str | None) -> bool:
         """Keep all of `rels` if each was made under `key` and is on disk as made."""
@@ -1204,7 +1264,7 @@ class _Listings:
                    for rel, hit in zip(rels, hits)):
             return False
         for rel, hit in zip(rels, hits):
-            self.w.keep(rel, hit[1])  # type: ignore[index]
+            self.w.keep(rel, hit[1], checked=True)  # type: ignore[index]
             self.new[rel] = hit       # type: ignore[assignment]
         return True
 
@@ -1223,7 +1283,47 @@ class _Listings:
 
 
 def _json(data: Any) -> str:
+    if isinstance(data, _RequestsJson):
+        return data.text()
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+
+
+# Each request's entry in its authority's JSON, as `_json` indents it there, by its page key
+# (its view and list state, the site's base URL: everything the entry shows).
+_ENTRIES: dict[str, str] = {}
+
+
+class _RequestsJson:
+    """An authority's JSON (`render.authority_json`) whose list of every request is put
+    together from each request's entry, kept by page key: a new message encodes one entry
+    again, not every request of the authority (json.dumps with an indent is pure Python).
+    `text()` is byte for byte `_json` of the whole dict (tests/test_archive_changes.py)."""
+
+    def __init__(self, head: dict[str, Any], a: C.AuthorityView, base: str,
+                 pages_keys: dict[int, str | None]):
+        self.head, self.a, self.base, self.pages_keys = head, a, base, pages_keys
+
+    def text(self) -> str:
+        head = json.dumps(self.head, ensure_ascii=False, indent=1)
+        if not self.a.threads or list(self.head)[-1] != "requests" \
+                or not head.endswith('\n "requests": []\n}'):
+            whole = dict(self.head)
+            whole["requests"] = authority_json(self.a, self.base)["requests"]
+            return json.dumps(whole, ensure_ascii=False, indent=1) + "\n"
+        entries = []
+        for t in self.a.threads:
+            pk = self.pages_keys.get(t.id)
+            entry = _ENTRIES.get(pk) if pk else None
+            if entry is None:
+                [data] = authority_json(replace(self.a, threads=(t,)), self.base)["requests"]
+                entry = "  " + json.dumps(data, ensure_ascii=False, indent=1).replace(
+                    "\n", "\n  ")
+                if pk:
+                    if len(_ENTRIES) > 1_000_000:
+                        _ENTRIES.clear()
+                    _ENTRIES[pk] = entry
+            entries.append(entry)
+        return head[:-len("[]\n}")] + "[\n" + ",\n".join(entries) + "\n ]\n}\n"
 
 
 # Requests per part of the data dump (`data/threads-<n>.jsonl.gz` holds ids n*100 to
@@ -1248,22 +1348,23 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     counts = {k: len(v) for k, v in by_state.items()}
     responses = sum(_responses(t) for t in sv.threads)
     sitemap: list[tuple[str, date | None]] = [("", None), ("body/", None), ("list/", None)]
-    recent = sorted(((t, m) for t in _newest(sv.threads, 20) for m in t.messages
+    # The threads with the newest messages, once for the home page and the feed (a prefix
+    # of `nlargest`'s answer is the answer for fewer).
+    newest = _newest(sv.threads, max(20, feeds.FEED_SIZE))
+    recent = sorted(((t, m) for t in newest[:20] for m in t.messages
                      if m.placeholder is None),
                     key=lambda p: (p[1].at, p[1].pk), reverse=True)[:20]
 
     w.write("index.html", r.page("index.html", "index.html", counts=counts,
                                  responses=responses, recent=recent))
     w.write("feed.atom", feeds.atom(title=sv.name, base_url=base, page="", feed="feed.atom",
-                                    entries=feeds.thread_entries(
-                                        _newest(sv.threads, feeds.FEED_SIZE)),
+                                    entries=feeds.thread_entries(newest[:feeds.FEED_SIZE]),
                                     author=sv.name))
     if salt is None:
         salt = pages_salt(site, sv) if cache is not None else ""
     pages_keys: dict[int, str | None] = {}
     lines: dict[int, str] = {}
     for t in sv.threads:
-        sitemap.append((t.path, t.last_activity.date()))
         if isinstance(t, ThreadSummary):
             pages_keys[t.id] = t.pages_key
             continue
@@ -1305,7 +1406,9 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         if not listings.keep_all(own, akey):
             listings.put(own[0], akey, w.write(own[0], r.page(
                 "authority.html", own[0], a=a, threads=chunks[0], page=1, pages=len(chunks))))
-            data = authority_json(a, base)
+            data = (authority_json(a, base) if a.reports
+                    else _RequestsJson(authority_json(replace(a, threads=()), base),
+                                       a, base, pages_keys))
             if a.reports:
                 data["report_record"] = R.record_json(a.report_record)
                 data["reports"] = [R.summary_json(rp, base) for rp in a.reports]
@@ -1326,9 +1429,15 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
             listings.write(path, chunk, [a.name, len(chunks)], lambda path=path, chunk=chunk,
                            n=n, a=a: r.page("authority.html", path, a=a, threads=chunk,
                                             page=n, pages=len(chunks)))
-        sitemap.append((a.path, max([*(t.last_activity.date() for t in a.threads),
-                                     *(rp.last_activity.date() for rp in a.reports)],
-                                    default=None)))
+        lastmod = _AUTHORITY_LASTMOD.get(akey) if akey is not None else None
+        if lastmod is None:
+            lastmod = max([*(t.last_activity.date() for t in a.threads),
+                           *(rp.last_activity.date() for rp in a.reports)], default=None)
+            if akey is not None and lastmod is not None:
+                if len(_AUTHORITY_LASTMOD) > 100_000:
+                    _AUTHORITY_LASTMOD.clear()
+                _AUTHORITY_LASTMOD[akey] = lastmod
+        sitemap.append((a.path, lastmod))
     if sv.reports is not None:
         _write_reports(site, r, sv, sv.reports, w, sitemap, listings)
     w.write("list/index.html", r.page("lists.html", "list/index.html", counts=counts))
@@ -1345,10 +1454,36 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     w.write("search/index.html", r.page("search.html", "search/index.html", csp=SEARCH_CSP))
     w.write("static/style.css", r.static("style.css"))
     w.write("static/search.js", r.static("search.js"))
-    w.write("sitemap.xml", feeds.sitemap(sv, sitemap))
+    by_id = sorted(sv.threads, key=_ID)
+    w.write("sitemap/site.xml", feeds.sitemap(sv, sitemap))
+    parts = ["sitemap/site.xml"]
+    # The requests' pages in parts of SITEMAP_PART ids, each kept while its requests' page
+    # keys (hence their paths and days of last activity) are unchanged.
+    for n, ts in _id_parts(by_id, SITEMAP_PART):
+        rel = f"sitemap/threads-{n}.xml"
+        listings.write(rel, ts, [SITEMAP_PART], lambda ts=ts: feeds.sitemap(
+            sv, [(t.path, t.last_activity.date()) for t in ts]))
+        parts.append(rel)
+    w.write("sitemap.xml", feeds.sitemap_index(sv, parts))
     w.write("robots.txt", feeds.robots(base))
-    _write_data(sv, w, cache, listings, lines)
+    _write_data(sv, w, cache, listings, lines, by_id)
     listings.save()
+
+
+# Requests per part of the sitemap (`sitemap/threads-<n>.xml` lists ids n*1000 to
+# n*1000+999): a new message rewrites one part, whatever the size of the site.
+SITEMAP_PART = 1000
+# An authority's latest day of activity, by the key of its files (`_Listings.key`: the page
+# keys of its requests), as this process last computed it.
+_AUTHORITY_LASTMOD: dict[str, date] = {}
+
+
+def _id_parts(by_id: list[Any], size: int) -> list[tuple[int, list[Any]]]:
+    """Threads in id order, in parts of `size` ids: [(n, threads with ids n*size...)]."""
+    parts: dict[int, list[Any]] = {}
+    for t in by_id:
+        parts.setdefault(t.id // size, []).append(t)
+    return sorted(parts.items())
 
 
 def _multiline(guard: Any) -> bool:
@@ -1365,7 +1500,7 @@ def _multiline(guard: Any) -> bool:
 
 
 def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: _Listings,
-                lines: dict[int, str]) -> None:
+                lines: dict[int, str], by_id: list[Any] | None = None) -> None:
     """Every request as data, in parts of DUMP_PART ids (`data/threads-<n>.jsonl.gz`), and
     `data/index.json` listing them. A part whose requests' page keys did not change is kept;
     in a part written again, a kept thread's line is the one an earlier build wrote and
@@ -1373,12 +1508,11 @@ def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: 
     ones against the private values added since (with the kept files). A value with a line
     break could span two lines: then all are checked."""
     base = sv.base_url
-    parts: dict[int, list[Any]] = {}
-    for t in sorted(sv.threads, key=lambda t: t.id):
-        parts.setdefault(t.id // DUMP_PART, []).append(t)
+    if by_id is None:
+        by_id = sorted(sv.threads, key=_ID)
     whole = _multiline(w.guard)
     listed = []
-    for n, ts in sorted(parts.items()):
+    for n, ts in _id_parts(by_id, DUMP_PART):
         rel = f"data/threads-{n}.jsonl.gz"
         key = listings.key(rel, ts, [DUMP_PART])
         if not listings.keep_all([rel], key):

@@ -148,6 +148,9 @@ class CacheDB:
                 for key, probe, fp, pages_key, summary in self.conn.execute(
                     "SELECT key, probe, fp, pages_key, summary FROM threads")}
 
+    def thread_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM threads").fetchone()[0])
+
     def thread_keys(self) -> set[str]:
         return {r[0] for r in self.conn.execute("SELECT key FROM threads")}
 

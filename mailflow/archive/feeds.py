@@ -144,6 +144,16 @@ def sitemap(site: SiteView, pages: Iterable[tuple[str, date | None]]) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+def sitemap_index(site: SiteView, parts: Iterable[str]) -> bytes:
+    """The sitemap index (`sitemap.xml`): the site's sitemap is in parts (`sitemap/`), so
+    that a new message rewrites one part of it, not a list of every page."""
+    base = _xml_escape(site.base_url)
+    out = [f"<?xml version='1.0' encoding='utf-8'?>\n<sitemapindex xmlns=\"{SITEMAP}\">"]
+    out.extend(f"<sitemap><loc>{base}{_xml_escape(rel)}</loc></sitemap>" for rel in parts)
+    out.append("</sitemapindex>\n")
+    return "".join(out).encode("utf-8")
+
+
 def _sitemap_et(site: SiteView, pages: Iterable[tuple[str, date | None]]) -> bytes:
     """The same with ElementTree (the tests compare the two)."""
     ET.register_namespace("", SITEMAP)

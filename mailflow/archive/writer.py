@@ -249,6 +249,11 @@ class Writer:
         self.owner = ""
         self.owners: dict[str, str] = {}       # rel -> owner, of the files of this build
         self.kept_owners: set[str] = set()
+        # The owners of files in the manifest, when the builder knows them (the last build's
+        # `owners_now`: every owner it kept or produced, the others' files were removed):
+        # else `commit` reads them from the index.
+        self.known_owners: set[str] | None = None
+        self.owners_now: set[str] | None = None
         self._staged: list[tuple[Path, Path]] = []
         self._staging = self.cache / "staging"
         self.result = WriteResult()
@@ -279,13 +284,14 @@ class Writer:
             raise ValueError("keep_owner needs the cache index")
         self.kept_owners.update(owners)
 
-    def keep(self, rel: str, digest: str) -> None:
+    def keep(self, rel: str, digest: str, *, checked: bool = False) -> None:
         """Keep a file this build knows to be unchanged without producing it again (the
-        attachments of a thread whose inputs did not change: see build.ThreadCache)."""
+        attachments of a thread whose inputs did not change: see build.ThreadCache).
+        `checked`: the caller has just asked `has(rel, digest)`."""
         rel = safe_rel(rel)
         if rel in self.manifest:
             raise ValueError(f"{rel} was already written in this build")
-        if not self.has(rel, digest):
+        if not checked and not self.has(rel, digest):
             raise ValueError(f"{rel} is not on disk as it was")
         self.manifest[rel] = digest
         self.owners[rel] = self.owner
@@ -367,7 +373,9 @@ class Writer:
         if self.index is not None:
             # Only the owners that produced files now, or vanished, can have lost some.
             produced = set(self.owners.values()) | {""}
-            gone = self.index.owners() - produced - self.kept_owners
+            before = self.index.owners() if self.known_owners is None else self.known_owners
+            gone = before - produced - self.kept_owners
+            self.owners_now = produced | self.kept_owners
             previous = set(self.index.rels_of(produced | gone))
         else:
             previous = set(self.previous)
