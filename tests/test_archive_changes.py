@@ -292,3 +292,95 @@ def test_the_store_changes_messages_and_events_only_as_the_probe_expects() -> No
     assert updates and all(".values(hidden=hidden)" in u for u in updates), updates
     for forbidden in ("delete(messages)", "update(thread_events)", "delete(thread_events)"):
         assert forbidden not in src, forbidden
+
+
+def rows_read(monkeypatch: pytest.MonkeyPatch) -> list[list[int] | None]:
+    """For which threads each build reads thread rows (None: all of them)."""
+    calls: list[list[int] | None] = []
+    real = reading.thread_rows
+
+    def spy(tx, ids=None):  # type: ignore[no-untyped-def]
+        calls.append(sorted(ids) if ids is not None else None)
+        return real(tx, ids)
+
+    monkeypatch.setattr(reading, "thread_rows", spy)
+    return calls
+
+
+def test_a_process_reads_only_the_threads_changed_since_its_last_build(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon builds after every message: its next build asks the store which threads
+    changed (migration 0009) and reads those only, whatever the size of the site."""
+    fresh.build()
+    calls = rows_read(monkeypatch)
+    assert fresh.build().written == 0 and calls == [[]]
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "In March."), req_b, HOME)
+    calls.clear()
+    fresh.build()
+    assert calls == [[fresh.b]]
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full1")
+    # Changes made with no build in between, by every kind of write, all seen at once.
+    with fresh.mf.store.tx() as tx:
+        tx.c.execute(update(messages_table).where(
+            messages_table.c.thread_id == fresh.a, messages_table.c.kind == "auto_reply")
+            .values(hidden=True))
+        tx.update_thread(fresh.c, state="successful")
+    new = ask(fresh.mf, "edinburgh", "Trams", "How many trams run on Sundays?")
+    calls.clear()
+    fresh.build()
+    assert calls and calls[0] is not None and {fresh.a, fresh.c, new} <= set(calls[0])
+    assert fresh.b not in calls[0]
+    assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full2")
+    assert fresh.build().written == 0
+
+
+@pytest.mark.parametrize("how", ["another process built", "an older cache", "a new day",
+                                 "a failed build"])
+def test_what_a_process_knows_is_dropped_when_it_may_be_stale(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The process's knowledge stands only for the cache index its last build wrote, on the
+    same day, after a build that finished: else the build reads every thread, as a new
+    process does, and publishes what a full build does."""
+    fresh.build()
+    today = TODAY
+    if how in ("another process built", "an older cache"):
+        db = sqlite3.connect(fresh.out / CACHE_DIR / "cache.sqlite")
+        with db:
+            if how == "an older cache":
+                db.execute("DELETE FROM meta WHERE k = 'generation'")
+            else:
+                db.execute("UPDATE meta SET v = 'another' WHERE k = 'generation'")
+        db.close()
+    elif how == "a new day":
+        today = TODAY.replace(year=TODAY.year + 1)
+    else:
+        def broken(*a, **kw):  # type: ignore[no-untyped-def]
+            raise RuntimeError("disk full")
+
+        with monkeypatch.context() as m:
+            m.setattr(build_mod, "_write_pages", broken)
+            with pytest.raises(RuntimeError):
+                fresh.build()
+    calls = rows_read(monkeypatch)
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "In May."), req_b, HOME)
+    fresh.build(today=today)
+    assert calls == [None]
+    full = tmp_path / "full"
+    build_mod.build(fresh.mf, full, full=True, dns_txt=fresh.dns, today=today, search=False)
+    assert published(fresh.out) == published(full)
+
+
+def test_an_authoritys_json_is_what_json_dumps_writes(fresh: World) -> None:
+    """Its list of requests is put together from kept entries (`_RequestsJson`): the text
+    is exactly json.dumps' of the same data, after a change too."""
+    fresh.build()
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "In June."), req_b, HOME)
+    fresh.build()
+    for p in sorted((fresh.out / "body").glob("*/index.json")):
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text)
+        assert text == json.dumps(data, ensure_ascii=False, indent=1) + "\n", p
+    assert json.loads(fresh.read("body/home-office/index.json"))["requests"]
