@@ -838,6 +838,7 @@ class _Memory:
     loader: _ViewLoader
     guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]] | None  # _guard's answer
     owners: set[str] | None                  # Writer.owners_now: the manifest's owners
+    reports: set[int]                        # public fault reports (always looked at)
 
 
 # By (database, output folder): the daemon builds the same archive after every message.
@@ -871,7 +872,7 @@ def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
               rows: dict[int, reading.ThreadRow], psalt: str, today: date, mark: int,
               generation: str, rules_id: tuple[Any, ...], loader: _ViewLoader,
               guard: tuple[LeakGuard, list[tuple[str, str]], set[bytes]],
-              owners: set[str] | None) -> _Memory:
+              owners: set[str] | None, reports: set[int]) -> _Memory:
     """What the next build of this archive in this process starts from: the cache index as
     `cache.save` left it, and which threads it will keep. A thread looked at now is kept
     next time if its entry passes the same test (`_unchanged`) a full look would make; one
@@ -895,7 +896,8 @@ def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
             revisit.add(r.id)
     return _Memory(generation=generation, mark=mark, today=today, salt=cache.salt,
                    psalt=psalt, rules=rules_id, rows=rows, index=index, kept=kept,
-                   revisit=revisit, loader=loader, guard=guard, owners=owners)
+                   revisit=revisit, loader=loader, guard=guard, owners=owners,
+                   reports=reports)
 
 
 def _memory_key(site: Site, out: Path) -> tuple[str, str]:
@@ -982,15 +984,21 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             else:
                 rows = {r.id: r for r in reading.thread_rows(tx)}
                 same_secrets = False
-            every = sorted(rows.values(), key=lambda r: r.id) if changed else list(rows.values())
             if same_secrets and mem is not None and mem.guard is not None:
                 guard, secrets, digests = mem.guard
             else:
-                guard, secrets, digests = _guard(site, every)
+                guard, secrets, digests = _guard(site, sorted(rows.values(), key=_ID))
             writer = Writer(root, guard, fresh=fresh, index=index)
             if mem is not None:
                 writer.known_owners = mem.owners
-            reports_public = any(R.is_public(r) for r in every)
+                report_ids = mem.reports
+                for i in changed:
+                    report_ids.discard(i)
+                    if i in rows and R.is_public(rows[i]):
+                        report_ids.add(i)
+            else:
+                report_ids = {r.id for r in rows.values() if R.is_public(r)}
+            reports_public = bool(report_ids)
             psalt = _pages_salt(site, site.settings.site.name, base_url,
                                 report_rules is not None or reports_public)
             if mem is not None and mem.psalt == psalt:
@@ -1000,14 +1008,10 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 visit = changed | mem.revisit
                 for i in visit:
                     kept.pop(str(i), None)
-                candidates = [rows[i] for i in sorted(visit) if i in rows]
-                if reports_public:
-                    candidates = sorted([*candidates, *(r for r in every if R.is_public(r)
-                                                        and r.id not in visit)],
-                                        key=lambda r: r.id)
+                candidates = [rows[i] for i in sorted(visit | report_ids) if i in rows]
             else:
                 mem = None
-                candidates = every
+                candidates = sorted(rows.values(), key=_ID)
             public = [r for r in candidates if R.is_public(r) or C.is_public(r)]
             # What changed since the last build: a thread whose probe (its row, the ids of
             # its messages, hidden ones and events) and list state are as they were keeps
@@ -1095,7 +1099,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         if memory_key is not None:
             _MEMORY[memory_key] = _remember(
                 cache, kept, need, rows, psalt, today, mark, generation, rules_id, load_view,
-                (guard, secrets, digests), writer.owners_now)
+                (guard, secrets, digests), writer.owners_now, report_ids)
     except BaseException:
         if writer is not None:
             writer.abort()
