@@ -285,6 +285,12 @@ def _same_read_back(old: Any, new: Any) -> bool:
                            and (old is None or type(old) is type(new)))
 
 
+def _unchanged(old: Any, new: Any) -> bool:
+    """Whether writing `new` over `old` (as read) would leave the column as it is."""
+    return type(old) is type(new) and type(new) in (bool, int, str, date) and old == new or (
+        old is None and new is None)
+
+
 def _no_nul_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _no_nul(v) for k, v in values.items()}
 
@@ -453,6 +459,13 @@ class Tx:
         stores without its zone), so the next message of a batch does not read it again."""
         cached = self._threads.pop(thread_id, None)
         values = _no_nul_values(values)
+        if cached is not None and values and all(
+                k in _THREAD_COLUMNS and _unchanged(getattr(cached, k), v)
+                for k, v in values.items()):
+            # Nothing would change (a reply to a thread already awaiting its description):
+            # no statement. The row was read in this transaction (see the class's note).
+            self._threads[thread_id] = cached
+            return
         if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
             self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
             return
