@@ -193,7 +193,8 @@ class Moderation:
         forwarded and takes effect, once; a new request or report that was not answered (its
         answer would not have gone to the envelope sender, or the address had an automatic
         answer this week) is answered now; a fault report no single authority handles goes to
-        `authority` (or, without it, is routed again by the rules as they are now); anything
+        `authority` (or, without it, is routed again by the rules as they are now); a message
+        whose processing failed is put back into the spool to be processed again; anything
         else is accepted as it is (a postmaster message read)."""
         pipeline, result = Pipeline(self.site), Result()
         with self.site.store.tx() as tx:
@@ -224,8 +225,59 @@ class Moderation:
                 what = "approved: the reply was published and forwarded"
             elif item.reason in ("sender_mismatch", "rate_limited"):
                 what = "approved: " + self._answer_anyway(tx, pipeline, result, item)
+            elif item.reason == "processing_failed":
+                what = "approved: " + self._process_again(tx, item)
             self._decide(tx, item, what, reason=reason, action="queue_approve")
         return Outcome(f"item {item_id} {what}", result.outbox_ids)
+
+    def _process_again(self, tx: Tx, item: QueueItem) -> str:
+        """A message the pipeline gave up on (a bug, since fixed or worked around): back into
+        the spool for the daemon to process as if it had just arrived. Its own spool item when
+        this host's failed/ has it; otherwise (another host's spool, or cleaned away) the copy
+        the queue kept, under its original envelope. Either way storing is idempotent by the
+        raw bytes and recipient, so a second copy processed elsewhere is not a duplicate."""
+        d = item.detail or {}
+        spool, spool_id = self.site.spool, d.get("spool_id")
+        where = spool.peek(spool_id) if isinstance(spool_id, str) and spool_id else None
+        if where is not None and where[0] == "failed":
+            spool.requeue(spool_id)  # type: ignore[arg-type]
+            return f"spool item {spool_id} put back for processing"
+        if where is not None and where[0] in ("new", "work"):
+            return f"spool item {spool_id} is already waiting to be processed ({where[0]}/)"
+        if item.raw_sha256 is None:
+            raise MailflowError(f"queue item {item.id} kept no copy of its message, and this "
+                                f"host's spool has no failed item {spool_id}")
+        raw = tx.get_raw(item.raw_sha256)
+        env = Envelope.from_json(d.get("envelope") or {"rcpt_tos": [], "via": "unknown"})
+        new_id = spool.put(raw, env)
+        return f"the kept copy spooled again for processing as {new_id}"
+
+    def requeue(self, spool_id: str, *, reason: str | None = None) -> Outcome:
+        """Put a message the pipeline gave up on (the spool's failed/) back for processing,
+        once its cause is fixed; the admin queue's item for it, if any, is decided with it."""
+        spool = self.site.spool
+        where = spool.peek(spool_id)
+        if where is None:
+            raise NotFound(f"no spool item {spool_id} here"
+                           + (f"; failed items: {', '.join(spool.failed()[-5:])}"
+                              if spool.failed() else "; none has failed"))
+        if where[0] != "failed":
+            raise MailflowError(f"spool item {spool_id} is in {where[0]}/, not failed/: "
+                                "only a failed item is put back")
+        with self.site.store.tx() as tx:
+            items = [q for q in tx.queue(reason="processing_failed")
+                     if (q.detail or {}).get("spool_id") == spool_id]
+            for q in items:
+                self._decide(tx, q, "approved: spool item put back for processing",
+                             reason=reason, action="queue_approve")
+            tx.audit(self.actor, "spool_requeue", target=f"spool:{spool_id}", reason=reason,
+                     detail={"errors": where[1].errors[-3:],
+                             "queue_items": [q.id for q in items]})
+            if not spool.requeue(spool_id):
+                raise MailflowError(f"spool item {spool_id} left failed/ just now")
+        return Outcome(f"spool item {spool_id} put back for processing"
+                       + (f" (queue item {', '.join(str(q.id) for q in items)} decided)"
+                          if items else ""), [])
 
     def _route_report(self, tx: Tx, pipeline: Pipeline, result: Result, item: QueueItem,
                       authority: str | None) -> str:
