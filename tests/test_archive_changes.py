@@ -310,7 +310,7 @@ def rows_read(monkeypatch: pytest.MonkeyPatch) -> list[list[int] | None]:
 def test_a_process_reads_only_the_threads_changed_since_its_last_build(
         fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon builds after every message: its next build asks the store which threads
-    changed (migration 0009) and reads those only, whatever the size of the site."""
+    changed (migration 0011) and reads those only, whatever the size of the site."""
     fresh.build()
     calls = rows_read(monkeypatch)
     assert fresh.build().written == 0 and calls == [[]]

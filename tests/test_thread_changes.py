@@ -1,4 +1,4 @@
-"""`thread_changes` (migration 0009): every write that can change what a thread shows marks
+"""`thread_changes` (migration 0011): every write that can change what a thread shows marks
 the thread, by trigger, at or above the watermark of any read that could not see the write —
 what lets the archive's incremental build visit only the changed threads. On SQLite and
 PostgreSQL."""

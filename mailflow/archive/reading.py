@@ -174,10 +174,10 @@ def thread_rows(tx: Any, ids: Iterable[int] | None = None) -> list[ThreadRow]:
     return [ThreadRow(r) for r in _fetch(tx, sql)]
 
 
-# -- which threads changed (store migration 0009) ---------------------------------------------
+# -- which threads changed (store migration 0011) ---------------------------------------------
 def watermark(tx: Any) -> int:
     """The change mark from which changes may be missing from what this transaction reads
-    (see migration 0009): the next build asks for the threads marked at or above it. Read
+    (see migration 0011): the next build asks for the threads marked at or above it. Read
     first, before anything it stands for (on PostgreSQL each statement of a read may see a
     newer state, never an older one)."""
     if tx.c.dialect.name == "postgresql":

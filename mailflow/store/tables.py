@@ -123,6 +123,9 @@ outbox = Table(
     Column("result", Text, nullable=True),
     Column("created_at", UTC_DT, nullable=False),
     Column("sent_at", UTC_DT, nullable=True),
+    # "forward": a forward to the citizen still to be composed and signed by the sender
+    # (`mailflow.outbound.outbox`); until then `message_pk` is the message it forwards.
+    Column("compose", String(16), nullable=True),
 )
 Index("ix_outbox_due", outbox.c.state, outbox.c.next_attempt_at)
 
@@ -243,7 +246,7 @@ instances = Table(
 
 
 # Which threads changed, and when (a *change mark*): kept by triggers on threads, messages,
-# thread_events and reports (migration 0009, which explains the marks), read by the archive
+# thread_events and reports (migration 0011, which explains the marks), read by the archive
 # builder to visit only the threads changed since its last build. Derived, not data: on a
 # MetaData of its own, so `db copy` and the emptiness checks leave it alone.
 derived = MetaData(naming_convention=metadata.naming_convention)

@@ -23,15 +23,15 @@ marks mean nothing in another database). A later migration that rebuilds one of 
 on SQLite (batch mode copies the table and drops its triggers) must call `create_triggers()`
 again.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-11-27
 """
 from alembic import op
 
 
-revision = '0009'
-down_revision = '0008'
+revision = '0011'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
