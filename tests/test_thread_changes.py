@@ -65,6 +65,10 @@ def test_every_write_path_marks_its_thread(store: Store) -> None:
         "straight SQL": lambda tx: tx.c.execute(update(messages).where(messages.c.id == first)
                                                 .values(hidden=False)),
     }
+    if exact:   # an outer conflict clause does not turn the trigger's upsert into it
+        steps["INSERT OR IGNORE"] = lambda tx: tx.c.exec_driver_sql(
+            "INSERT OR IGNORE INTO thread_events (thread_id, at, actor, kind) "
+            "VALUES (?, '2026-01-01', 'x', 'y')", (a,))
     with store.tx() as tx:
         first = tx.add_message(thread_id=a, direction="in", kind="response", raw_sha256=sha)
     for what, write in steps.items():

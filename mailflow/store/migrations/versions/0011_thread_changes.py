@@ -42,33 +42,30 @@ _WATCHED = (("threads", "id"), ("messages", "thread_id"), ("thread_events", "thr
 _SQLITE_MARK = "(SELECT coalesce(max(changed), 0) + 1 FROM thread_changes)"
 
 
-def _sqlite_touch(tid: str, when: str = "1") -> str:
-    """Statements marking thread `tid` (an expression) as changed. An UPDATE then an INSERT
-    of what is missing, rather than INSERT OR REPLACE or an upsert: an outer statement's
-    conflict clause (INSERT OR IGNORE...) would override a trigger's."""
-    return (f"UPDATE thread_changes SET changed = {_SQLITE_MARK} "
-            f"WHERE thread_id = {tid} AND {when}; "
-            f"INSERT INTO thread_changes (thread_id, changed) SELECT {tid}, {_SQLITE_MARK} "
-            f"WHERE {tid} IS NOT NULL AND {when} AND NOT EXISTS "
-            f"(SELECT 1 FROM thread_changes WHERE thread_id = {tid});")
+def _sqlite_touch(tid: str) -> str:
+    """The statement marking thread `tid` (an expression) as changed: an upsert, whose DO
+    UPDATE holds whatever conflict clause the outer statement has (INSERT OR IGNORE...),
+    unlike a trigger's own INSERT OR REPLACE. (An UPDATE then an INSERT of what is missing
+    cost five times as much: 100 µs more per message-shaped write, against 20.)"""
+    return (f"INSERT INTO thread_changes (thread_id, changed) VALUES ({tid}, {_SQLITE_MARK}) "
+            f"ON CONFLICT (thread_id) DO UPDATE SET changed = excluded.changed;")
 
 
 def create_triggers() -> None:
     """The triggers that keep `thread_changes` (idempotent: each is dropped first)."""
     if op.get_bind().dialect.name == "sqlite":
         for table, col in _WATCHED:
-            for event in ("INSERT", "UPDATE", "DELETE"):
-                name = f"mailflow_changed_{table}_{event.lower()}"
-                op.execute(f"DROP TRIGGER IF EXISTS {name}")
-                body = []
-                if event != "DELETE":
-                    body.append(_sqlite_touch(f"NEW.{col}"))
-                if event == "UPDATE":   # a message moved between threads changes both
-                    body.append(_sqlite_touch(f"OLD.{col}", f"OLD.{col} IS NOT NEW.{col}"))
-                if event == "DELETE":
-                    body.append(_sqlite_touch(f"OLD.{col}"))
-                op.execute(f"CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW "
-                           f"BEGIN {' '.join(body)} END")
+            for name, event, when, body in (
+                    ("insert", "INSERT", f"NEW.{col} IS NOT NULL", _sqlite_touch(f"NEW.{col}")),
+                    ("update", "UPDATE", f"NEW.{col} IS NOT NULL", _sqlite_touch(f"NEW.{col}")),
+                    # A message moved between threads changes the one it left too.
+                    ("move", "UPDATE", f"OLD.{col} IS NOT NULL AND OLD.{col} IS NOT NEW.{col}",
+                     _sqlite_touch(f"OLD.{col}")),
+                    ("delete", "DELETE", f"OLD.{col} IS NOT NULL", _sqlite_touch(f"OLD.{col}"))):
+                trigger = f"mailflow_changed_{table}_{name}"
+                op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+                op.execute(f"CREATE TRIGGER {trigger} AFTER {event} ON {table} FOR EACH ROW "
+                           f"WHEN {when} BEGIN {body} END")
         return
     for table, col in _WATCHED:
         op.execute(f"""
@@ -102,8 +99,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         for table, _ in _WATCHED:
-            for event in ("insert", "update", "delete"):
-                op.execute(f"DROP TRIGGER IF EXISTS mailflow_changed_{table}_{event}")
+            for name in ("insert", "update", "move", "delete"):
+                op.execute(f"DROP TRIGGER IF EXISTS mailflow_changed_{table}_{name}")
     else:
         for table, _ in _WATCHED:
             op.execute(f"DROP TRIGGER IF EXISTS mailflow_changed ON {table}")
