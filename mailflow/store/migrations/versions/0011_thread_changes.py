@@ -14,8 +14,9 @@ at or above the snapshot's *watermark*:
 - SQLite: one writer at a time, so the mark is the table's largest plus one, taken inside
   the writing transaction; the watermark is the largest visible plus one.
 - PostgreSQL: writers run side by side, so a counter would not be in commit order. The mark
-  is the writing transaction's id (`pg_current_xact_id()`, 64 bits: no wraparound); the
-  watermark is the snapshot's xmin, below which every transaction has ended (and is seen).
+  is the writing transaction's id (`pg_current_xact_id()`, PostgreSQL 13+, 64 bits: no
+  wraparound); the watermark is the snapshot's xmin, below which every transaction has ended
+  (and is seen).
   A transaction at or above it that the snapshot did see is read again: harmless.
 
 The table is not in `tables.metadata`: it is derived, not data (`db copy` leaves it out; its
