@@ -1221,8 +1221,15 @@ def page_path(first: str, n: int) -> str:
 
 _ID = operator.attrgetter("id")
 # The last key of each listing file this process computed, by path: (head, thread ids,
-# their page keys, key).
-_LISTING_KEYS: dict[str, tuple[str, tuple[int, ...], tuple[Any, ...], str]] = {}
+# their page keys, key, the threads).
+_LISTING_KEYS: dict[str, tuple[str, tuple[int, ...], tuple[Any, ...], str,
+                              list[Any] | None]] = {}
+
+
+def _if_kept(threads: Any) -> list[Any] | None:
+    """The threads, if all are kept summaries (whose page keys never change), else None."""
+    threads = list(threads)
+    return threads if all(isinstance(t, ThreadSummary) for t in threads) else None
 
 
 class _Listings:
@@ -1241,22 +1248,28 @@ class _Listings:
     def key(self, rel: str, threads: Any, words: Any) -> str | None:
         if self.cache is None:
             return None
+        head = json.dumps([self.salt, rel, words], default=str)
+        hit = _LISTING_KEYS.get(rel)
+        # The very same kept summaries as this process's last build: the same ids and page
+        # keys (a summary's page key is fixed), so the same key, without looking at each.
+        if (hit is not None and hit[0] == head and hit[4] is not None
+                and len(hit[4]) == len(threads) and all(map(operator.is_, hit[4], threads))):
+            return hit[3]
         ids = tuple(map(_ID, threads))
         pks = tuple(map(self.pages_keys.get, ids))
         if None in pks or "" in pks:
             return None
-        head = json.dumps([self.salt, rel, words], default=str)
-        # The same threads with the same page keys as this process's last build: its key
-        # (comparing the tuples is cheaper than hashing them, once per page and build).
-        hit = _LISTING_KEYS.get(rel)
+        # The same threads with the same page keys: its key (comparing the tuples is
+        # cheaper than hashing them, once per page and build).
         if hit is not None and hit[0] == head and hit[1] == ids and hit[2] == pks:
+            _LISTING_KEYS[rel] = (*hit[:4], _if_kept(threads))
             return hit[3]
         h = hashlib.sha256(head.encode("utf-8"))
         h.update("".join(f"\n{tid}:{k}" for tid, k in zip(ids, pks)).encode("utf-8"))
         found = h.hexdigest()
         if len(_LISTING_KEYS) > 100_000:
             _LISTING_KEYS.clear()
-        _LISTING_KEYS[rel] = (head, ids, pks, found)
+        _LISTING_KEYS[rel] = (head, ids, pks, found, _if_kept(threads))
         return found
 
     def keep_all(self, rels: list[str], key: str | None) -> bool:
