@@ -12,10 +12,11 @@ internals). And 250 is a promise: it is sent only after the spool has fsynced th
 The server faces the open internet, so the protocol class hardens aiosmtpd (see
 docs/guarantees.md, "SMTP ingress", for what is promised and which test proves it):
 
-* framing: the message ends only at ``<CRLF>.<CRLF>`` (aiosmtpd >= 1.4.5 reads DATA line by
-  line up to CRLF), so a bare ``<LF>.<LF>`` or ``<CR>.<CR>`` inside a message is message text
-  and can never start a second, smuggled transaction. Such bytes are stored unchanged (the raw
-  message is the record) and never leave again as they came: outgoing mail is composed anew.
+* framing: the message ends only at ``<CRLF>.<CRLF>`` (as in aiosmtpd >= 1.4.5, whose DATA
+  handling mailflow's block reader reproduces byte for byte), so a bare ``<LF>.<LF>`` or
+  ``<CR>.<CR>`` inside a message is message text and can never start a second, smuggled
+  transaction. Such bytes are stored unchanged (the raw message is the record) and never
+  leave again as they came: outgoing mail is composed anew.
 * STARTTLS: anything pipelined behind STARTTLS in the clear is thrown away once TLS is up.
 * lines: body lines up to 64 KiB are taken and stored unchanged (RFC 5321 asks for 1,000,
   but a badly formatted authority reply must not bounce); command lines stay at 512 bytes.
