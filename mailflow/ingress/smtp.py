@@ -653,6 +653,14 @@ def _per_connection_limits() -> _CommandLimits:
     return _CommandLimits(lambda: SMTP.command_size_limit)
 
 
+# HELP lists and explains the commands whose methods carry aiosmtpd's @syntax text; the
+# overriding methods keep aiosmtpd's.
+for _name in ("smtp_DATA", "smtp_MAIL", "smtp_RCPT"):
+    for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+        setattr(getattr(_Hardened, _name), _attr, getattr(getattr(SMTP, _name), _attr))
+del _name, _attr
+
+
 class MailflowSMTP(_Hardened, SMTP):
     pass
 

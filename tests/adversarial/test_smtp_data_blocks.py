@@ -230,3 +230,15 @@ def test_messages_at_the_size_limit(size: int) -> None:
         stream = HEAD + body + b".\r\nNOOP\r\nQUIT\r\n"
         assert_same(stream, [], data_size_limit=size)
         assert_same(stream, list(range(len(HEAD), len(stream))), data_size_limit=size)
+
+
+def test_help_lists_and_explains_the_commands_mailflow_overrides() -> None:
+    """HELP lists DATA, MAIL and RCPT, as aiosmtpd's does (mailflow's overriding methods once
+    dropped aiosmtpd's @syntax text, and with it these three)."""
+    stream = b"EHLO client.example\r\nHELP\r\nHELP DATA\r\nHELP MAIL\r\nHELP RCPT\r\nQUIT\r\n"
+    blocks, lines = _classes(BODY_LINE_LIMIT + 3)
+    out, _ = asyncio.run(_session(blocks, [stream]))
+    supported = next(line for line in out.split(b"\r\n") if b"Supported commands" in line)
+    assert {b"DATA", b"MAIL", b"RCPT"} <= set(supported.split(b": ", 1)[1].split())
+    assert b"250 Syntax: DATA\r\n" in out
+    assert b"250 Syntax: MAIL FROM: <address>" in out and b"250 Syntax: RCPT TO: <address>" in out
