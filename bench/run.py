@@ -31,6 +31,7 @@ TITLES = {"smtp": "1. SMTP accept", "pipeline": "2. Pipeline", "archive": "3. Ar
 IN_PROCESS = {"pipeline", "archive", "reminders"}   # what --profile can see
 PER_DATABASE = {"smtp", "pipeline", "reminders"}    # run once per database of --database
 SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages",
+         "smtp": "bytes: only the cases of messages of about this size (5000 or 1000000)",
          "archive": "threads (the larger site; the smaller is a tenth)"}
 HERE = Path(__file__).resolve().parent
 

@@ -93,18 +93,10 @@ class Reminders:
         result.recomputed.extend(self.recompute(now))
         with self.site.store.read() as tx:
             due = tx.due_reminders(now)
-        for r in due:
+        for r in self._skip(due, now, result):
             logs.set_thread(r.thread_id)
             with self.site.store.tx() as tx:
-                thread = tx.thread(r.thread_id)
-                if thread is not None and thread.state in R.CLOCK_RUNNING:
-                    # The dates this reminder is about, with this process's calendar (another
-                    # process, or an older one, may have stored them).
-                    change = self.clock.recompute(tx, thread)
-                    if change:
-                        result.recomputed.append({"thread_id": thread.id, **change})
-                        thread = tx.thread(thread.id)
-                ok, why = self._applies(r, thread, now)
+                thread, ok, why = self._check(tx, r, now, result)
                 if not tx.settle_reminder(r.id, "sent" if ok else "skipped", why):
                     continue  # another sweeper took it
                 if not ok or thread is None:
@@ -115,6 +107,43 @@ class Reminders:
                 result.sent.append(_row(r, why))
                 log.info("reminder %s for thread %s sent (%s)", r.kind, thread.id, why)
         return result
+
+    def _check(self, tx: Tx, r: Reminder, now: datetime,
+               result: SweepResult) -> tuple[Thread | None, bool, str]:
+        """Whether `r` is to be sent now, and why, on its thread as `tx` sees it."""
+        thread = tx.thread(r.thread_id)
+        if thread is not None and thread.state in R.CLOCK_RUNNING:
+            # The dates this reminder is about, with this process's calendar (another
+            # process, or an older one, may have stored them).
+            change = self.clock.recompute(tx, thread)
+            if change:
+                result.recomputed.append({"thread_id": thread.id, **change})
+                thread = tx.thread(thread.id)
+        ok, why = self._applies(r, thread, now)
+        return thread, ok, why
+
+    def _skip(self, due: list[Reminder], now: datetime, result: SweepResult) -> list[Reminder]:
+        """Settle every due reminder that no longer applies, all in one transaction, and
+        return the others (to be checked again and sent, one transaction each).
+
+        A skip sends nothing, so it needs no transaction of its own: the conditional UPDATE
+        alone makes it happen once, and a failure leaves every skip of the batch for the next
+        sweep. Most of a sweep's reminders are skipped (their due date moved, or an answer
+        came), and a transaction each cost more than deciding. Sending changes nothing that
+        decides another reminder (a thread's state and dates), so deciding the skips first
+        skips exactly what deciding them in turn between the sends did."""
+        if not due:
+            return []
+        keep = []
+        with self.site.store.tx() as tx:
+            for r in due:
+                logs.set_thread(r.thread_id)
+                _, ok, why = self._check(tx, r, now, result)
+                if ok:
+                    keep.append(r)
+                elif tx.settle_reminder(r.id, "skipped", why):
+                    result.skipped.append(_row(r, why))
+        return keep
 
     def recompute(self, now: datetime) -> list[dict[str, Any]]:
         """Apply the calendar to every running clock, if it is not known to be applied: at

@@ -317,3 +317,40 @@ def test_the_sweep_does_not_write_the_working(mf: MfSite, monkeypatch: pytest.Mo
     sent = sweep_days(mf, START, 35)
     assert sent == {date(2027, 4, 1): ["citizen_due"],
                     date(2027, 4, 2): ["authority_followup", "citizen_late"]}
+
+
+def test_a_sweep_settles_the_skips_together_and_decides_as_one_at_a_time(
+        mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reminders that no longer apply are settled in one transaction, before the ones that go
+    out (one transaction each, with their mail); what is sent and what is skipped, with why,
+    is what deciding each in turn gives (`Reminders.due`, read-only, decides the same way)."""
+    running, answered, ended, paused = (request_sent_on(mf, START) for _ in range(4))
+    with mf.store.tx() as tx:
+        tx.update_thread(answered, awaiting_description=True)
+        tx.update_thread(ended, state="successful")
+        tx.update_thread(paused, state="waiting_clarification")
+    now = datetime(2027, 4, 2, 12, tzinfo=timezone.utc)
+    rem = Reminders(mf)
+    planned = {r["id"]: (r["action"], r["why"]) for r in rem.due(now)}
+    transactions = []
+    real_tx = mf.store.tx
+
+    def counting_tx():  # type: ignore[no-untyped-def]
+        transactions.append(1)
+        return real_tx()
+
+    monkeypatch.setattr(mf.store, "tx", counting_tx)
+    result = rem.run(now)
+    assert {r["id"]: ("send", r["why"]) for r in result.sent} | \
+        {r["id"]: ("skip", r["why"]) for r in result.skipped} == planned
+    assert {r["thread_id"] for r in result.sent} == {running}
+    assert sorted(r["kind"] for r in result.sent) == ["authority_followup", "citizen_due",
+                                                      "citizen_late"]
+    assert {r["thread_id"] for r in result.skipped} >= {answered, ended, paused}
+    assert len(transactions) == 1 + len(result.sent)
+    with mf.store.read() as tx:
+        states = {r.id: (r.state, r.note) for r in tx.reminders() if r.id in planned}
+    assert states == {i: ("sent" if a == "send" else "skipped", why)
+                      for i, (a, why) in planned.items()}
+    again = rem.run(now)
+    assert again.sent == [] and again.skipped == []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import cached_property, lru_cache
 from types import MappingProxyType
+from typing import Any
 
 import holidays as holidays_lib
 
@@ -88,6 +89,11 @@ class _Year:
     holidays: Mapping[date, str]        # date → "Name (holiday in GB-SCT)", "; " between several
     weekend: frozenset[int]             # weekday numbers, Monday = 0
     weekend_workdays: frozenset[date]   # weekend days declared working days (swapped days off)
+    counted: dict[tuple[date, bool, tuple[Any, ...]], tuple[bool, str | None]] = field(
+        default_factory=dict, compare=False, repr=False)
+    """`is_counted`'s answers for days of this year, by the law's counting and excluded
+    periods: a clock walks the same days for every request sent around the same date (the
+    reminder sweep works out a thousand deadlines when it checks every running clock)."""
 
 
 @lru_cache(maxsize=None)
@@ -181,6 +187,15 @@ def is_working_day(law: Law, d: date) -> tuple[bool, str | None]:
 def is_counted(law: Law, d: date) -> tuple[bool, str | None]:
     """(whether `d` counts as a day once the law's clock runs, why not). Working-day laws count
     working days; calendar-day laws count every day outside their excluded periods."""
+    memo = _year(law.country, law.subdivisions, d.year).counted
+    key = (d, law.working_days, law.excluded_periods)
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = _is_counted(law, d)
+    return hit
+
+
+def _is_counted(law: Law, d: date) -> tuple[bool, str | None]:
     if law.working_days:
         return is_working_day(law, d)
     reasons = _excluded(law, d)

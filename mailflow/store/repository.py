@@ -205,6 +205,8 @@ _INSERT_MESSAGE = insert(messages)
 _INSERT_OUTBOX = insert(outbox)
 _INSERT_QUEUE_ITEM = insert(queue_items)
 _INSERT_EVENT = insert(thread_events)
+_SETTLE_REMINDER = update(reminders).where(reminders.c.id == bindparam("_id"),
+                                           reminders.c.state == "pending")
 BLOCKED_KEPT = 1000
 """At most this many blocked patterns are read whole and kept by a transaction."""
 _BLOCKED_ALL = select(blocked_senders.c.pattern).limit(BLOCKED_KEPT + 1)
@@ -666,9 +668,8 @@ class Tx:
 
     def settle_reminder(self, reminder_id: int, state: str, note: str) -> bool:
         """Move a pending reminder to sent/skipped; False if someone else already did."""
-        res = self.c.execute(update(reminders).where(reminders.c.id == reminder_id,
-                                                     reminders.c.state == "pending")
-                             .values(state=state, done_at=utcnow(), note=note))
+        res = self.c.execute(_SETTLE_REMINDER, {"_id": reminder_id, "state": state,
+                                                "done_at": utcnow(), "note": note})
         return res.rowcount == 1
 
     def reminders(self, thread_id: int | None = None, state: str | None = None) -> list[Reminder]:
