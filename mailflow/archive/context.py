@@ -26,7 +26,7 @@ from mailflow.archive.attachments import PublicAttachment, Withheld, publish_att
 from mailflow.core.deadlines import deadline
 from mailflow.core.redaction import Redactor
 from mailflow.core.rules import Authority, Law
-from mailflow.mail.parse import ParseError, parse
+from mailflow.mail.parse import ParseError, parse_content
 from mailflow.mail.sanitise import redact_html
 from mailflow.store.repository import StoredMessage, Thread
 
@@ -378,7 +378,7 @@ def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,
         return MessageView(m.id, m.kind, m.direction, sender, at, placeholder=HIDDEN_NOTE)
     raw = raw_of(m.raw_sha256)
     try:
-        pm = parse(raw)
+        pm = parse_content(raw)
     except ParseError:
         pm = None
     if pm is not None and (pm.header("X-No-Archive") or "").strip().lower() == "yes":
