@@ -43,6 +43,7 @@ from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive import maps
+from mailflow.archive import pool
 from mailflow.archive import reports as R
 from mailflow.archive import reading
 from mailflow.archive.cachedb import INDEX_FILE, CacheDB, IndexRow
@@ -847,6 +848,9 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 report_rows = ({x.thread_id: x for x in tx.reports()} if reports_public
                                else {})
                 get_raw = reading.raw_reader(tx)
+                # First the views the cache has; then those to make, in worker processes
+                # when there are many (`pool`), in the order of `need` either way.
+                to_make: list[tuple[int, C.ThreadInput, str, str | None]] = []
                 for r, probe in need:
                     t = threads[r.id]
                     inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []),  # type: ignore[arg-type]
@@ -858,13 +862,26 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                                                     cache, writer))
                     else:
                         writer.owner = str(t.id)
-                        views.append(_thread(site, inp, tx.messages, rules, verify, cache,
-                                             writer, today))
-                        e = cache.fresh.get(str(t.id))
-                        if e is not None:
-                            e["probe"] = probe
+                        fp, view = _cached_thread(site, inp, cache, writer, today)
+                        if view is None:
+                            to_make.append((len(views), inp, fp, probe))
+                        else:
+                            _cached_probe(cache, t, probe)
+                        views.append(view)
                     writer.owner = ""
                 del msgs, events
+                made = _made_views(site, to_make, tx.messages, rules, verify, today)
+                with contextlib.closing(made):
+                    for (slot, inp, fp, probe), (view, files, transient) in zip(to_make, made):
+                        t = inp.thread
+                        writer.owner = str(t.id)
+                        written = {rel: writer.write(rel, data) for rel, data in files}
+                        writer.owner = ""
+                        if not transient:   # a DKIM answer that may change is not kept
+                            cache.put(t, fp, view, written)
+                            _cached_probe(cache, t, probe)
+                        views[slot] = view
+                del to_make
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
         lists = None
         if report_rules is not None or report_views:
@@ -915,29 +932,96 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                        withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
 
 
-def _thread(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
-            rules: list[Any], verify: DkimCache, cache: ThreadCache, writer: Writer,
-            today: date) -> C.ThreadView:
-    """One thread's public view: from the cache when nothing it shows has changed. `inp`
-    holds message summaries (enough for the fingerprint); `messages_of` reads the whole
-    messages when the view must be made."""
+def _cached_thread(site: Site, inp: C.ThreadInput, cache: ThreadCache, writer: Writer,
+                   today: date) -> tuple[str, C.ThreadView | None]:
+    """A thread's fingerprint, and its public view from the cache when nothing it shows has
+    changed (its files are then kept). `inp` holds message summaries: enough for the
+    fingerprint."""
     t = inp.thread
-    authority = site.rules.authorities.get(t.authority)
-    law = site.rules.laws.get(t.law)
-    fp = cache.fingerprint(inp, authority, law)
-    view = cache.get(t, fp, writer, today)
-    if view is not None:
-        return view
-    inp = replace(inp, messages=messages_of(t.id))
+    fp = cache.fingerprint(inp, site.rules.authorities.get(t.authority),
+                           site.rules.laws.get(t.law))
+    return fp, cache.get(t, fp, writer, today)
+
+
+def _cached_probe(cache: ThreadCache, t: Any, probe: str | None) -> None:
+    e = cache.fresh.get(str(t.id))
+    if e is not None:
+        e["probe"] = probe
+
+
+def _thread_view(site: Site, inp: C.ThreadInput, rules: list[Any], verify: C.Verifier,
+                 today: date) -> tuple[C.ThreadView, C.ThreadFiles]:
+    """A thread's public view made from its whole messages (`inp.messages`)."""
+    t = inp.thread
     red = Redactor(rules, thread_id=t.id, authority=t.authority,
                    private=private_values(t, site.domain))
-    transient = verify.transient
-    view, files = C.thread_view(inp, authority=authority, law=law, red=red, verify=verify,
-                                today=today)
-    written = {rel: writer.write(rel, data) for rel, data in files.files}
-    if verify.transient == transient:   # a DKIM answer that may change is not kept
-        cache.put(t, fp, view, written)
-    return view
+    return C.thread_view(inp, authority=site.rules.authorities.get(t.authority),
+                         law=site.rules.laws.get(t.law), red=red, verify=verify, today=today)
+
+
+ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool]   # view, its files, DKIM transient
+
+
+def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
+                messages_of: Callable[[int], list[Any]], rules: list[Any], verify: DkimCache,
+                today: date) -> Iterator[ViewMade]:
+    """The views of `to_make`, in order: in worker processes when there are many of them
+    (`pool`), else here. Whole messages are read here (`messages_of`, in the build's
+    transaction), with the raw bytes of those a view shows."""
+    workers = pool.workers_for(site.settings)
+    if len(to_make) < pool.POOL_MIN or workers < 2:
+        return _views_here(site, to_make, messages_of, rules, verify, today)
+    get_raw = to_make[0][1].raw
+
+    def prepare(item: tuple[int, C.ThreadInput, str, str | None]) -> Any:
+        inp = item[1]
+        messages = messages_of(inp.thread.id)
+        raws = {m.raw_sha256: get_raw(m.raw_sha256) for m in messages
+                if (m.direction, m.kind) in C.SHOWN and not m.hidden}
+        return inp.thread, messages, inp.events, raws
+
+    def work(batch: list[Any]) -> tuple[list[ViewMade], dict[str, Any]]:
+        # In a worker: `verify` is its copy of the build's DKIM cache; the answers it adds
+        # go back to the build with the batch.
+        answers: dict[str, Any] = {}
+
+        def check(sha: str, raw: bytes) -> tuple[bool, str | None]:
+            known = sha in verify.results
+            result = verify(sha, raw)
+            if not known and sha in verify.results:
+                answers[sha] = verify.results[sha]
+            return result
+
+        out: list[ViewMade] = []
+        for t, messages, events, raws in batch:
+            transient = verify.transient
+            view, files = _thread_view(site, C.ThreadInput(t, messages, events, raws.__getitem__),
+                                       rules, check, today)
+            out.append((view, files.files, verify.transient != transient))
+        return out, answers
+
+    def merge(answers: dict[str, Any]) -> None:
+        if answers:
+            verify.results.update(answers)
+            verify.changed = True
+
+    def counted() -> Iterator[ViewMade]:
+        with contextlib.closing(pool.in_workers(to_make, prepare, work, merge, workers)) as it:
+            for made in it:
+                verify.transient += made[2]
+                yield made
+
+    return counted()
+
+
+def _views_here(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
+                messages_of: Callable[[int], list[Any]], rules: list[Any], verify: DkimCache,
+                today: date) -> Iterator[ViewMade]:
+    for _, inp, _, _ in to_make:
+        transient = verify.transient
+        view, files = _thread_view(site, replace(inp, messages=messages_of(inp.thread.id)),
+                                   rules, verify, today)
+        yield view, files.files, verify.transient != transient
 
 
 def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
