@@ -147,3 +147,27 @@ def test_views_in_workers_on_either_store(site: Any, tmp_path: Path,
             assert len(tx.threads()) == 3
     finally:
         mf.close()
+
+
+def test_views_in_workers_beside_fault_reports(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reports are made here, requests in workers: the pages the workers render see the
+    site as `_write_pages` does (its fault-report links)."""
+    import test_archive_reports as TR
+    from test_archive_build import ask
+    w = TR.make_world(tmp_path / "w")
+    try:
+        for i in range(2):
+            ask(w.mf, "camden", f"Gritting {i}", f"Which roads, part {i}?")
+
+        def full(out: Path) -> dict[str, bytes]:
+            build_mod.build(w.mf, out, full=True, dns_txt=lambda n: None, today=TODAY,
+                            search=False)
+            return published(out)
+        here = full(tmp_path / "here")
+        used = _in_workers(monkeypatch)
+        assert full(tmp_path / "there") == here
+        assert used == [2]
+        assert any(p.startswith("report/") for p in here)
+    finally:
+        w.mf.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gzip
 import hashlib
 import hmac
@@ -203,6 +204,7 @@ class ThreadCache:
         self.old_keys: set[str] = set(self.rows) if valid else index.thread_keys()
         self.listings: dict[str, list[str]] = index.listings()  # page -> [key, digest]
         self.fresh: dict[str, Any] = {}    # entries made or checked by this build
+        self.written_pages: dict[str, str] = {}  # key -> page key, own files written already
         self.alive: set[str] = set()       # entries kept as they are (not read)
 
     @staticmethod
@@ -270,6 +272,8 @@ class ThreadCache:
     def keep_pages(self, key: str, pages_key: str, writer: Writer) -> bool:
         """Keep the thread's own files if they were rendered under `pages_key` and are on
         disk as written; False if they must be rendered."""
+        if self.written_pages.get(key) == pages_key:   # written with the view, this build
+            return True
         e = self.fresh.get(key)
         pages = e.get("pages") if e else None
         if (not pages or pages.get("key") != pages_key
@@ -870,24 +874,30 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                         views.append(view)
                     writer.owner = ""
                 del msgs, events
-                made = _made_views(site, to_make, tx.messages, rules, verify, today)
+                page_site = functools.partial(
+                    C.SiteView, name=site.settings.site.name, base_url=base_url, today=today,
+                    threads=(), authorities=(), reports=None)
+                made = _made_views(site, to_make, tx.messages, rules, verify, today,
+                                   lambda: page_site(reports=_report_lists(site, report_views)))
                 with contextlib.closing(made):
-                    for (slot, inp, fp, probe), (view, files, transient) in zip(to_make, made):
+                    for (slot, inp, fp, probe), (view, files, transient, pages) in zip(to_make,
+                                                                                        made):
                         t = inp.thread
                         writer.owner = str(t.id)
                         written = {rel: writer.write(rel, data) for rel, data in files}
-                        writer.owner = ""
                         if not transient:   # a DKIM answer that may change is not kept
                             cache.put(t, fp, view, written)
                             _cached_probe(cache, t, probe)
+                            if pages is not None:   # rendered by a worker: `_write_pages` keeps them
+                                pages_key = _pages_key(psalt, fp, view.list_state)
+                                cache.put_pages(str(t.id), pages_key,
+                                                {rel: writer.write(rel, data) for rel, data in pages})
+                                cache.written_pages[str(t.id)] = pages_key
+                        writer.owner = ""
                         views[slot] = view
                 del to_make
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
-        lists = None
-        if report_rules is not None or report_views:
-            geography = R.Geography(getattr(report_rules, "areas", None) or ())
-            lists = R.report_lists(report_views, rules=report_rules,
-                                   authorities=site.rules.authorities, geography=geography)
+        lists = _report_lists(site, report_views)
         site_view = C.SiteView(
             name=site.settings.site.name, base_url=base_url, today=today, threads=tuple(views),
             authorities=_with_reports(
@@ -959,19 +969,33 @@ def _thread_view(site: Site, inp: C.ThreadInput, rules: list[Any], verify: C.Ver
                          law=site.rules.laws.get(t.law), red=red, verify=verify, today=today)
 
 
-ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool]   # view, its files, DKIM transient
+# A view, its files (attachments), whether a DKIM answer was transient, and its own pages when
+# a worker rendered them (`_thread_files`).
+ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool, list[tuple[str, Any]] | None]
+
+
+def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists | None:
+    report_rules = getattr(site.rules, "reports", None)
+    if report_rules is None and not report_views:
+        return None
+    geography = R.Geography(getattr(report_rules, "areas", None) or ())
+    return R.report_lists(report_views, rules=report_rules, authorities=site.rules.authorities,
+                          geography=geography)
 
 
 def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
                 messages_of: Callable[[int], list[Any]], rules: list[Any], verify: DkimCache,
-                today: date) -> Iterator[ViewMade]:
+                today: date, page_site: Callable[[], C.SiteView]) -> Iterator[ViewMade]:
     """The views of `to_make`, in order: in worker processes when there are many of them
     (`pool`), else here. Whole messages are read here (`messages_of`, in the build's
-    transaction), with the raw bytes of those a view shows."""
+    transaction), with the raw bytes of those a view shows. A worker also renders each
+    thread's own pages (`_thread_files`; `page_site`: the site as those pages see it), the
+    largest part of `_write_pages`."""
     workers = pool.workers_for(site.settings)
     if len(to_make) < pool.POOL_MIN or workers < 2:
         return _views_here(site, to_make, messages_of, rules, verify, today)
     get_raw = to_make[0][1].raw
+    sv = page_site()
 
     def prepare(item: tuple[int, C.ThreadInput, str, str | None]) -> Any:
         inp = item[1]
@@ -993,11 +1017,13 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
             return result
 
         out: list[ViewMade] = []
+        r = _renderer(site, sv)
         for t, messages, events, raws in batch:
             transient = verify.transient
             view, files = _thread_view(site, C.ThreadInput(t, messages, events, raws.__getitem__),
                                        rules, check, today)
-            out.append((view, files.files, verify.transient != transient))
+            out.append((view, files.files, verify.transient != transient,
+                        _thread_files(r, sv, view)))
         return out, answers
 
     def merge(answers: dict[str, Any]) -> None:
@@ -1021,7 +1047,7 @@ def _views_here(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
         transient = verify.transient
         view, files = _thread_view(site, replace(inp, messages=messages_of(inp.thread.id)),
                                    rules, verify, today)
-        yield view, files.files, verify.transient != transient
+        yield view, files.files, verify.transient != transient, None
 
 
 def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
@@ -1150,6 +1176,25 @@ def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
 
 
+def _renderer(site: Site, sv: C.SiteView) -> Renderer:
+    r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
+    r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
+                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
+    return r
+
+
+def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView) -> list[tuple[str, Any]]:
+    """A thread's own files: its page, JSON twin and feed. They show the thread and only
+    the site's name, address and whether it takes fault reports, so a view worker renders
+    them as `_write_pages` would (`_made_views`)."""
+    base = sv.base_url
+    return [(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t)),
+            (f"{t.path}index.json", _json(thread_json(t, base))),
+            (f"{t.path}feed.atom", feeds.atom(
+                title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
+                entries=feeds.thread_entries([t]), author=sv.name))]
+
+
 # Requests per part of the data dump (`data/threads-<n>.jsonl.gz` holds ids n*100 to
 # n*100+99): a new message rewrites one part, whatever the size of the site.
 DUMP_PART = 100
@@ -1161,9 +1206,7 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     whose view and page inputs are unchanged keeps its own three files (see ThreadCache),
     and so do the listing pages, authorities' files and data parts that show only such
     threads. `sv.threads` may hold `ThreadSummary`s: threads whose files the builder kept."""
-    r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
-    r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
-                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
+    r = _renderer(site, sv)
     base = sv.base_url
     by_state: dict[str, list[Any]] = {k: [] for k in C.LIST_STATES}
     for t in sv.threads:     # one pass, in the site's order (sv.by_state for each is ten)
@@ -1204,14 +1247,7 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         try:
             if pages_key and cache.keep_pages(key, pages_key, w):  # type: ignore[union-attr]
                 continue
-            files = {
-                f"{t.path}index.html": w.write(f"{t.path}index.html",
-                                               r.page("thread.html", f"{t.path}index.html", t=t)),
-                f"{t.path}index.json": w.write(f"{t.path}index.json",
-                                               _json(thread_json(t, base))),
-                f"{t.path}feed.atom": w.write(f"{t.path}feed.atom", feeds.atom(
-                    title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
-                    entries=feeds.thread_entries([t]), author=sv.name))}
+            files = {rel: w.write(rel, data) for rel, data in _thread_files(r, sv, t)}
             if pages_key:
                 cache.put_pages(key, pages_key, files)  # type: ignore[union-attr]
         finally:
