@@ -171,3 +171,16 @@ def test_views_in_workers_beside_fault_reports(tmp_path: Path,
         assert any(p.startswith("report/") for p in here)
     finally:
         w.mf.close()
+
+
+def test_a_second_pool_in_the_process_makes_its_views_in_its_own_thread(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another build while a pool runs (another site's, in a thread of a daemon): its views
+    are made in-process instead of failing."""
+    here = _everything(world, tmp_path / "here")
+    _in_workers(monkeypatch)
+    assert pool._BUSY.acquire(blocking=False)
+    try:
+        assert _everything(world, tmp_path / "busy") == here
+    finally:
+        pool._BUSY.release()

@@ -1032,7 +1032,9 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
             verify.changed = True
 
     def counted() -> Iterator[ViewMade]:
-        with contextlib.closing(pool.in_workers(to_make, prepare, work, merge, workers)) as it:
+        with contextlib.closing(pool.in_workers(
+                to_make, prepare, work, merge, workers,
+                lambda: _views_here(site, to_make, messages_of, rules, verify, today))) as it:
             for made in it:
                 verify.transient += made[2]
                 yield made

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -48,8 +49,11 @@ def workers_for(settings: Any) -> int:
 
 
 # The work function of the current pool, inherited by the forked workers (a closure cannot
-# be pickled, and need not be: the workers are forks of the process that set it).
+# be pickled, and need not be: the workers are forks of the process that set it). One pool
+# per process at a time: another build meanwhile (another site's, in a thread) makes its
+# views in its own thread (`fallback`).
 _WORK: Callable[[list[Any]], Any] | None = None
+_BUSY = threading.Lock()
 
 
 def _run(batch: list[Any]) -> Any:
@@ -59,13 +63,25 @@ def _run(batch: list[Any]) -> Any:
 
 def in_workers(items: Iterable[Any], prepare: Callable[[Any], Any],
                work: Callable[[list[Any]], tuple[list[Any], Any]],
-               merge: Callable[[Any], None], workers: int) -> Iterator[Any]:
+               merge: Callable[[Any], None], workers: int,
+               fallback: Callable[[], Iterator[Any]]) -> Iterator[Any]:
     """`work`'s results for `items`, in order: `prepare(item)` runs here (reading the store),
     `work(batch of prepared)` in a worker, returning (one result per item, extra); `merge(extra)`
-    runs here as each batch comes back, before its results are yielded."""
+    runs here as each batch comes back, before its results are yielded. `fallback()`: the same
+    results made here, when this process already has a pool running."""
+    if not _BUSY.acquire(blocking=False):
+        yield from fallback()
+        return
+    try:
+        yield from _in_workers(items, prepare, work, merge, workers)
+    finally:
+        _BUSY.release()
+
+
+def _in_workers(items: Iterable[Any], prepare: Callable[[Any], Any],
+                work: Callable[[list[Any]], tuple[list[Any], Any]],
+                merge: Callable[[Any], None], workers: int) -> Iterator[Any]:
     global _WORK
-    if _WORK is not None:
-        raise RuntimeError("view workers are already running in this process")
     batches = _batches(items)
     window: deque[Future[Any]] = deque()
     _WORK = work
