@@ -972,3 +972,7 @@ register_report_commands(cli)
 from mailflow.cli_db import db  # noqa: E402
 
 cli.add_command(db)
+
+from mailflow.cli_spool import spool  # noqa: E402
+
+cli.add_command(spool)

@@ -149,7 +149,47 @@ def category_list(ctx: Ctx, as_json: bool) -> None:
         _say(f"warning: {problem}", "yellow")
 
 
+@click.group("report")
+def report() -> None:
+    """Fault reports, as an admin puts them right."""
+
+
+@report.command("correct")
+@click.argument("thread_id", type=int)
+@click.option("--category", "slug", default=None, metavar="SLUG",
+              help="The right category (see `mailflow category list`).")
+@click.option("--lat", type=float, default=None, help="The right place: latitude (WGS 84).")
+@click.option("--lon", type=float, default=None, help="The right place: longitude (WGS 84).")
+@click.option("--authority", default=None, metavar="SLUG",
+              help="Where the areas name no single authority for it: this one.")
+@click.option("--reason", default=None, help="Why (for the audit log and the report's history).")
+@pass_ctx
+def report_correct(ctx: Ctx, thread_id: int, slug: str | None, lat: float | None,
+                   lon: float | None, authority: str | None, reason: str | None) -> None:
+    """Put right a report's category or place. A report still waiting for details goes on
+    (routed, confirmed, sent); an open one that now belongs to another authority is sent to
+    it; `mailflow route` shows beforehand where a correction would send it.
+
+    \b
+    Example: mailflow report correct 41 --category fly-tipping --reason "it is dumped rubbish"
+    Example: mailflow report correct 41 --lat 51.1652 --lon -1.4497
+    """
+    from mailflow.core.geo import Point
+    if (lat is None) != (lon is None):
+        _usage_error("give both --lat and --lon, or neither")
+    if slug is None and lat is None and authority is None:
+        _usage_error("nothing to correct: give --category, --lat/--lon or --authority")
+    try:
+        point = Point(lat, lon) if lat is not None and lon is not None else None
+    except ValueError as e:       # Point checks its own range
+        _usage_error(f"not a place on Earth: {e}")
+        return
+    ctx.done(ctx.moderation().correct_report(thread_id, category=slug, point=point,
+                                             authority=authority, reason=reason))
+
+
 def register(group: click.Group) -> None:
-    """Put `route` and `category` on the `mailflow` group."""
+    """Put `route`, `category` and `report` on the `mailflow` group."""
     group.add_command(route)
     group.add_command(category)
+    group.add_command(report)

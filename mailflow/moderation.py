@@ -193,7 +193,8 @@ class Moderation:
         forwarded and takes effect, once; a new request or report that was not answered (its
         answer would not have gone to the envelope sender, or the address had an automatic
         answer this week) is answered now; a fault report no single authority handles goes to
-        `authority` (or, without it, is routed again by the rules as they are now); anything
+        `authority` (or, without it, is routed again by the rules as they are now); a message
+        whose processing failed is put back into the spool to be processed again; anything
         else is accepted as it is (a postmaster message read)."""
         pipeline, result = Pipeline(self.site), Result()
         with self.site.store.tx() as tx:
@@ -224,8 +225,59 @@ class Moderation:
                 what = "approved: the reply was published and forwarded"
             elif item.reason in ("sender_mismatch", "rate_limited"):
                 what = "approved: " + self._answer_anyway(tx, pipeline, result, item)
+            elif item.reason == "processing_failed":
+                what = "approved: " + self._process_again(tx, item)
             self._decide(tx, item, what, reason=reason, action="queue_approve")
         return Outcome(f"item {item_id} {what}", result.outbox_ids)
+
+    def _process_again(self, tx: Tx, item: QueueItem) -> str:
+        """A message the pipeline gave up on (a bug, since fixed or worked around): back into
+        the spool for the daemon to process as if it had just arrived. Its own spool item when
+        this host's failed/ has it; otherwise (another host's spool, or cleaned away) the copy
+        the queue kept, under its original envelope. Either way storing is idempotent by the
+        raw bytes and recipient, so a second copy processed elsewhere is not a duplicate."""
+        d = item.detail or {}
+        spool, spool_id = self.site.spool, d.get("spool_id")
+        where = spool.peek(spool_id) if isinstance(spool_id, str) and spool_id else None
+        if where is not None and where[0] == "failed":
+            spool.requeue(spool_id)  # type: ignore[arg-type]
+            return f"spool item {spool_id} put back for processing"
+        if where is not None and where[0] in ("new", "work"):
+            return f"spool item {spool_id} is already waiting to be processed ({where[0]}/)"
+        if item.raw_sha256 is None:
+            raise MailflowError(f"queue item {item.id} kept no copy of its message, and this "
+                                f"host's spool has no failed item {spool_id}")
+        raw = tx.get_raw(item.raw_sha256)
+        env = Envelope.from_json(d.get("envelope") or {"rcpt_tos": [], "via": "unknown"})
+        new_id = spool.put(raw, env)
+        return f"the kept copy spooled again for processing as {new_id}"
+
+    def requeue(self, spool_id: str, *, reason: str | None = None) -> Outcome:
+        """Put a message the pipeline gave up on (the spool's failed/) back for processing,
+        once its cause is fixed; the admin queue's item for it, if any, is decided with it."""
+        spool = self.site.spool
+        where = spool.peek(spool_id)
+        if where is None:
+            raise NotFound(f"no spool item {spool_id} here"
+                           + (f"; failed items: {', '.join(spool.failed()[-5:])}"
+                              if spool.failed() else "; none has failed"))
+        if where[0] != "failed":
+            raise MailflowError(f"spool item {spool_id} is in {where[0]}/, not failed/: "
+                                "only a failed item is put back")
+        with self.site.store.tx() as tx:
+            items = [q for q in tx.queue(reason="processing_failed")
+                     if (q.detail or {}).get("spool_id") == spool_id]
+            for q in items:
+                self._decide(tx, q, "approved: spool item put back for processing",
+                             reason=reason, action="queue_approve")
+            tx.audit(self.actor, "spool_requeue", target=f"spool:{spool_id}", reason=reason,
+                     detail={"errors": where[1].errors[-3:],
+                             "queue_items": [q.id for q in items]})
+            if not spool.requeue(spool_id):
+                raise MailflowError(f"spool item {spool_id} left failed/ just now")
+        return Outcome(f"spool item {spool_id} put back for processing"
+                       + (f" (queue item {', '.join(str(q.id) for q in items)} decided)"
+                          if items else ""), [])
 
     def _route_report(self, tx: Tx, pipeline: Pipeline, result: Result, item: QueueItem,
                       authority: str | None) -> str:
@@ -337,6 +389,132 @@ class Moderation:
                      reason=reason, detail={"from": thread.state, "to": state})
             tx.add_event(thread_id, f"admin:{self.actor}", "state", {"to": state})
         return Outcome(f"thread {thread_id}: {STATE_WORDS.get(state, state)}", [])
+
+    def correct_report(self, thread_id: int, *, category: str | None = None,
+                       point: Point | None = None, authority: str | None = None,
+                       reason: str | None = None) -> Outcome:
+        """Put right what a citizen's report got wrong: its category or its place (as a
+        FixMyStreet admin edits a report). What happens next depends on how far it went:
+
+        - not sent and stuck (waiting for details, outside the area, no single authority):
+          it goes on from there as if the citizen had said it — routed, confirmed, sent;
+        - not sent but waiting for the citizen or a moderator: routed again quietly, so the
+          confirmation or approval sends it to the right authority;
+        - sent and open: routed again; if that names another authority, the report goes to it
+          now (from the same report address, photos and all), and its `sent_at` (the
+          authority's response time) counts from then; the questionnaire keeps its date. A
+          fixed or withdrawn report keeps its authority.
+
+        `authority` stands where the areas give no single one (as `queue approve --authority`).
+        Everything is one transaction: a correction that cannot be carried out changes nothing.
+        """
+        from mailflow.reports import ASKING
+        rules = self.site.rules.reports
+        if rules is None:
+            raise MailflowError("this site takes no fault reports (no rules/categories.toml)")
+        if category is not None and category not in rules.categories:
+            raise MailflowError(f"unknown category {category!r}; known: "
+                                f"{', '.join(sorted(rules.categories))}")
+        if authority is not None and self.site.rules.authorities.get(authority) is None:
+            raise MailflowError(f"unknown authority {authority!r} (see `mailflow authority list`)")
+        pipeline, result = Pipeline(self.site), Result()
+        actor = f"admin:{self.actor}"
+        with self.site.store.tx() as tx:
+            thread, report = tx.thread(thread_id), tx.report(thread_id)
+            if thread is None:
+                raise tx.no_thread(thread_id)
+            if thread.kind != "report" or report is None:
+                raise MailflowError(f"thread {thread_id} is a request, not a fault report")
+            changes: dict[str, Any] = {}
+            if category is not None and category != report.category:
+                changes["category"] = category
+            if point is not None and (point.lat, point.lon) != (report.lat, report.lon):
+                changes.update(lat=point.lat, lon=point.lon, location_source="admin",
+                               location_text=f"{point.lat}, {point.lon}")
+            if not changes and authority is None:
+                raise MailflowError(f"report {thread_id} already has that category and place: "
+                                    "nothing to change")
+            was = {"category": report.category, "lat": report.lat, "lon": report.lon,
+                   "authority": thread.authority or None}
+            if changes:
+                tx.update_report(thread_id, **changes)
+            tx.add_event(thread_id, actor, "report_corrected", {
+                "from": {k: was[k] for k in changes if k in was},
+                "to": {k: changes[k] for k in changes if k in was}, "reason": reason})
+            sent = thread.sent_at is not None
+            if thread.state in ASKING or thread.state == "awaiting_routing":
+                for q in tx.queue(reason="report_routing"):
+                    if q.thread_id == thread_id:
+                        self._decide(tx, q, "decided by a correction of the report",
+                                     reason=reason, action="queue_approve")
+                c = self._as_the_report(tx, pipeline, result, thread)
+                outcome = pipeline.reports.advance(c, thread_id, authority=authority,
+                                                   actor=actor).outcome
+                what = outcome.removeprefix("report:")
+            else:
+                new = self._reroute(tx, thread_id, authority, actor)
+                if not sent or new == thread.authority:
+                    what = (f"now for {new}" if new != thread.authority else
+                            f"still for {new}")
+                elif thread.state != "open":
+                    raise MailflowError(
+                        f"report {thread_id} is {thread.state}: it stays with "
+                        f"{thread.authority} (the correction would send it to {new}; reopen "
+                        "it first with `mailflow thread state ID open`)")
+                else:
+                    pipeline.reports.dispatch(tx, result, thread_id, actor=actor)
+                    what = f"sent on to {new} (was {thread.authority})"
+            now = tx.thread(thread_id)
+            tx.audit(self.actor, "report_correct", thread_id=thread_id,
+                     target=f"thread:{thread_id}", reason=reason,
+                     detail={"from": was, "changes": changes, "authority": authority,
+                             "result": what, "authority_now": now.authority if now else None})
+        return Outcome(f"report {thread_id}: {what}", result.outbox_ids)
+
+    def _reroute(self, tx: Tx, thread_id: int, authority: str | None, actor: str) -> str:
+        """Route a report that is past asking by its (corrected) category and place; an
+        authority the areas cannot settle must be named."""
+        rules = self.site.rules.reports
+        report = tx.report(thread_id)
+        assert rules is not None and report is not None
+        if report.lat is None or report.lon is None or report.category is None:
+            raise MailflowError(f"report {thread_id} has no place or no category")
+        route = rules.route(Point(report.lat, report.lon), report.category)
+        if not route.covered:
+            raise MailflowError(f"{report.lat}, {report.lon} is outside every area this site "
+                                f"covers: {'; '.join(route.reasons)}")
+        chosen = authority or route.authority
+        if chosen is None:
+            raise MailflowError(
+                f"no single authority handles {report.category} there: "
+                f"{'; '.join(route.reasons)}. Name one: --authority SLUG (the areas here: "
+                f"{', '.join(sorted({a.authority for a in route.areas})) or 'none'})")
+        known = self.site.rules.authorities.get(chosen)
+        if known is None or known.report_contact(report.category) is None:
+            raise MailflowError(f"{chosen} has no address for {report.category} reports "
+                                "(add one in rules/authorities.toml)")
+        area = next((a for a in route.areas if a.authority == chosen), None)
+        tx.update_thread(thread_id, authority=chosen)
+        tx.update_report(thread_id, area=area.id if area else None)
+        tx.add_event(thread_id, actor, "report_routed",
+                     {"authority": chosen, "area": area.id if area else None,
+                      "reasons": [*route.reasons,
+                                  *([f"{chosen} chosen by {actor}"] if authority else [])]})
+        return chosen
+
+    def _as_the_report(self, tx: Tx, pipeline: Pipeline, result: Result,
+                       thread: Any) -> StepContext:
+        """The report's first message, as the pipeline saw it: what moving the report on
+        answers (a question, a confirmation) replies to."""
+        first = next((m for m in tx.messages(thread.id) if m.direction == "in"), None)
+        if first is None or first.raw_sha256 is None:
+            raise MailflowError(f"report {thread.id} has no message to move on from")
+        pm = parse(tx.get_raw(first.raw_sha256))
+        rcpt = f"report-{thread.id}"
+        env = Envelope(mail_from=thread.citizen_email, rcpt_tos=[], via="unknown")
+        return StepContext(tx=tx, pm=pm, cls=pipeline.classify(pm, env), addr=None,
+                           sha=first.raw_sha256, envelope=env, result=result,
+                           step=Step(rcpt, "report", thread_id=thread.id), approved=True)
 
     def _report_state(self, tx: Tx, thread_id: int, was: str, state: str) -> None:
         """What a reporter's own "fixed" / "not fixed" does besides the state: when it was

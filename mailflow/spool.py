@@ -391,6 +391,31 @@ class Spool:
         """Ids claimed by a processor (or left in work/ by one that died)."""
         return self._ids("work")
 
+    def ids(self, state: str) -> list[str]:
+        """Ids of the items in `state` (one of new, work, done, failed), oldest first."""
+        if state not in self.dirs or state == "tmp":
+            raise ValueError(f"not a spool state: {state!r}")
+        return self._ids(state)
+
+    def peek(self, id: str) -> tuple[str, SpoolItem] | None:
+        """Where an item is and what its metadata says, for an admin: read only, it claims
+        nothing and moves nothing (a processor may take it a moment later). None when no
+        state holds it (done/ items are removed after ``keep_done_days``), or when `id` could
+        not name one (it is typed by a person: a path is not an id)."""
+        try:
+            _check_id(id)
+        except ValueError:
+            return None
+        for state in ("failed", "new", "work", "done"):
+            eml = self._find(state, id)
+            if eml is None:
+                continue
+            try:
+                return state, self._load(id, eml, self._meta(state, id))
+            except SpoolError:
+                continue   # moved on between the look and the read: try the next state
+        return None
+
     # -- ingress ----------------------------------------------------------------------------
 
     def put(self, raw: bytes, envelope: Envelope) -> str:
@@ -576,8 +601,10 @@ class Spool:
             raise SpoolError(f"cannot return spool item {item.id} for retry: {e}") from e
 
     def fail(self, item: SpoolItem, error: str) -> None:
-        """Park an item for a human, durably: it must not silently come back or vanish."""
-        item.errors.append(f"{_utc_now()} failed: {error}")
+        """Park an item for a human, durably: it must not silently come back or vanish.
+        The attempt that failed it counts, so an admin sees how many times it was tried."""
+        item.attempts += 1
+        item.errors.append(f"{_utc_now()} attempt {item.attempts} failed: {error}")
         item.extra["failed_at"] = _utc_now()
         try:
             self._write_meta(item)

@@ -1,0 +1,117 @@
+"""`mailflow report correct`: an admin puts right a report's category or place, as a
+FixMyStreet admin edits a report, and it goes where it now belongs — on from where it was stuck,
+quietly re-routed while it waits for the citizen, or sent on to another council when it was
+already open. Real mail through `mailflow ingest`, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+from conftest import JANE, Site, addresses
+from test_reports_flow import (ASHCOMBE, LONDON, PORT_SHELDON, PORT_SHELDON_ROADS, WESSEX_ROADS,
+                               _overlap_at_ashcombe, confirm_and_send, flat, new_mail, one,
+                               reply, report, sent_report, thread_of)
+
+NORTHDOWN = "streetscene@northdown.gov.example"
+
+
+def _events(site: Site, tid: int, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    return [e for e in site.json("thread", "show", str(tid))["events"] if e["kind"] == kind]
+
+
+def test_an_open_report_in_the_wrong_category_is_sent_on_to_the_right_council(site: Site) -> None:
+    lat, lon = ASHCOMBE
+    first, _ = sent_report(site, "Pothole by the green", f"At {lat}, {lon}, a deep hole.",
+                           WESSEX_ROADS)
+    tid = thread_of(first)
+    r = site.run("--as", "alice", "report", "correct", str(tid), "--category", "fly-tipping",
+                 "--reason", "the photo shows dumped rubbish")
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"report {tid}: sent on to northdown (was wessex)" in r.stdout.decode()
+    again, _ = one(new_mail(site), NORTHDOWN)
+    assert thread_of(again) == tid
+    assert addresses(again, "From") == addresses(first, "From")   # the same report address
+    assert "Fly-tipping" in flat(again) and "a deep hole" in flat(again)
+    t = site.json("thread", "show", str(tid))
+    assert (t["state"], t["authority"]) == ("open", "northdown")
+    (fix,) = _events(site, tid, "report_corrected")
+    assert fix["actor"] == "admin:alice"
+    assert fix["detail"]["from"] == {"category": "pothole"}
+    assert fix["detail"]["to"] == {"category": "fly-tipping"}
+    assert fix["detail"]["reason"] == "the photo shows dumped rubbish"
+    (entry,) = [a for a in site.json("audit") if a["action"] == "report_correct"]
+    assert entry["actor"] == "alice" and entry["detail"]["from"]["authority"] == "wessex"
+
+    # Northdown answers at the report address: it is the report's authority now.
+    from test_reports_flow import ingest, mail
+    ingest(site, mail(f"Northdown <{NORTHDOWN}>", addresses(again, "From")[0],
+                      "Re: " + str(again["Subject"]), "We will clear it on Monday."),
+           addresses(again, "From")[0], NORTHDOWN)
+    fwd, _ = one(new_mail(site), JANE)
+    assert "We will clear it on Monday." in flat(fwd)
+
+
+def test_a_correction_that_keeps_the_council_sends_nothing(site: Site) -> None:
+    lat, lon = ASHCOMBE
+    first, _ = sent_report(site, "Pothole", f"At {lat}, {lon}.", WESSEX_ROADS)
+    tid = thread_of(first)
+    r = site.run("report", "correct", str(tid), "--lat", str(lat + 0.001), "--lon", str(lon))
+    assert r.returncode == 0, r.stderr.decode()
+    assert "still for wessex" in r.stdout.decode()
+    assert new_mail(site) == {}
+    rows = site.json("route", "--lat", str(lat + 0.001), "--lon", str(lon), "--category",
+                     "pothole")
+    assert rows["authority"] == "wessex"
+    r = site.run("report", "correct", str(tid), "--lat", str(lat + 0.001), "--lon", str(lon))
+    assert r.returncode == 1 and "nothing to change" in r.stderr.decode()
+
+
+def test_a_report_waiting_for_its_place_goes_on_when_an_admin_gives_it(site: Site) -> None:
+    report(site, "Pothole", "There is a pothole by the old mill.")
+    ask, _ = one(new_mail(site), JANE)
+    (t,) = site.json("thread", "list")
+    assert t["state"] == "awaiting_details"
+    lat, lon = PORT_SHELDON
+    r = site.run("report", "correct", str(t["id"]), "--lat", str(lat), "--lon", str(lon))
+    assert r.returncode == 0, r.stderr.decode()
+    assert "awaiting_confirmation" in r.stdout.decode()
+    sent, _ = confirm_and_send(site, JANE, PORT_SHELDON_ROADS)
+    assert thread_of(sent) == t["id"]
+    assert site.json("thread", "show", str(t["id"]))["authority"] == "port-sheldon"
+
+
+def test_a_report_no_council_could_take_is_routed_by_its_corrected_place(site: Site) -> None:
+    _overlap_at_ashcombe(site)
+    report(site, "Graffiti on the bus shelter", f"At {ASHCOMBE[0]}, {ASHCOMBE[1]}.")
+    (item,) = site.json("queue", "list")
+    lat, lon = PORT_SHELDON
+    r = site.run("report", "correct", str(item["thread_id"]), "--lat", str(lat), "--lon",
+                 str(lon), "--reason", "the shelter is in Port Sheldon")
+    assert r.returncode == 0, r.stderr.decode()
+    assert site.json("queue", "list") == []
+    conf, _ = one(new_mail(site), JANE)
+    assert "Port Sheldon" in flat(conf)
+
+
+def test_a_correction_that_cannot_be_carried_out_changes_nothing(site: Site) -> None:
+    lat, lon = ASHCOMBE
+    first, _ = sent_report(site, "Pothole", f"At {lat}, {lon}.", WESSEX_ROADS)
+    tid = thread_of(first)
+    before = site.json("thread", "show", str(tid))
+
+    def fails(*args: str) -> str:
+        r = site.run("report", "correct", str(tid), *args)
+        assert r.returncode != 0, r.stdout.decode()
+        return " ".join(r.stderr.decode().split())
+
+    assert "unknown category 'moon-dust'" in fails("--category", "moon-dust")
+    assert "outside every area" in fails("--lat", str(LONDON[0]), "--lon", str(LONDON[1]))
+    assert "both --lat and --lon" in fails("--lat", "51.0")
+    assert "nothing to correct" in fails()
+    assert "not a place on Earth" in fails("--lat", "91", "--lon", "0")
+    r = site.run("thread", "state", str(tid), "fixed")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "reopen it first" in fails("--category", "fly-tipping")
+    after = site.json("thread", "show", str(tid))
+    assert after["authority"] == before["authority"] == "wessex"
+    assert _events(site, tid, "report_corrected") == []
+    assert new_mail(site) == {}
+    req = site.run("report", "correct", "999", "--category", "pothole")
+    assert req.returncode == 1 and "999" in req.stderr.decode()
