@@ -95,16 +95,14 @@ def _in_workers(items: Iterable[Any], prepare: Callable[[Any], Any],
         for _ in range(workers * AHEAD):
             submit()
         while window:
-            try:
-                results, extra = window.popleft().result()
-            except BrokenProcessPool as exc:
-                raise ViewWorkerError(
-                    "archive: a process making views stopped (killed, or out of memory?); "
-                    "nothing was published. Set [archive] workers = 1 to build in one "
-                    "process.") from exc
+            results, extra = window.popleft().result()
             submit()
             merge(extra)
             yield from results
+    except BrokenProcessPool as exc:   # from a result or from the next submit
+        raise ViewWorkerError(
+            "archive: a process making views stopped (killed, or out of memory?); nothing "
+            "was published. Set [archive] workers = 1 to build in one process.") from exc
     finally:
         _WORK = None
         ex.shutdown(wait=True, cancel_futures=True)
