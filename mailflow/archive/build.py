@@ -259,8 +259,10 @@ class ThreadCache:
                            "pages": e["pages"]}
         return view
 
-    def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str]) -> None:
-        self.fresh[str(t.id)] = {"fp": fp, "view": _view_json(view), "files": files,
+    def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str],
+            view_json: str | None = None) -> None:
+        """`view_json`: `_view_json(view)`, when a view worker made it already."""
+        self.fresh[str(t.id)] = {"fp": fp, "view": view_json or _view_json(view), "files": files,
                                  "pages": None}
 
     def put_report(self, t: Any, fp: str, view: R.ReportView, files: dict[str, str]) -> None:
@@ -880,18 +882,18 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 made = _made_views(site, to_make, tx.messages, rules, verify, today,
                                    lambda: page_site(reports=_report_lists(site, report_views)))
                 with contextlib.closing(made):
-                    for (slot, inp, fp, probe), (view, files, transient, pages) in zip(to_make,
+                    for (slot, inp, fp, probe), (view, files, transient, extra) in zip(to_make,
                                                                                         made):
                         t = inp.thread
                         writer.owner = str(t.id)
                         written = {rel: writer.write(rel, data) for rel, data in files}
                         if not transient:   # a DKIM answer that may change is not kept
-                            cache.put(t, fp, view, written)
+                            cache.put(t, fp, view, written, extra[1] if extra else None)
                             _cached_probe(cache, t, probe)
-                            if pages is not None:   # rendered by a worker: `_write_pages` keeps them
+                            if extra is not None:   # rendered by a worker: `_write_pages` keeps them
                                 pages_key = _pages_key(psalt, fp, view.list_state)
-                                cache.put_pages(str(t.id), pages_key,
-                                                {rel: writer.write(rel, data) for rel, data in pages})
+                                cache.put_pages(str(t.id), pages_key, {
+                                    rel: writer.write(rel, data) for rel, data in extra[0]})
                                 cache.written_pages[str(t.id)] = pages_key
                         writer.owner = ""
                         views[slot] = view
@@ -969,9 +971,10 @@ def _thread_view(site: Site, inp: C.ThreadInput, rules: list[Any], verify: C.Ver
                          law=site.rules.laws.get(t.law), red=red, verify=verify, today=today)
 
 
-# A view, its files (attachments), whether a DKIM answer was transient, and its own pages when
-# a worker rendered them (`_thread_files`).
-ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool, list[tuple[str, Any]] | None]
+# A view, its files (attachments), whether a DKIM answer was transient, and when a worker made
+# it, its own pages (`_thread_files`) and its JSON for the cache (`_view_json`).
+ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool,
+                 tuple[list[tuple[str, Any]], str] | None]
 
 
 def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists | None:
@@ -1023,7 +1026,7 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
             view, files = _thread_view(site, C.ThreadInput(t, messages, events, raws.__getitem__),
                                        rules, check, today)
             out.append((view, files.files, verify.transient != transient,
-                        _thread_files(r, sv, view)))
+                        (_thread_files(r, sv, view), _view_json(view))))
         return out, answers
 
     def merge(answers: dict[str, Any]) -> None:
