@@ -184,3 +184,32 @@ def test_a_second_pool_in_the_process_makes_its_views_in_its_own_thread(
         assert _everything(world, tmp_path / "busy") == here
     finally:
         pool._BUSY.release()
+
+
+def test_a_view_from_the_message_summaries_is_the_view_from_whole_messages(
+        world: World) -> None:
+    """Views are made from `reading.MessageSummary` (what the fingerprint read), not from
+    `tx.messages`: every column `thread_view` reads is in the summary, with the same values."""
+    from mailflow.archive import context as C
+    from mailflow.archive import reading
+    from mailflow.core.redaction import load_redactions
+    mf = world.mf
+    path = mf.settings.site.rules / "redactions.toml"
+    rules = load_redactions(path.read_text(), str(path)) if path.exists() else []
+    made = 0
+    with mf.store.read() as tx:
+        summaries = reading.message_summaries_by_thread(tx)
+        events = reading.events_by_thread(tx)
+        get_raw = reading.raw_reader(tx)
+        for t in tx.threads():
+            if not C.is_public(t):
+                continue
+
+            def view(messages: list[Any]) -> Any:
+                inp = C.ThreadInput(t, messages, events.get(t.id, []), get_raw)
+                v, files = build_mod._thread_view(mf, inp, rules, lambda sha, raw: (True, "x"),
+                                                  TODAY)
+                return v, files.files
+            assert view(summaries[t.id]) == view(tx.messages(t.id))
+            made += 1
+    assert made >= 2

@@ -879,7 +879,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 page_site = functools.partial(
                     C.SiteView, name=site.settings.site.name, base_url=base_url, today=today,
                     threads=(), authorities=(), reports=None)
-                made = _made_views(site, to_make, tx.messages, rules, verify, today,
+                made = _made_views(site, to_make, rules, verify, today,
                                    lambda: page_site(reports=_report_lists(site, report_views)))
                 with contextlib.closing(made):
                     for (slot, inp, fp, probe), (view, files, transient, extra) in zip(to_make,
@@ -987,22 +987,24 @@ def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists
 
 
 def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
-                messages_of: Callable[[int], list[Any]], rules: list[Any], verify: DkimCache,
-                today: date, page_site: Callable[[], C.SiteView]) -> Iterator[ViewMade]:
+                rules: list[Any], verify: DkimCache, today: date,
+                page_site: Callable[[], C.SiteView]) -> Iterator[ViewMade]:
     """The views of `to_make`, in order: in worker processes when there are many of them
-    (`pool`), else here. Whole messages are read here (`messages_of`, in the build's
-    transaction), with the raw bytes of those a view shows. A worker also renders each
+    (`pool`), else here. A view is made from the message summaries the fingerprint was
+    made from (`reading.MessageSummary`: every column `thread_view` reads, from the build's
+    transaction), and for a worker the raw bytes of the messages it shows are read here. A
+    worker also renders each
     thread's own pages (`_thread_files`; `page_site`: the site as those pages see it), the
     largest part of `_write_pages`."""
     workers = pool.workers_for(site.settings)
     if len(to_make) < pool.POOL_MIN or workers < 2:
-        return _views_here(site, to_make, messages_of, rules, verify, today)
+        return _views_here(site, to_make, rules, verify, today)
     get_raw = to_make[0][1].raw
     sv = page_site()
 
     def prepare(item: tuple[int, C.ThreadInput, str, str | None]) -> Any:
         inp = item[1]
-        messages = messages_of(inp.thread.id)
+        messages = inp.messages
         raws = {m.raw_sha256: get_raw(m.raw_sha256) for m in messages
                 if (m.direction, m.kind) in C.SHOWN and not m.hidden}
         return inp.thread, messages, inp.events, raws
@@ -1037,7 +1039,7 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
     def counted() -> Iterator[ViewMade]:
         with contextlib.closing(pool.in_workers(
                 to_make, prepare, work, merge, workers,
-                lambda: _views_here(site, to_make, messages_of, rules, verify, today))) as it:
+                lambda: _views_here(site, to_make, rules, verify, today))) as it:
             for made in it:
                 verify.transient += made[2]
                 yield made
@@ -1046,12 +1048,10 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
 
 
 def _views_here(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
-                messages_of: Callable[[int], list[Any]], rules: list[Any], verify: DkimCache,
-                today: date) -> Iterator[ViewMade]:
+                rules: list[Any], verify: DkimCache, today: date) -> Iterator[ViewMade]:
     for _, inp, _, _ in to_make:
         transient = verify.transient
-        view, files = _thread_view(site, replace(inp, messages=messages_of(inp.thread.id)),
-                                   rules, verify, today)
+        view, files = _thread_view(site, inp, rules, verify, today)
         yield view, files.files, verify.transient != transient, None
 
 
