@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailflow.core import redaction as R
 from mailflow.core.redaction import _RE_I_FOLDS, RedactionRule, Redactor, private_values
 
 
@@ -69,3 +71,24 @@ def test_the_folds_are_every_letter_ignorecase_takes_for_ascii() -> None:
             found[u] = {a.lower() for a in map(chr, range(128))
                         if re.fullmatch(re.escape(a), c, re.I)}
     assert found == {u: {a} for u, a in _RE_I_FOLDS.items()}
+
+
+def _literal_source_char_by_char(value: str) -> str:
+    """`_literal_source` as it was written first: one character at a time."""
+    value = unicodedata.normalize("NFC", value.translate(R._INVISIBLE)).strip()
+    out: list[str] = []
+    for piece in re.split(r"(\s+)", value):
+        if not piece:
+            continue
+        if piece.isspace():
+            out.append(R._SPACE)
+            continue
+        out.extend(R._PIECES.get(ch) or re.escape(ch) for ch in piece)
+    return "".join(out)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab.-+@&\"' \t\n\u00a0\u200b\\[](){}*?é中")),
+               max_size=30) | st.text(max_size=20))
+def test_literal_source_is_the_character_by_character_one(value: str) -> None:
+    assert R._literal_source(value) == _literal_source_char_by_char(value)

@@ -242,8 +242,14 @@ def _literal_source(value: str) -> str:
         if piece.isspace():
             out.append(_SPACE)
             continue
-        out.extend(_PIECES.get(ch) or re.escape(ch) for ch in piece)
+        # re.escape works a character at a time, so a run without @ & " ' is escaped whole.
+        for part in _PIECE_CHARS.split(piece):
+            if part:
+                out.append(_PIECES.get(part) or re.escape(part))
     return "".join(out)
+
+
+_PIECE_CHARS = re.compile("([" + re.escape("".join(_PIECES)) + "])")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -281,10 +287,6 @@ class _Matcher:
     def pattern(self) -> re.Pattern[str]:
         return _compile(self.source, self.flags)
 
-    def absent_from(self, s: str, lowered: str | None) -> bool:
-        """Whether the pattern certainly has no match in `s` (`lowered`: `_lowered(s)`)."""
-        return (self.pieces is not None and lowered is not None
-                and not all(p in lowered for p in self.pieces))
 
 
 # The only characters outside ASCII that re.IGNORECASE matches to ASCII ones (ſ to s, the
@@ -344,7 +346,8 @@ class Redactor:
         found: list[tuple[int, int, int, str]] = []
         lowered = _lowered(s)
         for priority, m in enumerate(self._matchers):
-            if m.absent_from(s, lowered):
+            pieces = m.pieces    # a text without one of them cannot hold a match
+            if pieces is not None and not all(p in lowered for p in pieces):
                 continue
             for hit in m.pattern.finditer(s):
                 if hit.end() > hit.start():
