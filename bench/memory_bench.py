@@ -2,7 +2,9 @@
 
 The peak is measured in a fresh subprocess (`bench.memwork`) that first processes a small
 reply, so that everything a daemon holds anyway is loaded, then resets the kernel's peak-RSS
-mark and processes the big message from the spool as the daemon's worker does. The figure is
+mark and processes the big message from the spool as the daemon's worker does, then makes
+the one delivery attempt for what that queued (the forward to the citizen is composed, signed
+and written by the outbox sender since the fourth round, so it is measured there). The figure is
 (peak − resting RSS) / message size. The reference row does the same with the standard
 library alone: parse the bytes and decode every attachment.
 

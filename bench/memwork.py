@@ -3,8 +3,9 @@
 `python -m bench.memwork mailflow --config C --warm ID --item ID`: opens the site, processes
 the spooled item `--warm` (a small reply: imports, templates, the DKIM key and the database
 are then loaded), takes its resting RSS, resets the peak (`/proc/self/clear_refs`), processes
-the spooled item `--item` as the daemon's worker does (claim, `Pipeline.process_item`) and
-reports the peak. `python -m bench.memwork email --eml F` does the same for the baseline:
+the spooled item `--item` as the daemon's worker does (claim, `Pipeline.process_item`, then
+the outbox sender's one delivery attempt for what it queued: the forward to the citizen is
+composed, signed and written then) and reports the peak. `python -m bench.memwork email --eml F` does the same for the baseline:
 `email.message_from_bytes(policy=default)` and every attachment's decoded content.
 """
 from __future__ import annotations
@@ -44,18 +45,22 @@ def main() -> None:
     ap.add_argument("--eml")
     a = ap.parse_args()
     if a.what == "mailflow":
+        import asyncio
+
+        from mailflow.delivery import deliver
         from mailflow.pipeline import Pipeline
         from mailflow.site import Site
         site = Site.open(a.config)
         p = Pipeline(site)
         warm = site.spool.claim(a.warm)
-        p.process_item(site.spool, warm)
+        asyncio.run(deliver(site, p.process_item(site.spool, warm).outbox_ids))
         gc.collect()
         before = status()
         reset = reset_peak()
         item = site.spool.claim(a.item)
         size = os.path.getsize(item.eml)
         result = p.process_item(site.spool, item)
+        asyncio.run(deliver(site, result.outbox_ids))
         after = status()
         outcome = [o.outcome for o in result.outcomes]
     else:

@@ -30,6 +30,22 @@ def _request_went_out(site: Site):  # type: ignore[no-untyped-def]
     return on_sent
 
 
+def _composer(site: Site):  # type: ignore[no-untyped-def]
+    """Composes the forwards the pipeline queued (`Pipeline.compose_forward`); one pipeline
+    made on first use per delivery run."""
+    pipeline = None
+
+    def compose(tx: Tx, row: OutboxRow) -> int:
+        nonlocal pipeline
+        if row.compose != "forward":
+            raise ValueError(f"unknown kind of message to compose: {row.compose!r}")
+        if pipeline is None:
+            from mailflow.pipeline import Pipeline   # it imports this module's callers
+            pipeline = Pipeline(site)
+        return pipeline.compose_forward(tx, row)
+    return compose
+
+
 async def deliver(site: Site, ids: list[int] | None = None) -> dict[str, int]:
     return await deliver_due(site.store, site.transport, site.settings.outbound.retry_schedule,
-                             ids=ids, on_sent=_request_went_out(site))
+                             ids=ids, on_sent=_request_went_out(site), compose=_composer(site))

@@ -183,6 +183,20 @@ def _address_evidence(c: Candidate, source: str, tokens: tuple[str, str] | None
     return Evidence("reply_address", source, c.thread_id, c.kind, ok, ok, detail), status
 
 
+@lru_cache(maxsize=4096)
+def _short_text_addresses(text: str, domain: str) -> tuple[Candidate, ...]:
+    return tuple(find_thread_addresses(text, domain))
+
+
+def _addresses_in(text: str, domain: str) -> Sequence[Candidate]:
+    """`find_thread_addresses`, remembered for short texts: a message names its thread's
+    address in the envelope, To and Delivered-To, and the next replies to that thread name
+    it again (pure: the same text always gives the same candidates, which are frozen)."""
+    if isinstance(text, str) and len(text) <= 1000:
+        return _short_text_addresses(text, domain)
+    return find_thread_addresses(text, domain)
+
+
 def _gather_addresses(msg: ParsedMessage, lookup: Lookup, domain: str,
                       envelope_rcpts: Sequence[str]) -> tuple[list[_Found], bool]:
     """Every thread address of ours, checked against the store. True when MAX_ADDRESSES was hit."""
@@ -190,7 +204,7 @@ def _gather_addresses(msg: ParsedMessage, lookup: Lookup, domain: str,
     seen: set[tuple[str, AddressKind, int, str]] = set()
     tokens: dict[int, tuple[str, str] | None] = {}
     for source, group, text in _address_texts(msg, envelope_rcpts):
-        for c in find_thread_addresses(text, domain):
+        for c in _addresses_in(text, domain):
             key = (group, c.kind, c.thread_id, c.token)
             if key in seen:
                 continue

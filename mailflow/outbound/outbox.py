@@ -4,7 +4,9 @@ Sending is two steps on purpose. `queue_message` runs inside the pipeline's tran
 message is queued exactly when the state change that caused it is committed (no mail for a
 change that rolled back, no change without its mail). `deliver_due` then hands rows to a
 transport; a row is leased while it is being sent, so a crashed sender's rows come back after
-the lease and nothing is sent twice by two workers.
+the lease and nothing is sent twice by two workers. The forward of a reply to the citizen is
+queued uncomposed (`queue_forward`) and composed by `deliver_due` when it claims the row: the
+pipeline then stores what came in without building and signing what goes out.
 
 Retries follow RFC 5321 §4.5.4.1: a temporary failure is tried again after the intervals of
 `retry_schedule` (the last one repeating: the interval is capped), until GIVE_UP_AFTER (5 days)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from mailflow.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -35,22 +38,42 @@ MAYBE = "maybe delivered"
 
 def queue_message(tx: Tx, signer: Signer | None, out: Outgoing, *, thread_id: int | None,
                   kind: str, mail_from: str) -> tuple[int, int]:
-    """Build, sign and store one outgoing message and queue it; returns (message pk, outbox id).
+    """Build, sign and store one outgoing message and queue it; returns (message pk, outbox id)."""
+    pk = store_message(tx, signer, out, thread_id=thread_id, kind=kind)
+    row = tx.enqueue(pk, thread_id, mail_from, out.to_addr)
+    return pk, row
+
+
+def store_message(tx: Tx, signer: Signer | None, out: Outgoing, *, thread_id: int | None,
+                  kind: str) -> int:
+    """Build, sign and store one outgoing message (not queued); returns its pk.
 
     The signature header and the message are stored as two pieces (the store joins them, a
     piece at a time on SQLite): a forwarded 25 MB attachment is not copied once more."""
     raw = build(out)
     sha = tx.put_raw(raw if signer is None else (signer.signature_header(raw), raw))
     del raw
-    pk = tx.add_message(thread_id=thread_id, direction="out", kind=kind,
-                        message_id=out.message_id, from_addr=out.from_addr.lower(),
-                        from_name=out.from_name, to_addrs=[out.to_addr.lower()],
-                        subject=out.subject, date=utcnow(), text=out.text, raw_sha256=sha)
-    row = tx.enqueue(pk, thread_id, mail_from, out.to_addr)
-    return pk, row
+    return tx.add_message(thread_id=thread_id, direction="out", kind=kind,
+                          message_id=out.message_id, from_addr=out.from_addr.lower(),
+                          from_name=out.from_name, to_addrs=[out.to_addr.lower()],
+                          subject=out.subject, date=utcnow(), text=out.text, raw_sha256=sha)
+
+
+def queue_forward(tx: Tx, message_pk: int, *, thread_id: int, mail_from: str, rcpt: str) -> int:
+    """Queue the forward of a stored message to the citizen, to be composed when it is sent.
+
+    Recorded in the caller's transaction like any queued mail (so it is never lost nor
+    doubled), but only as "forward message `message_pk`": building, signing and storing the
+    forward (a DKIM signature, and the attachments encoded again) is the sender's work, done
+    in the transaction that claims the row (`deliver_due`), so the pipeline's stores what
+    came in without it. Returns the outbox id."""
+    return tx.enqueue(message_pk, thread_id, mail_from, rcpt, compose="forward")
 
 
 OnSent = Callable[[Tx, OutboxRow], None]
+Composer = Callable[[Tx, OutboxRow], int]
+"""Composes, signs and stores the message of a row queued with `queue_forward` (in the
+claiming transaction) and returns the new message's pk."""
 
 
 def next_attempt(attempts: int, queued_at: datetime, now: datetime,
@@ -70,8 +93,17 @@ def next_attempt(attempts: int, queued_at: datetime, now: datetime,
 async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequence[int],
                       ids: list[int] | None = None, on_sent: OnSent | None = None, *,
                       now: Callable[[], datetime] = utcnow,
-                      give_up_after: timedelta = GIVE_UP_AFTER) -> dict[str, int]:
+                      give_up_after: timedelta = GIVE_UP_AFTER,
+                      compose: Composer | None = None) -> dict[str, int]:
     """Make one delivery attempt for each due row (or the named rows); returns counts.
+
+    A row queued with `queue_forward` is composed first, by `compose`, in the transaction
+    that claims it: the stored message and the row's claim commit together, so once a row
+    is being sent its message exists and never changes (a crash before that commit leaves
+    the row queued and uncomposed; one after it is the usual interrupted send, whose
+    idempotency key is the row's id). Two senders cannot compose the same row: the claim
+    takes the row first (SQLite's write lock, PostgreSQL's FOR UPDATE SKIP LOCKED), and
+    `outbox_composed` only changes a row that is still uncomposed.
 
     `now` is the clock the schedule is read and written with (tests move it forward instead
     of sleeping)."""
@@ -84,7 +116,18 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
             for r in rows:
                 msg = tx.message(r.message_pk)
                 assert msg is not None
-                batch.append((r, msg.created_at, tx.get_raw(msg.raw_sha256)))
+                if r.compose is not None:
+                    pk = _compose(tx, r, msg.created_at, compose, counts, now,
+                                  retry_schedule, give_up_after)
+                    if pk is None:
+                        continue
+                    queued_at = msg.created_at   # when the forwarded message arrived
+                    r = replace(r, message_pk=pk, compose=None)
+                    msg = tx.message(pk)
+                    assert msg is not None
+                else:
+                    queued_at = msg.created_at
+                batch.append((r, queued_at, tx.get_raw(msg.raw_sha256)))
             return batch
 
     while True:   # in batches: a large outbox is claimed a slice at a time, never all at once
@@ -93,6 +136,34 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
             return counts
         await _deliver_batch(batch, store, transport, retry_schedule, on_sent, counts, now,
                              give_up_after)
+
+
+def _compose(tx: Tx, row: OutboxRow, queued_at: datetime, compose: Composer | None,
+             counts: dict[str, int], now: Callable[[], datetime],
+             retry_schedule: Sequence[int], give_up_after: timedelta) -> int | None:
+    """Compose a claimed row's message in a savepoint; its pk, or None when that failed (a
+    bug, or the message it forwards cannot be read): the row is then retried on the
+    schedule like a temporary failure, and in the end put before an admin."""
+    try:
+        with tx.c.begin_nested():
+            if compose is None:
+                raise RuntimeError(f"no composer for a {row.compose!r} row")
+            pk = compose(tx, row)
+            if not tx.outbox_composed(row.id, pk):
+                raise RuntimeError("composed by another sender")
+            return pk
+    except Exception as e:  # noqa: BLE001 - this row waits, the others go on
+        tx.forget()
+        log.exception("outbox %s: could not compose the %s", row.id, row.compose)
+        error = f"composing the {row.compose}: {type(e).__name__}: {e}"
+        at = next_attempt(row.attempts + 1, queued_at, now(), retry_schedule, give_up_after)
+        if at is None:
+            _record_failure(tx, row, f"gave up after {row.attempts + 1} attempts: {error}")
+            counts["failed"] += 1
+        else:
+            tx.outbox_retry(row.id, error, at)
+            counts["retry"] += 1
+        return None
 
 
 async def _deliver_batch(batch, store: Store, transport: Transport,  # type: ignore[no-untyped-def]
@@ -160,10 +231,14 @@ def _retry(store: Store, row_id: int, error: str, at) -> None:  # type: ignore[n
 def _failed(store: Store, row: OutboxRow, error: str) -> None:
     """A permanent failure (or giving up) is recorded on the thread and put before an admin."""
     with store.tx() as tx:
-        tx.outbox_failed(row.id, error)
-        msg = tx.message(row.message_pk)
-        if row.thread_id is not None and msg is not None and msg.kind in ("request", "followup"):
-            tx.update_thread(row.thread_id, delivery_status="failed", delivery_detail=error)
-        tx.add_queue_item("delivery_failed", f"to {row.rcpt}: {error}"[:500],
-                          thread_id=row.thread_id,
-                          detail={"outbox_id": row.id, "rcpt": row.rcpt, "error": error})
+        _record_failure(tx, row, error)
+
+
+def _record_failure(tx: Tx, row: OutboxRow, error: str) -> None:
+    tx.outbox_failed(row.id, error)
+    msg = tx.message(row.message_pk) if row.compose is None else None
+    if row.thread_id is not None and msg is not None and msg.kind in ("request", "followup"):
+        tx.update_thread(row.thread_id, delivery_status="failed", delivery_detail=error)
+    tx.add_queue_item("delivery_failed", f"to {row.rcpt}: {error}"[:500],
+                      thread_id=row.thread_id,
+                      detail={"outbox_id": row.id, "rcpt": row.rcpt, "error": error})

@@ -99,6 +99,9 @@ class OutboxRow:
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
+    # "forward": still to be composed by the sender; `message_pk` is then the message it
+    # forwards (see `mailflow.outbound.outbox.queue_forward`).
+    compose: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _outbox(row: Any) -> OutboxRow:
     return OutboxRow(id=m["id"], message_pk=m["message_pk"], thread_id=m["thread_id"],
                      mail_from=m["mail_from"], rcpt=m["rcpt"], state=m["state"],
                      attempts=m["attempts"], next_attempt_at=_aware(m["next_attempt_at"]),
-                     last_error=m["last_error"])
+                     last_error=m["last_error"], compose=m["compose"])
 
 
 def _queue(row: Any) -> QueueItem:
@@ -228,6 +231,16 @@ _INSERT_REMINDER: dict[str, Any] = {
     "postgresql": pg_dialect.insert(reminders).on_conflict_do_nothing(
         index_elements=["thread_id", "kind", "event"]).returning(reminders.c.id),
 }
+# What the outbox sender runs for every row (composing a forward, sending, marking it sent).
+_MESSAGE_BY_ID = select(messages).where(messages.c.id == bindparam("pk"))
+_RAW_BY_SHA = select(raw_messages.c.data).where(raw_messages.c.sha256 == bindparam("sha"))
+_OUTBOX_COMPOSED = update(outbox).where(outbox.c.id == bindparam("row_id"),
+                                        outbox.c.compose.is_not(None)).values(
+    message_pk=bindparam("composed_pk"), compose=None)
+_OUTBOX_SENT = update(outbox).where(outbox.c.id == bindparam("row_id")).values(
+    state="sent", sent_at=bindparam("sent_now"), result=bindparam("sent_result"),
+    claimed_until=None,
+    attempts=outbox.c.attempts + 1)
 # Raw messages on SQLite, through the driver (Tx._put_raw_sqlite).
 BLOB_PIECEWISE = 256 * 1024
 _SQLITE_INSERT_RAW = ("INSERT INTO raw_messages (sha256, size, created_at, data) "
@@ -270,6 +283,12 @@ def _same_read_back(old: Any, new: Any) -> bool:
     """Whether `new`, written over a column holding `old`, reads back as `new` itself."""
     return new is None or (type(new) in (bool, int, str, date)
                            and (old is None or type(old) is type(new)))
+
+
+def _unchanged(old: Any, new: Any) -> bool:
+    """Whether writing `new` over `old` (as read) would leave the column as it is."""
+    return type(old) is type(new) and type(new) in (bool, int, str, date) and old == new or (
+        old is None and new is None)
 
 
 def _no_nul_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -357,7 +376,7 @@ class Tx:
             raise StoreError(f"database error: {e}") from e
 
     def get_raw(self, sha: str) -> bytes:
-        row = self.c.execute(select(raw_messages.c.data).where(raw_messages.c.sha256 == sha)).first()
+        row = self.c.execute(_RAW_BY_SHA, {"sha": sha}).first()
         if row is None:
             raise NotFound(f"no raw message {sha}")
         return bytes(row[0])
@@ -440,6 +459,13 @@ class Tx:
         stores without its zone), so the next message of a batch does not read it again."""
         cached = self._threads.pop(thread_id, None)
         values = _no_nul_values(values)
+        if cached is not None and values and all(
+                k in _THREAD_COLUMNS and _unchanged(getattr(cached, k), v)
+                for k, v in values.items()):
+            # Nothing would change (a reply to a thread already awaiting its description):
+            # no statement. The row was read in this transaction (see the class's note).
+            self._threads[thread_id] = cached
+            return
         if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
             self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
             return
@@ -474,7 +500,7 @@ class Tx:
         return [_message(r) for r in self.c.execute(q)]
 
     def message(self, pk: int) -> StoredMessage | None:
-        row = self.c.execute(select(messages).where(messages.c.id == pk)).first()
+        row = self.c.execute(_MESSAGE_BY_ID, {"pk": pk}).first()
         return _message(row) if row else None
 
     def thread_messages_with_id(self, thread_id: int, message_id: str) -> list[StoredMessage]:
@@ -542,12 +568,19 @@ class Tx:
         return True
 
     # -- outbox -------------------------------------------------------------------------
-    def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str) -> int:
+    def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str, *,
+                compose: str | None = None) -> int:
         now = utcnow()
         return int(self.c.execute(_INSERT_OUTBOX, {
             "message_pk": message_pk, "thread_id": thread_id, "mail_from": mail_from,
             "rcpt": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
-            "created_at": now}).inserted_primary_key[0])
+            "created_at": now, "compose": compose}).inserted_primary_key[0])
+
+    def outbox_composed(self, row_id: int, message_pk: int) -> bool:
+        """A row's message has been composed and stored: it now names that message. False if
+        the row was composed already (by another sender): the caller must roll back."""
+        return self.c.execute(_OUTBOX_COMPOSED, {"row_id": row_id,
+                                                 "composed_pk": message_pk}).rowcount == 1
 
     def claim_outbox(self, now: datetime, lease: timedelta, ids: list[int] | None = None,
                      limit: int = 50, owner: str | None = None) -> list[OutboxRow]:
@@ -570,9 +603,8 @@ class Tx:
         return rows
 
     def outbox_sent(self, row_id: int, result: str) -> None:
-        self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
-            state="sent", sent_at=utcnow(), result=result, claimed_until=None,
-            attempts=outbox.c.attempts + 1))
+        self.c.execute(_OUTBOX_SENT, {"row_id": row_id, "sent_now": utcnow(),
+                                      "sent_result": result})
 
     def outbox_retry(self, row_id: int, error: str, at: datetime) -> None:
         self.c.execute(update(outbox).where(outbox.c.id == row_id).values(

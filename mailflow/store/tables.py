@@ -123,6 +123,9 @@ outbox = Table(
     Column("result", Text, nullable=True),
     Column("created_at", UTC_DT, nullable=False),
     Column("sent_at", UTC_DT, nullable=True),
+    # "forward": a forward to the citizen still to be composed and signed by the sender
+    # (`mailflow.outbound.outbox`); until then `message_pk` is the message it forwards.
+    Column("compose", String(16), nullable=True),
 )
 Index("ix_outbox_due", outbox.c.state, outbox.c.next_attempt_at)
 

@@ -103,10 +103,11 @@ def outcome(result: Result) -> str:
 
 
 def mail_to(mf: MfSite, addr: str) -> list[str]:
-    """The kinds of the messages queued for `addr`, oldest first."""
+    """The kinds of the messages queued for `addr`, oldest first (a forward not composed yet
+    names the message it forwards)."""
     with mf.store.read() as tx:
-        return [tx.message(r.message_pk).kind for r in tx.outbox_rows()  # type: ignore[union-attr]
-                if r.rcpt.lower() == addr.lower()]
+        return [r.compose or tx.message(r.message_pk).kind  # type: ignore[union-attr]
+                for r in tx.outbox_rows() if r.rcpt.lower() == addr.lower()]
 
 
 def asked(mf: MfSite, citizen: str = JANE, title: str = "Road budget") -> tuple[int, str]:

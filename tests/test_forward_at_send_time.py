@@ -1,0 +1,256 @@
+"""The forward to the citizen is queued with the reply and composed by the outbox sender.
+
+The pipeline stores an authority's reply and, in the same transaction, an outbox row that says
+"forward message N" (`queue_forward`); the sender composes, signs and stores the forward in the
+transaction that claims the row, then sends it. What must hold: the citizen gets every forward,
+once, across a crash at any point (between store and compose, during compose, between compose
+and send), with two senders racing, and whatever happened to the thread in between. On SQLite
+and PostgreSQL (the `site` fixture runs both).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from conftest import JANE, Site, compose
+from mailflow.outbound import outbox as O
+from mailflow.pipeline import Pipeline
+from mailflow.site import Site as MfSite
+from mailflow.spool import Envelope
+from mailflow.store.repository import utcnow
+from test_pipeline_batch import AUTHORITY, _sent_request
+
+
+@pytest.fixture()
+def mf(site: Site) -> Iterator[MfSite]:
+    s = MfSite.open(site.config)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _ready(site: Site, mf: MfSite, title: str) -> tuple[int, str]:
+    """A request sent (its confirmation and letter delivered): (thread id, its address)."""
+    tid, address = _sent_request(site, mf, title)
+    _deliver(mf)
+    site.new_mail()
+    return tid, address
+
+
+def _reply(mf: MfSite, address: str, tag: str, body: str = "Here is the answer.") -> int:
+    """An authority's reply through the pipeline; returns the forward's outbox id."""
+    r = Pipeline(mf).process(compose(f"Camden FOI <{AUTHORITY}>", address, f"Re: {tag}", body),
+                             Envelope(mail_from=AUTHORITY, rcpt_tos=[address], via="test"))
+    assert r.outcomes[0].outcome == "response", r
+    assert len(r.outbox_ids) == 1
+    return r.outbox_ids[0]
+
+
+def _deliver(mf: MfSite, ids: list[int] | None = None) -> dict[str, int]:
+    from mailflow.delivery import deliver
+    return asyncio.run(deliver(mf, ids))
+
+
+def _forwards(mf: MfSite, tid: int) -> list:  # type: ignore[type-arg]
+    with mf.store.read() as tx:
+        return [m for m in tx.messages(tid) if m.kind == "forward"]
+
+
+def _jane(site: Site) -> list:  # type: ignore[type-arg]
+    return [m for _, m, _ in site.mail_to(JANE) if m["Subject"].startswith("Re: ")]
+
+
+def test_the_reply_is_stored_with_a_pending_forward_then_sent_once(site: Site,
+                                                                    mf: MfSite) -> None:
+    tid, address = _ready(site, mf, "Pothole budget")
+    row_id = _reply(mf, address, "Pothole budget", "We spent 12,000 pounds.")
+    with mf.store.read() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+        src = tx.message(row.message_pk)
+    assert row.compose == "forward" and row.state == "queued"
+    assert src is not None and src.kind == "response"   # names what it forwards
+    assert _forwards(mf, tid) == []                     # nothing composed yet
+
+    assert _deliver(mf, [row_id]) == {"sent": 1, "retry": 0, "failed": 0}
+    fwd, = _forwards(mf, tid)
+    with mf.store.read() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+    assert row.compose is None and row.message_pk == fwd.id and row.state == "sent"
+    got, = _jane(site)
+    assert got["Message-ID"] == fwd.message_id
+    assert "DKIM-Signature" in got
+    assert "12,000 pounds" in got.get_content()
+    assert address.split("@")[0] not in str(got["From"])   # from the citizen-side address
+    # `mailflow thread show` lists it.
+    kinds = [m["kind"] for m in site.json("thread", "show", str(tid))["messages"]]
+    assert kinds.count("forward") == 1
+
+    assert _deliver(mf) == {"sent": 0, "retry": 0, "failed": 0}
+    assert len(_forwards(mf, tid)) == 1 and _jane(site) == []
+
+
+def test_a_crash_between_store_and_forward_loses_nothing(site: Site, mf: MfSite) -> None:
+    """The process dies after the pipeline's commit, before any delivery: a new process's
+    sweep finds the pending row and forwards it once."""
+    tid, address = _ready(site, mf, "Crash before forward")
+    _reply(mf, address, "Crash before forward")
+    mf.close()
+    again = MfSite.open(site.config)
+    try:
+        assert _deliver(again)["sent"] == 1
+        assert len(_forwards(again, tid)) == 1
+        assert _deliver(again)["sent"] == 0
+    finally:
+        again.close()
+    assert len(_jane(site)) == 1
+
+
+def test_a_crash_while_composing_leaves_the_row_to_compose_again(
+        site: Site, mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Composing stores the signed bytes and the message, then marks the row; dying in the
+    middle rolls all of it back (one transaction with the claim), so no half-made forward
+    exists and the next attempt composes it once."""
+    tid, address = _ready(site, mf, "Crash while composing")
+    row_id = _reply(mf, address, "Crash while composing")
+    real = O.store_message
+
+    def dies_after_storing(*a, **k):  # type: ignore[no-untyped-def]
+        real(*a, **k)
+        raise KeyboardInterrupt   # not an Exception: nothing catches it, as with a kill
+
+    monkeypatch.setattr("mailflow.pipeline.store_message", dies_after_storing)
+    with pytest.raises(KeyboardInterrupt):
+        _deliver(mf, [row_id])
+    monkeypatch.undo()
+    assert _forwards(mf, tid) == []
+    with mf.store.read() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+    assert (row.state, row.compose, row.attempts) == ("queued", "forward", 0)
+    assert _deliver(mf, [row_id])["sent"] == 1
+    assert len(_forwards(mf, tid)) == 1 and len(_jane(site)) == 1
+
+
+def test_a_crash_between_compose_and_send_sends_the_same_message_once(
+        site: Site, mf: MfSite) -> None:
+    """Composed and claimed, then the sender dies before it sends: after the lease the row
+    is sent with the message composed the first time (same Message-ID), once."""
+    tid, address = _ready(site, mf, "Crash after compose")
+    row_id = _reply(mf, address, "Crash after compose")
+
+    class Dies:
+        async def deliver(self, *a, **k):  # type: ignore[no-untyped-def]
+            raise asyncio.CancelledError   # the task is killed mid-send
+
+    from mailflow.delivery import _composer
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(O.deliver_due(mf.store, Dies(), (60,), ids=[row_id],
+                                  compose=_composer(mf)))
+    fwd, = _forwards(mf, tid)
+    with mf.store.read() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+    assert (row.state, row.compose, row.message_pk) == ("sending", None, fwd.id)
+
+    later = utcnow() + O.LEASE + timedelta(seconds=1)
+    counts = asyncio.run(O.deliver_due(mf.store, mf.transport, (60,), ids=[row_id],
+                                       now=lambda: later, compose=_composer(mf)))
+    assert counts["sent"] == 1
+    assert [m.id for m in _forwards(mf, tid)] == [fwd.id]
+    got, = _jane(site)
+    assert got["Message-ID"] == fwd.message_id
+
+
+def test_two_senders_racing_compose_and_send_each_forward_once(site: Site,
+                                                               mf: MfSite) -> None:
+    tid, address = _ready(site, mf, "Racing senders")
+    ids = [_reply(mf, address, f"Racing senders {i}", f"Part {i}.") for i in range(6)]
+    other = MfSite.open(site.config)
+    start = threading.Barrier(2)
+    counts: list[dict[str, int]] = []
+
+    def sender(s: MfSite) -> None:
+        start.wait()
+        counts.append(_deliver(s, ids))
+
+    try:
+        threads = [threading.Thread(target=sender, args=(s,)) for s in (mf, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        other.close()
+    assert sum(c["sent"] for c in counts) == 6, counts
+    assert sum(c["retry"] + c["failed"] for c in counts) == 0, counts
+    assert len(_forwards(mf, tid)) == 6
+    got = _jane(site)
+    assert len(got) == 6
+    assert len({m["Message-ID"] for m in got}) == 6
+
+
+def test_a_forward_is_sent_even_if_the_thread_was_hidden_or_withdrawn_meanwhile(
+        site: Site, mf: MfSite) -> None:
+    """The reply reached the request before a moderator hid the thread (or the message) from
+    the archive, or the citizen withdrew it: she still gets what the authority wrote to her.
+    Hiding is about publication; withdrawing stops what mailflow sends the authority."""
+    tid, address = _ready(site, mf, "Hidden meanwhile")
+    row_id = _reply(mf, address, "Hidden meanwhile", "The figures are attached.")
+    with mf.store.tx() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+        tx.set_message_hidden(row.message_pk, True)
+        tx.update_thread(tid, hidden=True, state="user_withdrawn")
+    assert _deliver(mf, [row_id])["sent"] == 1
+    got, = _jane(site)
+    assert "The figures are attached." in got.get_content()
+
+
+def test_a_forward_that_cannot_be_composed_is_retried_then_put_before_an_admin(
+        site: Site, mf: MfSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    tid, address = _ready(site, mf, "Cannot compose")
+    row_id = _reply(mf, address, "Cannot compose")
+
+    def broken(self, tx, row):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in composing")
+
+    monkeypatch.setattr(Pipeline, "compose_forward", broken)
+    assert _deliver(mf, [row_id]) == {"sent": 0, "retry": 1, "failed": 0}
+    with mf.store.read() as tx:
+        row = next(r for r in tx.outbox_rows() if r.id == row_id)
+    assert row.state == "queued" and row.compose == "forward"
+    assert "a bug in composing" in (row.last_error or "")
+
+    from mailflow.delivery import _composer
+    late = utcnow() + O.GIVE_UP_AFTER + timedelta(hours=1)
+    counts = asyncio.run(O.deliver_due(mf.store, mf.transport, (60,), ids=[row_id],
+                                       now=lambda: late, compose=_composer(mf)))
+    assert counts == {"sent": 0, "retry": 0, "failed": 1}
+    with mf.store.read() as tx:
+        assert next(r for r in tx.outbox_rows() if r.id == row_id).state == "failed"
+        assert [q.reason for q in tx.queue() if q.thread_id == tid] == ["delivery_failed"]
+    assert _forwards(mf, tid) == [] and _jane(site) == []
+
+
+def test_the_forward_is_what_the_pipeline_used_to_compose(site: Site, mf: MfSite) -> None:
+    """Composed later from the stored bytes, the forward has the reply's text, subject,
+    attachments and sender line, as when it was composed inline."""
+    tid, address = _ready(site, mf, "Same forward")
+    raw = compose(f"Camden FOI <{AUTHORITY}>", address, "Re: Same forward", "See attached.")
+    from email import message_from_bytes, policy
+    msg = message_from_bytes(raw, policy=policy.default)
+    msg.make_mixed()
+    msg.add_attachment(b"%PDF-1.4 figures", maintype="application", subtype="pdf",
+                       filename="figures.pdf")
+    r = Pipeline(mf).process(msg.as_bytes(),
+                             Envelope(mail_from=AUTHORITY, rcpt_tos=[address], via="test"))
+    assert r.outcomes[0].outcome == "response"
+    _deliver(mf, r.outbox_ids)
+    got, = _jane(site)
+    assert got["Subject"] == "Re: Same forward"
+    assert "Camden FOI <foi@camden.gov.example>" in got.get_body(("plain",)).get_content()
+    att, = list(got.iter_attachments())
+    assert att.get_filename() == "figures.pdf"
+    assert att.get_content() == b"%PDF-1.4 figures"
