@@ -162,8 +162,8 @@ def run(tmp: Path, quick: bool, profile: Any = None, *, size: int | None = None)
             f"{fmt_rate(bare_rate)} pages ({fmt_s(bare_s)})", f"{ratio:.1%}",
             "≥ 50 % of bare" if big else "", (ratio >= 0.5) if big else None,
             f"{pages:,} pages, {files:,} files (bare: {w.pages:,} / {w.files:,}); "
-            f"generated in {gen.seconds:.0f} s; CPU {fmt_s(full_cpu)}, with its view workers (bare: "
-            f"{fmt_s(w.cpu)})"))
+            f"generated in {gen.seconds:.0f} s; CPU {fmt_s(full_cpu)}, with its view workers "
+            f"(bare: {fmt_s(w.cpu)})"))
         if big:
             sec.rows.append(Row("archive", f"full build time, {label}", fmt_s(full.seconds),
                                 "", "", "< 60 s", full.seconds < 60))

@@ -890,7 +890,8 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                         if not transient:   # a DKIM answer that may change is not kept
                             cache.put(t, fp, view, written, extra[1] if extra else None)
                             _cached_probe(cache, t, probe)
-                            if extra is not None:   # rendered by a worker: `_write_pages` keeps them
+                            if extra is not None:   # a worker rendered its pages: kept by
+                                # `_write_pages` (`keep_pages`)
                                 pages_key = _pages_key(psalt, fp, view.list_state)
                                 cache.put_pages(str(t.id), pages_key, {
                                     rel: writer.write(rel, data) for rel, data in extra[0]})
