@@ -91,6 +91,7 @@ class ArchiveSettings:
     dir: Path
     base_url: str
     debounce_seconds: int
+    workers: int = 0          # processes making views in a full build; 0: min(2, CPU count)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "dir": (str, "var/archive"),
         "base_url": (str, ""),
         "debounce_seconds": (int, 20),
+        "workers": (int, 0),
     },
     "moderation": {
         "new_requests": (str, "publish"),
@@ -282,6 +284,13 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
 def _where(path: Path, table: str, key: str | None = None) -> str:
     return f"{path}: [{table}]" + (f" {key}" if key else "")
+
+
+def _archive_workers(path: Path, n: int) -> int:
+    if n < 0:
+        raise ConfigError(f"{_where(path, 'archive', 'workers')}: must be 0 (automatic) or "
+                          f"more, got {n}")
+    return n
 
 
 def _check_table(path: Path, table: str, given: Any) -> dict[str, Any]:
@@ -519,7 +528,8 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         reminders=reminders,
         reports=reports,
         archive=ArchiveSettings(dir=_resolve(base, arc["dir"]), base_url=arc["base_url"] or url,
-                                debounce_seconds=arc["debounce_seconds"]),
+                                debounce_seconds=arc["debounce_seconds"],
+                                workers=_archive_workers(path, arc["workers"])),
         moderation=ModerationSettings(
             new_requests=_choice(path, "moderation", "new_requests", mod["new_requests"],
                                  ("publish", "premoderate")),

@@ -44,3 +44,21 @@ def test_the_label_is_the_first_value_in_the_file_and_the_longest_there() -> Non
     assert guard.find(b"jane@citizen.example wrote abcdefghjkmn") == "[email]"
     assert guard.find(b"a long word: abcdefghjkmnpq") == "[token]"
     assert guard.find(b"nothing") is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(value, max_size=8),
+       texts=st.lists(st.text(alphabet=ALPHABET + "ABCDE", max_size=40), min_size=2, max_size=12),
+       seed=st.integers(0, 2**32))
+def test_one_guard_over_many_files_finds_what_a_substring_search_finds(
+        values: list[str], texts: list[str], seed: int) -> None:
+    """The guard remembers the runs it found clean: that never hides a value in a later file
+    (the same words recur, with and without a value in them)."""
+    rnd = random.Random(seed)
+    guard = LeakGuard([(v, f"[{v}]") for v in values])
+    for text in texts + texts:
+        if values and rnd.random() < 0.4:
+            v = rnd.choice(values)
+            i = rnd.randint(0, len(text))
+            text = text[:i] + v + text[i:]
+        assert (guard.find(text.encode()) is not None) == naive(values, text.encode())

@@ -8,12 +8,16 @@ is compared here with the stdlib on the same (random) input. No timing here.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from email import policy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mailflow.mail.parse as mp
-from mailflow.mail.parse import _boundary_lines, _GENERATE_POLICY, _next_boundary_line, parse
+from mailflow.mail.parse import (_boundary_lines, _GENERATE_POLICY, _next_boundary_line, parse,
+                                 parse_content)
 
 
 @pytest.mark.parametrize("false_candidates", [0, 2, 64])
@@ -131,3 +135,43 @@ def test_plain_structured_headers_read_as_the_registry_reads_them(name):
         assert [(a.display_name, a.addr_spec) for a in getattr(fast, "addresses", ())] == \
             addresses, value
     assert hits > 100   # the fast path is exercised
+
+
+# -- parse_content: the archive's parse, the body and the headers it names only ---------------
+_CORPUS = Path(__file__).resolve().parent / "corpus"
+_CORPUS_FILES = sorted(p for p in _CORPUS.rglob("*") if p.is_file() and p.suffix != ".md")
+
+
+def _same_content(raw: bytes, names: tuple[str, ...] = ("x-no-archive",)) -> None:
+    try:
+        want = parse(raw)
+    except mp.ParseError:
+        with pytest.raises(mp.ParseError):
+            parse_content(raw, names)
+        return
+    got = parse_content(raw, names)
+    assert (got.text, got.html, got.attachments) == (want.text, want.html, want.attachments)
+    for name in names:
+        assert got.header_all(name) == want.header_all(name)
+    assert got.headers == tuple((k, v) for k, v in want.headers if k.lower() in names)
+
+
+def test_parse_content_is_parse_on_the_corpus():
+    assert len(_CORPUS_FILES) >= 370
+    for path in _CORPUS_FILES:
+        raw = path.read_bytes()
+        _same_content(raw)
+        _same_content(raw, ("subject", "content-type", "x-no-archive"))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([
+    b"From: a@b.example\r\n", b"X-No-Archive: yes\r\n", b"x-no-archive:  Yes \r\n",
+    b"Subject: =?utf-8?q?caf=C3=A9?=\r\n", b"Subject: caf\xe9\r\n", b"X-No-Archive\x01: yes\r\n",
+    b"Content-Type: text/plain; charset=iso-8859-1\r\n", b"Content-Type: text/html\r\n",
+    b"Content-Type: multipart/mixed; boundary=XX\r\n", b"\r\n", b"--XX\r\n", b"--XX--\r\n",
+    b"Content-Disposition: attachment; filename=\"r\xe9sum\xe9.pdf\"\r\n",
+    b"Content-Transfer-Encoding: base64\r\n", b"aGVsbG8=\r\n", b"<p>hi</p>\r\n",
+    b"body caf\xe9 text\r\n", b" folded\r\n", b"\n", b"Date: nonsense\r\n"]), max_size=30))
+def test_parse_content_is_parse_on_random_messages(pieces):
+    _same_content(b"".join(pieces))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gzip
 import hashlib
 import hmac
@@ -44,6 +45,7 @@ from mailflow import __version__
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive import maps
+from mailflow.archive import pool
 from mailflow.archive import reports as R
 from mailflow.archive import reading
 from mailflow.archive.cachedb import INDEX_FILE, CacheDB, IndexRow
@@ -242,6 +244,7 @@ class ThreadCache:
         self.old_keys: set[str] = set(self.rows) if valid else index.thread_keys()
         self.listings: dict[str, list[str]] = index.listings()  # page -> [key, digest]
         self.fresh: dict[str, Any] = {}    # entries made or checked by this build
+        self.written_pages: dict[str, str] = {}  # key -> page key, own files written already
         self.alive: set[str] = set()       # entries kept as they are (not read)
 
     @staticmethod
@@ -296,8 +299,10 @@ class ThreadCache:
                            "pages": e["pages"]}
         return view
 
-    def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str]) -> None:
-        self.fresh[str(t.id)] = {"fp": fp, "view": _view_json(view), "files": files,
+    def put(self, t: Any, fp: str, view: C.ThreadView, files: dict[str, str],
+            view_json: str | None = None) -> None:
+        """`view_json`: `_view_json(view)`, when a view worker made it already."""
+        self.fresh[str(t.id)] = {"fp": fp, "view": view_json or _view_json(view), "files": files,
                                  "pages": None}
 
     def put_report(self, t: Any, fp: str, view: R.ReportView, files: dict[str, str]) -> None:
@@ -309,6 +314,8 @@ class ThreadCache:
     def keep_pages(self, key: str, pages_key: str, writer: Writer) -> bool:
         """Keep the thread's own files if they were rendered under `pages_key` and are on
         disk as written; False if they must be rendered."""
+        if self.written_pages.get(key) == pages_key:   # written with the view, this build
+            return True
         e = self.fresh.get(key)
         pages = e.get("pages") if e else None
         if (not pages or pages.get("key") != pages_key
@@ -1048,6 +1055,9 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                 report_rows = ({x.thread_id: x for x in tx.reports()} if reports_public
                                else {})
                 get_raw = reading.raw_reader(tx)
+                # First the views the cache has; then those to make, in worker processes
+                # when there are many (`pool`), in the order of `need` either way.
+                to_make: list[tuple[int, C.ThreadInput, str, str | None]] = []
                 for r, probe in need:
                     t = threads[r.id]
                     inp = C.ThreadInput(t, msgs.get(t.id, []), events.get(t.id, []),  # type: ignore[arg-type]
@@ -1059,19 +1069,39 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                                                     cache, writer))
                     else:
                         writer.owner = str(t.id)
-                        views.append(_thread(site, inp, tx.messages, rules, verify, cache,
-                                             writer, today))
-                        e = cache.fresh.get(str(t.id))
-                        if e is not None:
-                            e["probe"] = probe
+                        fp, view = _cached_thread(site, inp, cache, writer, today)
+                        if view is None:
+                            to_make.append((len(views), inp, fp, probe))
+                        else:
+                            _cached_probe(cache, t, probe)
+                        views.append(view)
                     writer.owner = ""
                 del msgs, events
+                page_site = functools.partial(
+                    C.SiteView, name=site.settings.site.name, base_url=base_url, today=today,
+                    threads=(), authorities=(), reports=None)
+                made = _made_views(site, to_make, rules, verify, today,
+                                   lambda: page_site(reports=_report_lists(site, report_views)))
+                with contextlib.closing(made):
+                    for (slot, inp, fp, probe), (view, files, transient, extra) in zip(to_make,
+                                                                                        made):
+                        t = inp.thread
+                        writer.owner = str(t.id)
+                        written = {rel: writer.write(rel, data) for rel, data in files}
+                        if not transient:   # a DKIM answer that may change is not kept
+                            cache.put(t, fp, view, written, extra[1] if extra else None)
+                            _cached_probe(cache, t, probe)
+                            if extra is not None:   # a worker rendered its pages: kept by
+                                # `_write_pages` (`keep_pages`)
+                                pages_key = _pages_key(psalt, fp, view.list_state)
+                                cache.put_pages(str(t.id), pages_key, {
+                                    rel: writer.write(rel, data) for rel, data in extra[0]})
+                                cache.written_pages[str(t.id)] = pages_key
+                        writer.owner = ""
+                        views[slot] = view
+                del to_make
         views.sort(key=lambda v: (v.sent, v.id), reverse=True)
-        lists = None
-        if report_rules is not None or report_views:
-            geography = R.Geography(getattr(report_rules, "areas", None) or ())
-            lists = R.report_lists(report_views, rules=report_rules,
-                                   authorities=site.rules.authorities, geography=geography)
+        lists = _report_lists(site, report_views)
         site_view = C.SiteView(
             name=site.settings.site.name, base_url=base_url, today=today, threads=tuple(views),
             authorities=_with_reports(
@@ -1122,29 +1152,115 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                        withheld=sorted(withheld, key=lambda w: (w["message_id"], w["n"])))
 
 
-def _thread(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
-            rules: list[Any], verify: DkimCache, cache: ThreadCache, writer: Writer,
-            today: date) -> C.ThreadView:
-    """One thread's public view: from the cache when nothing it shows has changed. `inp`
-    holds message summaries (enough for the fingerprint); `messages_of` reads the whole
-    messages when the view must be made."""
+def _cached_thread(site: Site, inp: C.ThreadInput, cache: ThreadCache, writer: Writer,
+                   today: date) -> tuple[str, C.ThreadView | None]:
+    """A thread's fingerprint, and its public view from the cache when nothing it shows has
+    changed (its files are then kept). `inp` holds message summaries: enough for the
+    fingerprint."""
     t = inp.thread
-    authority = site.rules.authorities.get(t.authority)
-    law = site.rules.laws.get(t.law)
-    fp = cache.fingerprint(inp, authority, law)
-    view = cache.get(t, fp, writer, today)
-    if view is not None:
-        return view
-    inp = replace(inp, messages=messages_of(t.id))
+    fp = cache.fingerprint(inp, site.rules.authorities.get(t.authority),
+                           site.rules.laws.get(t.law))
+    return fp, cache.get(t, fp, writer, today)
+
+
+def _cached_probe(cache: ThreadCache, t: Any, probe: str | None) -> None:
+    e = cache.fresh.get(str(t.id))
+    if e is not None:
+        e["probe"] = probe
+
+
+def _thread_view(site: Site, inp: C.ThreadInput, rules: list[Any], verify: C.Verifier,
+                 today: date) -> tuple[C.ThreadView, C.ThreadFiles]:
+    """A thread's public view made from its whole messages (`inp.messages`)."""
+    t = inp.thread
     red = Redactor(rules, thread_id=t.id, authority=t.authority,
                    private=private_values(t, site.domain))
-    transient = verify.transient
-    view, files = C.thread_view(inp, authority=authority, law=law, red=red, verify=verify,
-                                today=today)
-    written = {rel: writer.write(rel, data) for rel, data in files.files}
-    if verify.transient == transient:   # a DKIM answer that may change is not kept
-        cache.put(t, fp, view, written)
-    return view
+    return C.thread_view(inp, authority=site.rules.authorities.get(t.authority),
+                         law=site.rules.laws.get(t.law), red=red, verify=verify, today=today)
+
+
+# A view, its files (attachments), whether a DKIM answer was transient, and when a worker made
+# it, its own pages (`_thread_files`) and its JSON for the cache (`_view_json`).
+ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool,
+                 tuple[list[tuple[str, Any]], str] | None]
+
+
+def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists | None:
+    report_rules = getattr(site.rules, "reports", None)
+    if report_rules is None and not report_views:
+        return None
+    geography = R.Geography(getattr(report_rules, "areas", None) or ())
+    return R.report_lists(report_views, rules=report_rules, authorities=site.rules.authorities,
+                          geography=geography)
+
+
+def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
+                rules: list[Any], verify: DkimCache, today: date,
+                page_site: Callable[[], C.SiteView]) -> Iterator[ViewMade]:
+    """The views of `to_make`, in order: in worker processes when there are many of them
+    (`pool`), else here. A view is made from the message summaries the fingerprint was
+    made from (`reading.MessageSummary`: every column `thread_view` reads, from the build's
+    transaction), and for a worker the raw bytes of the messages it shows are read here. A
+    worker also renders each
+    thread's own pages (`_thread_files`; `page_site`: the site as those pages see it), the
+    largest part of `_write_pages`."""
+    workers = pool.workers_for(site.settings)
+    if len(to_make) < pool.POOL_MIN or workers < 2:
+        return _views_here(site, to_make, rules, verify, today)
+    get_raw = to_make[0][1].raw
+    sv = page_site()
+
+    def prepare(item: tuple[int, C.ThreadInput, str, str | None]) -> Any:
+        inp = item[1]
+        messages = inp.messages
+        raws = {m.raw_sha256: get_raw(m.raw_sha256) for m in messages
+                if (m.direction, m.kind) in C.SHOWN and not m.hidden}
+        return inp.thread, messages, inp.events, raws
+
+    def work(batch: list[Any]) -> tuple[list[ViewMade], dict[str, Any]]:
+        # In a worker: `verify` is its copy of the build's DKIM cache; the answers it adds
+        # go back to the build with the batch.
+        answers: dict[str, Any] = {}
+
+        def check(sha: str, raw: bytes) -> tuple[bool, str | None]:
+            known = sha in verify.results
+            result = verify(sha, raw)
+            if not known and sha in verify.results:
+                answers[sha] = verify.results[sha]
+            return result
+
+        out: list[ViewMade] = []
+        r = _renderer(site, sv)
+        for t, messages, events, raws in batch:
+            transient = verify.transient
+            view, files = _thread_view(site, C.ThreadInput(t, messages, events, raws.__getitem__),
+                                       rules, check, today)
+            out.append((view, files.files, verify.transient != transient,
+                        (_thread_files(r, sv, view), _view_json(view))))
+        return out, answers
+
+    def merge(answers: dict[str, Any]) -> None:
+        if answers:
+            verify.results.update(answers)
+            verify.changed = True
+
+    def counted() -> Iterator[ViewMade]:
+        with contextlib.closing(pool.in_workers(
+                to_make, prepare, work, merge, workers,
+                lambda: _views_here(site, to_make, rules, verify, today))) as it:
+            for made in it:
+                verify.transient += made[2]
+                yield made
+
+    return counted()
+
+
+def _views_here(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
+                rules: list[Any], verify: DkimCache, today: date) -> Iterator[ViewMade]:
+    for _, inp, _, _ in to_make:
+        transient = verify.transient
+        view, files = _thread_view(site, inp, rules, verify, today)
+        yield view, files.files, verify.transient != transient, None
 
 
 def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
@@ -1343,6 +1459,25 @@ class _RequestsJson:
         return head[:-len("[]\n}")] + "[\n" + ",\n".join(entries) + "\n ]\n}\n"
 
 
+def _renderer(site: Site, sv: C.SiteView) -> Renderer:
+    r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
+    r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
+                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
+    return r
+
+
+def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView) -> list[tuple[str, Any]]:
+    """A thread's own files: its page, JSON twin and feed. They show the thread and only
+    the site's name, address and whether it takes fault reports, so a view worker renders
+    them as `_write_pages` would (`_made_views`)."""
+    base = sv.base_url
+    return [(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t)),
+            (f"{t.path}index.json", _json(thread_json(t, base))),
+            (f"{t.path}feed.atom", feeds.atom(
+                title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
+                entries=feeds.thread_entries([t]), author=sv.name))]
+
+
 # Requests per part of the data dump (`data/threads-<n>.jsonl.gz` holds ids n*100 to
 # n*100+99): a new message rewrites one part, whatever the size of the site.
 DUMP_PART = 100
@@ -1354,9 +1489,7 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     whose view and page inputs are unchanged keeps its own three files (see ThreadCache),
     and so do the listing pages, authorities' files and data parts that show only such
     threads. `sv.threads` may hold `ThreadSummary`s: threads whose files the builder kept."""
-    r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
-    r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
-                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
+    r = _renderer(site, sv)
     base = sv.base_url
     by_state: dict[str, list[Any]] = {k: [] for k in C.LIST_STATES}
     for t in sv.threads:     # one pass, in the site's order (sv.by_state for each is ten)
@@ -1398,14 +1531,7 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         try:
             if pages_key and cache.keep_pages(key, pages_key, w):  # type: ignore[union-attr]
                 continue
-            files = {
-                f"{t.path}index.html": w.write(f"{t.path}index.html",
-                                               r.page("thread.html", f"{t.path}index.html", t=t)),
-                f"{t.path}index.json": w.write(f"{t.path}index.json",
-                                               _json(thread_json(t, base))),
-                f"{t.path}feed.atom": w.write(f"{t.path}feed.atom", feeds.atom(
-                    title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
-                    entries=feeds.thread_entries([t]), author=sv.name))}
+            files = {rel: w.write(rel, data) for rel, data in _thread_files(r, sv, t)}
             if pages_key:
                 cache.put_pages(key, pages_key, files)  # type: ignore[union-attr]
         finally:

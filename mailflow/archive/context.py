@@ -26,7 +26,7 @@ from mailflow.archive.attachments import PublicAttachment, Withheld, publish_att
 from mailflow.core.deadlines import deadline
 from mailflow.core.redaction import Redactor
 from mailflow.core.rules import Authority, Law
-from mailflow.mail.parse import ParseError, parse
+from mailflow.mail.parse import ParseError, parse_content
 from mailflow.mail.sanitise import redact_html
 from mailflow.store.repository import StoredMessage, Thread
 
@@ -378,7 +378,7 @@ def message_view(m: StoredMessage, t: Thread, raw_of: Callable[[str], bytes], *,
         return MessageView(m.id, m.kind, m.direction, sender, at, placeholder=HIDDEN_NOTE)
     raw = raw_of(m.raw_sha256)
     try:
-        pm = parse(raw)
+        pm = parse_content(raw)
     except ParseError:
         pm = None
     if pm is not None and (pm.header("X-No-Archive") or "").strip().lower() == "yes":
@@ -438,8 +438,25 @@ def _working(t: Thread, law: Law | None) -> tuple[str, ...]:
         return (f"Internal review asked for on {t.clock_start.isoformat()}: "
                 f"{law.internal_review_days} days", )
     ext = law.extension(t.extension) if t.extension else None
-    d = deadline(law, t.clock_start, extra_days=ext.days if ext else 0)
-    return tuple(d.working()) if d.due == t.due_date else ()
+    due, lines = _deadline_working(law, t.clock_start, ext.days if ext else 0)
+    return lines if due == t.due_date else ()
+
+
+# The working of a deadline, by (law, start, extra days): threads started on the same day
+# under the same law share it, and counting the days (holidays included) twice per thread
+# was a twentieth of a full build.
+_WORKINGS: dict[tuple[Law, date, int], tuple[date, tuple[str, ...]]] = {}
+
+
+def _deadline_working(law: Law, start: date, extra_days: int) -> tuple[date, tuple[str, ...]]:
+    key = (law, start, extra_days)
+    hit = _WORKINGS.get(key)
+    if hit is None:
+        if len(_WORKINGS) > 20_000:
+            _WORKINGS.clear()
+        d = deadline(law, start, extra_days=extra_days)
+        hit = _WORKINGS[key] = (d.due, tuple(d.working()))
+    return hit
 
 
 def thread_view(inp: ThreadInput, *, authority: Authority | None, law: Law | None,

@@ -74,6 +74,8 @@ class LeakGuard:
     """
 
     MIN_LENGTH = 5   # shorter "secrets" would match ordinary text; none of ours is that short
+    CLEAN_RUNS = 200_000   # clean runs remembered (at most 64 bytes each: ~20 MB)
+    CLEAN_RUN_MAX = 64
 
     def __init__(self, values: Iterable[tuple[str, str]]):
         self.labels: dict[bytes, str] = {}
@@ -90,6 +92,9 @@ class LeakGuard:
             n: frozenset(found) for n, found in sorted(by_len.items())}
         self._runs = (re.compile(rb"[a-z0-9]{%d,}" % min(self._by_len))
                       if self._by_len else None)
+        # Runs already looked through and found clean: the same words, class names and
+        # digests recur in every page of a site, and a run is clean or not for good.
+        self._clean: set[bytes] = set()
         # length of the part before the first "@" -> that part -> the values
         self._at: dict[int, dict[bytes, list[bytes]]] = {}
         other: list[bytes] = []
@@ -107,8 +112,11 @@ class LeakGuard:
         if self._runs is None:
             return False
         by_len = self._by_len
+        clean = self._clean
         for m in self._runs.finditer(data):
             run = m.group(0)
+            if run in clean:
+                continue
             n = len(run)
             for size, found in by_len.items():
                 if size > n:
@@ -120,6 +128,8 @@ class LeakGuard:
                 for i in range(n - size + 1):
                     if run[i:i + size] in found:
                         return True
+            if n <= self.CLEAN_RUN_MAX and len(clean) < self.CLEAN_RUNS:
+                clean.add(run)
         return False
 
     def _at_hit(self, data: bytes) -> bool:

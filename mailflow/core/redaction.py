@@ -68,8 +68,9 @@ class PrivatePattern(str):
     It is a `str` so a list from `private_values` stays a list of (str, str) pairs; the
     Redactor compiles it case-insensitively, and its label may use `\\g<name>` groups.
     `literal`, when set, is a literal value the pattern can only match where that value
-    matches (the pattern is `_literal_source(literal)` with conditions around it), which lets
-    the Redactor skip texts that cannot contain it.
+    matches (the pattern holds `_literal_source(literal)`, or for a value without spaces, `@`,
+    `&` or quotes, `re.escape(literal)`, with conditions around it), which lets the Redactor
+    skip texts that cannot contain it.
     """
 
     literal: str | None = None
@@ -172,15 +173,24 @@ def load_redactions(text: str, source: str) -> list[RedactionRule]:
 
 def _generic_thread_pattern(domain: str) -> PrivatePattern:
     """Any thread-shaped address at our domain, retyped or not (see addresses.find_...)."""
-    return PrivatePattern(
+    return _at_domain(
         r"(?:foi[-_.]?)?(?:requests?|reqeust|reqest|req|replies|reply|reports?)[-_.+]{0,4}"
         r"(?P<id>[0-9]{1,12})[-_.+]{0,4}[0-9a-z]{4,40}(?:\+[^\s@<>\"']{0,64})?"
-        + _AT + re.escape(domain) + r"(?![a-z0-9-])")
+        + _AT + re.escape(domain) + r"(?![a-z0-9-])", domain)
 
 
 def _generic_confirm_pattern(domain: str) -> PrivatePattern:
-    return PrivatePattern(r"confirm[-_.+]{0,4}[0-9a-z]{4,40}(?:\+[^\s@<>\"']{0,64})?"
-                          + _AT + re.escape(domain) + r"(?![a-z0-9-])")
+    return _at_domain(r"confirm[-_.+]{0,4}[0-9a-z]{4,40}(?:\+[^\s@<>\"']{0,64})?"
+                      + _AT + re.escape(domain) + r"(?![a-z0-9-])", domain)
+
+
+def _at_domain(source: str, domain: str) -> PrivatePattern:
+    """A pattern that ends in our domain as written: every match holds the domain, so a text
+    without it is not searched (most texts; a PDF's are long)."""
+    p = PrivatePattern(source)
+    if domain.strip() and not re.search(r"\s|[@&\"']", domain):
+        p.literal = domain
+    return p
 
 
 def private_values(thread: ThreadSecrets, domain: str) -> list[tuple[str, str]]:
@@ -232,8 +242,14 @@ def _literal_source(value: str) -> str:
         if piece.isspace():
             out.append(_SPACE)
             continue
-        out.extend(_PIECES.get(ch) or re.escape(ch) for ch in piece)
+        # re.escape works a character at a time, so a run without @ & " ' is escaped whole.
+        for part in _PIECE_CHARS.split(piece):
+            if part:
+                out.append(_PIECES.get(part) or re.escape(part))
     return "".join(out)
+
+
+_PIECE_CHARS = re.compile("([" + re.escape("".join(_PIECES)) + "])")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -247,9 +263,9 @@ def _compile(source: str, flags: int) -> re.Pattern[str]:
 
 def _pieces(literal: str) -> tuple[str, ...] | None:
     """Lower-cased runs of a literal value that `_literal_source(literal)` matches only as
-    written (case aside): every match of the value in an ASCII text contains each of them.
-    None when the value is not ASCII (re.IGNORECASE matches some ASCII letters to others,
-    such as "k" to the Kelvin sign), so no shortcut is taken for it."""
+    written (case aside): every match of the value, read through `_lowered`, contains each
+    of them. None when the value is not ASCII (re.IGNORECASE matches some letters to others
+    beyond lower-casing), so no shortcut is taken for it."""
     value = unicodedata.normalize("NFC", literal.translate(_INVISIBLE)).strip()
     if not value.isascii():
         return None
@@ -271,11 +287,20 @@ class _Matcher:
     def pattern(self) -> re.Pattern[str]:
         return _compile(self.source, self.flags)
 
-    def absent_from(self, s: str, lowered: str | None) -> bool:
-        """Whether the pattern certainly has no match in `s` (`lowered`: `s` lower-cased,
-        when `s` is ASCII; else None)."""
-        return (self.pieces is not None and lowered is not None
-                and not all(p in lowered for p in self.pieces))
+
+
+# The only characters outside ASCII that re.IGNORECASE matches to ASCII ones (ſ to s, the
+# Kelvin sign to k, dotted and dotless I to i: tests/test_redaction_shortcut.py checks every
+# code point), as the ASCII letter they match.
+_RE_I_FOLDS = str.maketrans({"ſ": "s", "K": "k", "İ": "i", "ı": "i"})
+
+
+def _lowered(s: str) -> str:
+    """`s` lower-cased, with the letters re.IGNORECASE takes for ASCII ones made ASCII: every
+    stretch of `s` that a literal value's pattern matches reads as that value's runs here
+    (`_pieces`), so a text without one of them cannot hold the value, ASCII or not. (The
+    lower-casing of other letters can only add matches of a run, never remove one.)"""
+    return s.lower() if s.isascii() else s.translate(_RE_I_FOLDS).lower()
 
 
 def _in_scope(scope: str, thread_id: int | None, authority: str | None) -> bool:
@@ -319,9 +344,10 @@ class Redactor:
     def _spans(self, s: str) -> list[tuple[int, int, str]]:
         """Merged (start, end, replacement) stretches of `s` to replace, in order."""
         found: list[tuple[int, int, int, str]] = []
-        lowered = s.lower() if s.isascii() else None
+        lowered = _lowered(s)
         for priority, m in enumerate(self._matchers):
-            if m.absent_from(s, lowered):
+            pieces = m.pieces    # a text without one of them cannot hold a match
+            if pieces is not None and not all(p in lowered for p in pieces):
                 continue
             for hit in m.pattern.finditer(s):
                 if hit.end() > hit.start():
