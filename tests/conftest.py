@@ -18,6 +18,13 @@ from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as _hypothesis_settings
+
+# Speed is measured in bench/, never asserted in tests: hypothesis's default 200 ms deadline per
+# example is a timed assertion, and it failed property tests on a loaded 2-core machine. Every
+# @settings(...) in the tests inherits this (it is loaded before any test module is imported).
+_hypothesis_settings.register_profile("mailflow", deadline=None)
+_hypothesis_settings.load_profile("mailflow")
 
 ROOT = Path(__file__).resolve().parent.parent
 MAILFLOW = [sys.executable, "-m", "mailflow"]
