@@ -248,6 +248,18 @@ def site(tmp_path: Path, request: pytest.FixtureRequest,
         next(gen, None)
 
 
+@pytest.fixture()
+def mf(site: Site):  # type: ignore[no-untyped-def]
+    """The test's site opened as mailflow opens it (its store, spool and rules), for tests that
+    drive the pipeline or the store in-process; closed after. A module may define its own."""
+    from mailflow.site import Site as MfSite
+    s = MfSite.open(site.config)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 _RUNNING: list["Daemon"] = []
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -23,15 +22,6 @@ from mailflow.site import Site as MfSite
 from mailflow.spool import Envelope
 from mailflow.store.repository import utcnow
 from test_pipeline_batch import AUTHORITY, _sent_request
-
-
-@pytest.fixture()
-def mf(site: Site) -> Iterator[MfSite]:
-    s = MfSite.open(site.config)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _ready(site: Site, mf: MfSite, title: str) -> tuple[int, str]:

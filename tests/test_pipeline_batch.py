@@ -7,7 +7,6 @@ PostgreSQL (the `site` fixture runs both).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,15 +17,6 @@ from mailflow.site import Site as MfSite
 from mailflow.spool import Envelope, SpoolItem
 
 AUTHORITY = "foi@camden.gov.example"
-
-
-@pytest.fixture()
-def mf(site: Site) -> Iterator[MfSite]:
-    s = MfSite.open(site.config)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _sent_request(site: Site, mf: MfSite, title: str) -> tuple[int, str]:

@@ -57,13 +57,6 @@ def sweep_days(mf: MfSite, first: date, days: int) -> dict[date, list[str]]:
     return {d: k for d, k in sent.items() if k}
 
 
-@pytest.fixture()
-def mf(site: Site):  # type: ignore[no-untyped-def]
-    s = MfSite.open(site.config)
-    yield s
-    s.close()
-
-
 def test_three_months_of_reminders_for_an_unanswered_uk_request(mf: MfSite) -> None:
     tid = request_sent_on(mf, START)
     with mf.store.read() as tx:

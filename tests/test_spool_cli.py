@@ -25,7 +25,7 @@ def test_explain_a_spool_file_as_its_message(site: Site) -> None:
 import pytest  # noqa: E402
 
 from mailflow.pipeline import Pipeline  # noqa: E402
-from test_pipeline_batch import _replies, _sent_request, _spool, mf  # noqa: E402,F401
+from test_pipeline_batch import _replies, _sent_request, _spool  # noqa: E402
 
 
 def _fail_one(site: Site, mf, monkeypatch: pytest.MonkeyPatch, title: str):  # type: ignore[no-untyped-def]
