@@ -453,17 +453,23 @@ class Moderation:
                 what = outcome.removeprefix("report:")
             else:
                 new = self._reroute(tx, thread_id, authority, actor)
-                if not sent or new == thread.authority:
+                # Where it went, and where it would go now: another council, or the same
+                # council's address for the corrected category (street lights, not roads).
+                went = pipeline.reports.contact(thread, report) if sent else None
+                goes = pipeline.reports.contact(tx.thread(thread_id) or thread,
+                                                tx.report(thread_id))
+                if not sent or (new == thread.authority and goes == went):
                     what = (f"now for {new}" if new != thread.authority else
                             f"still for {new}")
                 elif thread.state != "open":
                     raise MailflowError(
                         f"report {thread_id} is {thread.state}: it stays with "
-                        f"{thread.authority} (the correction would send it to {new}; reopen "
+                        f"{thread.authority} (the correction would send it to {goes}; reopen "
                         "it first with `mailflow thread state ID open`)")
                 else:
                     pipeline.reports.dispatch(tx, result, thread_id, actor=actor)
-                    what = f"sent on to {new} (was {thread.authority})"
+                    what = (f"sent on to {new} (was {thread.authority})"
+                            if new != thread.authority else f"sent on to {goes} (was {went})")
             now = tx.thread(thread_id)
             tx.audit(self.actor, "report_correct", thread_id=thread_id,
                      target=f"thread:{thread_id}", reason=reason,

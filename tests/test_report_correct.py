@@ -5,7 +5,8 @@ already open. Real mail through `mailflow ingest`, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from conftest import JANE, Site, addresses
-from test_reports_flow import (ASHCOMBE, LONDON, PORT_SHELDON, PORT_SHELDON_ROADS, WESSEX_ROADS,
+from test_reports_flow import (ASHCOMBE, LONDON, PORT_SHELDON, PORT_SHELDON_ROADS, WESSEX_LIGHTS,
+                               WESSEX_ROADS,
                                _overlap_at_ashcombe, confirm_and_send, flat, new_mail, one,
                                reply, report, sent_report, thread_of)
 
@@ -46,6 +47,21 @@ def test_an_open_report_in_the_wrong_category_is_sent_on_to_the_right_council(si
            addresses(again, "From")[0], NORTHDOWN)
     fwd, _ = one(new_mail(site), JANE)
     assert "We will clear it on Monday." in flat(fwd)
+
+
+def test_a_category_the_same_council_handles_elsewhere_goes_to_that_address(site: Site) -> None:
+    """Wessex takes both potholes and street lights, at two addresses: a pothole report that
+    is really about a street light goes to the street-lighting team."""
+    lat, lon = ASHCOMBE
+    first, _ = sent_report(site, "Pothole", f"At {lat}, {lon}.", WESSEX_ROADS)
+    tid = thread_of(first)
+    r = site.run("report", "correct", str(tid), "--category", "street-light")
+    assert r.returncode == 0, r.stderr.decode()
+    said = " ".join(r.stdout.decode().split())   # the console wraps at its width
+    assert f"sent on to {WESSEX_LIGHTS} (was {WESSEX_ROADS})" in said
+    again, _ = one(new_mail(site), WESSEX_LIGHTS)
+    assert thread_of(again) == tid and "Street light" in flat(again)
+    assert site.json("thread", "show", str(tid))["authority"] == "wessex"
 
 
 def test_a_correction_that_keeps_the_council_sends_nothing(site: Site) -> None:
