@@ -400,8 +400,9 @@ class Moderation:
           it goes on from there as if the citizen had said it — routed, confirmed, sent;
         - not sent but waiting for the citizen or a moderator: routed again quietly, so the
           confirmation or approval sends it to the right authority;
-        - sent and open: routed again; if that names another authority, the report goes to it
-          now (from the same report address, photos and all), and its `sent_at` (the
+        - sent and open: routed again; if that names another authority, or another of the
+          same authority's addresses (its street-lighting team, not its roads), the report
+          goes there now (from the same report address, photos and all), and its `sent_at` (the
           authority's response time) counts from then; the questionnaire keeps its date. A
           fixed or withdrawn report keeps its authority.
 
