@@ -260,6 +260,26 @@ def mf(site: Site):  # type: ignore[no-untyped-def]
         s.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, site: Site):  # type: ignore[no-untyped-def]
+    """A freshly migrated store of its own, on SQLite and on PostgreSQL, for tests of the
+    store itself (the `site` is only its folder; the test runs once per store)."""
+    from mailflow.store.repository import Store
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{site.dir}/var/store-test.db").migrate()
+        yield s
+        s.close()
+        return
+    from test_store_backends import _pg_database
+    gen = _pg_database()
+    s = Store(next(gen)).migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+        next(gen, None)
+
+
 _RUNNING: list["Daemon"] = []
 
 

@@ -4,7 +4,6 @@ what lets the archive's incremental build visit only the changed threads. On SQL
 PostgreSQL."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text, update
@@ -13,21 +12,6 @@ from conftest import Site
 from mailflow.archive import reading
 from mailflow.store.repository import Store
 from mailflow.store.tables import messages
-from test_store_backends import _pg_database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, site: Site) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{site.dir}/var/changes.db").migrate()
-        yield s
-        s.close()
-    else:
-        gen = _pg_database()
-        s = Store(next(gen)).migrate()
-        yield s
-        s.close()
-        next(gen, None)
 
 
 def _thread(tx, n: int = 1) -> int:  # type: ignore[no-untyped-def]

@@ -4,7 +4,6 @@ same answers as asking the database every time, also after a write in the same t
 and after a savepoint rolls back. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -14,21 +13,6 @@ from conftest import Site
 from mailflow.store import repository
 from mailflow.store.repository import Store
 from mailflow.store.tables import authority_senders, reminders
-from test_store_backends import _pg_database
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, site: Site) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{site.dir}/var/memo.db").migrate()
-        yield s
-        s.close()
-    else:
-        gen = _pg_database()
-        s = Store(next(gen)).migrate()
-        yield s
-        s.close()
-        next(gen, None)
 
 
 def _thread(tx: repository.Tx) -> int:
