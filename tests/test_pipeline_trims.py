@@ -14,7 +14,7 @@ from mailflow.core import matching
 from mailflow.core.addresses import find_thread_addresses
 from mailflow.store.repository import Store
 from mailflow.store.tables import threads
-from test_tx_memo import _thread, store  # noqa: F401 - the fixture, SQLite and PostgreSQL
+from test_tx_memo import _thread   # the `store` fixture (SQLite and PostgreSQL) is conftest's
 
 
 def _updates(s: Store) -> list[str]:
