@@ -133,6 +133,7 @@ class Pipeline:
         # DNS for DKIM, SPF and DMARC: given here, or set on the site (`site.dns_resolver`,
         # what tests do so that admin actions see the same stub), else dnspython.
         self._resolver = resolver
+        self._trusted: tuple[tuple[str, ...], list[Any]] | None = None   # the relays, parsed
 
     @property
     def resolver(self) -> Resolver:
@@ -427,9 +428,11 @@ class Pipeline:
         if not c.authenticate:
             return None
         try:
+            relays = tuple(c.trusted_relays)
+            if self._trusted is None or self._trusted[0] != relays:
+                self._trusted = (relays, trusted_networks(relays))   # not parsed per message
             ip, helo, why = client_address(envelope.via, envelope.peer, envelope.helo,
-                                           pm.header_all("Received"),
-                                           trusted_networks(c.trusted_relays),
+                                           pm.header_all("Received"), self._trusted[1],
                                            c.spf_from_received)
             return authenticate(raw, from_addr=pm.from_addr, mail_from=envelope.mail_from,
                                 client_ip=ip, helo=helo, resolver=self.resolver,
