@@ -864,9 +864,9 @@ def _misleading_name(name: str, addr: str) -> bool:
     return any(a.lower().strip(".") != addr for a in _ADDRISH.findall(name))
 
 
-def _from_address(headers: list[_Header], defects: list[str]) -> tuple[str, str]:
-    """One unambiguous sender or nothing."""
-    found = [_one_from(h) for h in headers if h.name.lower() == "from"]
+def _from_address(from_headers: list[_Header], defects: list[str]) -> tuple[str, str]:
+    """One unambiguous sender or nothing, from the message's From headers."""
+    found = [_one_from(h) for h in from_headers]
     if None in found:
         defects.append("ambiguous From: several addresses or parsers disagree")
         return "", ""
@@ -1310,16 +1310,18 @@ def _read(scan: _Scan, limits: Limits, defects: list[str],
     if only is not None:
         return _content(msg, raw_items, hint, only, limits, defects, bodies)
     headers = [_decode_header(k, v, hint, defects) for k, v in raw_items]
+    by_name: dict[str, list[_Header]] = {}   # lower-cased name -> its headers, in order
+    for h in headers:
+        by_name.setdefault(h.name.lower(), []).append(h)
 
     def first(name: str) -> _Header | None:
-        low = name.lower()
-        return next((h for h in headers if h.name.lower() == low), None)
+        found = by_name.get(name)
+        return found[0] if found else None
 
     def all_of(name: str) -> list[_Header]:
-        low = name.lower()
-        return [h for h in headers if h.name.lower() == low]
+        return by_name.get(name, [])
 
-    from_name, from_addr = _from_address(headers, defects)
+    from_name, from_addr = _from_address(all_of("from"), defects)
 
     raw_addr_chunks: list[str] = []
     address_lists: dict[str, list[str]] = {}
