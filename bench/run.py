@@ -25,12 +25,14 @@ if __package__ in (None, ""):   # `python bench/run.py`
 from bench import common  # noqa: E402
 from bench.common import Row, Section  # noqa: E402
 
-BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders", "instances"]
+BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders", "instances", "ingest"]
 TITLES = {"smtp": "1. SMTP accept", "pipeline": "2. Pipeline", "archive": "3. Archive",
-          "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances"}
+          "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances",
+          "ingest": "7. Ingest"}
 IN_PROCESS = {"pipeline", "archive", "reminders"}   # what --profile can see
 PER_DATABASE = {"smtp", "pipeline", "reminders"}    # run once per database of --database
 SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages",
+         "ingest": "messages, each in a process of its own",
          "smtp": "bytes: only the cases of messages of about this size (5000 or 1000000)",
          "archive": "threads (the larger site; the smaller is a tenth)"}
 HERE = Path(__file__).resolve().parent
