@@ -185,3 +185,21 @@ def test_a_statement_the_driver_path_cannot_take_goes_through_sqlalchemy(
         pk = ins.insert(tx.c, {"reason": "r", "created_at": WHEN})   # state, summary defaulted
         row = tx.c.execute(select(queue_items).where(queue_items.c.id == pk)).one()
         assert (row.state, row.summary, row.detail) == ("open", "", None)
+
+
+def test_without_sqlalchemys_private_cursor_path_everything_goes_through_execute(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Direct` rests on `Connection._cursor_execute`, a private method: a SQLAlchemy without
+    it must leave mailflow working, every statement through `Connection.execute`."""
+    from mailflow.store import direct
+    monkeypatch.setattr(direct, "_CURSOR_EXECUTE", False)
+    monkeypatch.setattr(direct, "_BUILT", __import__("weakref").WeakKeyDictionary())
+    with store.tx() as tx:
+        tid = _thread(tx)
+        mid = tx.add_message(thread_id=tid, raw_sha256=tx.put_raw(b"raw"), **MESSAGE_VALUES[0])
+        tx.update_thread(tid, state="overdue")
+    with store.read() as tx:
+        t = tx.thread(tid)
+        assert t is not None and t.state == "overdue"
+        assert [m.id for m in tx.messages(tid)] == [mid]
+    assert all(b is None for per in direct._BUILT.values() for b in per.values())

@@ -28,6 +28,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
 _DIALECTS = ("sqlite", "postgresql")
+# A private method of SQLAlchemy's (2.0, 2.1). pyproject.toml keeps it below 2.2; should a
+# release drop or rename it anyway, every statement goes through `Connection.execute` again.
+_CURSOR_EXECUTE = callable(getattr(Connection, "_cursor_execute", None))
 Processor = Callable[[Any], Any] | None
 
 
@@ -87,7 +90,7 @@ class Direct:
         return built
 
     def _build(self, dialect: Dialect, keys: tuple[str, ...] | None) -> _Built | None:
-        if dialect.name not in _DIALECTS:
+        if dialect.name not in _DIALECTS or not _CURSOR_EXECUTE:
             return None
         stmt = self.stmt
         lastrowid = False
