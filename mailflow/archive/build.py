@@ -121,6 +121,15 @@ class DkimCache:
         self.path = path
         self.journal = path.with_name(path.name + ".log")
         self.dns_txt = dns_txt
+        self.added: dict[str, list[Any]] = {}
+        self.changed = False
+        self.transient = 0      # lookups that failed for a passing reason, this build
+        hit = _DKIM_KEPT.get(str(path))
+        if hit is not None and hit[0] == self._files():
+            # The results this process saved last, the files unchanged since: not read
+            # again (an answer per message of the site).
+            self.results, self.journaled = hit[1], hit[2]
+            return
         try:
             self.results: dict[str, list[Any]] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -137,9 +146,17 @@ class DkimCache:
                     self.journaled += 1
         except OSError:
             pass
-        self.added: dict[str, list[Any]] = {}
-        self.changed = False
-        self.transient = 0      # lookups that failed for a passing reason, this build
+
+    def _files(self) -> tuple[Any, ...]:
+        """The file's and the journal's identity and size (None: missing)."""
+        out: list[Any] = []
+        for p in (self.path, self.journal):
+            try:
+                st = os.stat(p)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     def __call__(self, sha: str, raw: bytes) -> tuple[bool, str | None]:
         hit = self.results.get(sha)
@@ -187,6 +204,12 @@ class DkimCache:
             self.journaled += len(self.added)
         self.added = {}
         self.changed = False
+        if path is None:
+            _DKIM_KEPT[str(self.path)] = (self._files(), self.results, self.journaled)
+
+
+# What each `DkimCache.save` of this process left, by file: (`_files`, results, journaled).
+_DKIM_KEPT: dict[str, tuple[tuple[Any, ...], dict[str, list[Any]], int]] = {}
 
 
 # -- threads whose inputs did not change ----------------------------------------------------------
@@ -245,6 +268,7 @@ class ThreadCache:
         self.rows: dict[str, IndexRow] = rows
         self.old_keys: set[str] = set(self.rows) if valid else index.thread_keys()
         self.listings: dict[str, list[str]] = index.listings()  # page -> [key, digest]
+        self.old_listings = self.listings       # as the index holds them
         self.fresh: dict[str, Any] = {}    # entries made or checked by this build
         self.written_pages: dict[str, str] = {}  # key -> page key, own files written already
         self.alive: set[str] = set()       # entries kept as they are (not read)
@@ -345,7 +369,7 @@ class ThreadCache:
                              pages=pages, line=e.get("line"))
         index.delete_threads(self.old_keys - self.alive - set(self.fresh))
         index.set_meta("salt", self.salt.hex())
-        index.set_listings(self.listings)
+        index.set_listings(self.listings, self.old_listings)
 
 
 def _view_json(v: C.ThreadView) -> str:
@@ -1016,8 +1040,12 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
             else:
                 rows = {r.id: r for r in reading.thread_rows(tx)}
                 same_secrets = False
+            # The private values' digests are those the last build (of this process, which
+            # wrote the cache index as it stands) saved: nothing to read or compare.
+            saved_digests: set[bytes] | None = None
             if same_secrets and mem is not None and mem.guard is not None:
                 guard, secrets, digests = mem.guard
+                saved_digests = digests
             else:
                 guard, secrets, digests = _guard(site, sorted(rows.values(), key=_ID))
             writer = Writer(root, guard, fresh=fresh, index=index)
@@ -1147,7 +1175,8 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         # Files kept unchanged were checked when they were written, against the private
         # values of that day: check them against the values added since (a new citizen's
         # address that an older page happens to contain), or all of them without a record.
-        known = load_secret_digests(secrets_path)
+        known = (saved_digests if saved_digests is not None
+                 else load_secret_digests(secrets_path))
         dkey = site.settings.site.secret.encode("utf-8")
         if known is None:
             writer.check_kept(writer.guard)
@@ -1160,7 +1189,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         index.set_meta("generation", generation)
         cache.save()
         index.commit()
-        if digests != known:
+        if digests is not known and digests != known:
             save_secret_digests(secrets_path, digests)
         if memory_key is not None:
             _MEMORY[memory_key] = _remember(
@@ -1431,7 +1460,9 @@ class _Listings:
         if key is None:
             return False
         hits = [self.old.get(rel) for rel in rels]
-        if not all(hit is not None and hit[0] == key and self.w.has(rel, hit[1])
+        # The index's manifest has each file as its listing row says (both are written in
+        # one transaction): only whether the file is still there is asked.
+        if not all(hit is not None and hit[0] == key and self.w.on_disk(rel)
                    for rel, hit in zip(rels, hits)):
             return False
         for rel, hit in zip(rels, hits):
