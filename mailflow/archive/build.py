@@ -147,10 +147,12 @@ class DkimCache:
         except OSError:
             pass
 
-    def _files(self) -> tuple[Any, ...]:
-        """The file's and the journal's identity and size (None: missing)."""
+    def _files(self, path: Path | None = None) -> tuple[Any, ...]:
+        """The file's and its journal's identity and size (None: missing); `path`: the file
+        (a full build's, swapped in with both as they are), else this one's."""
+        path = path or self.path
         out: list[Any] = []
-        for p in (self.path, self.journal):
+        for p in (path, path.with_name(path.name + ".log")):
             try:
                 st = os.stat(p)
                 out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -204,8 +206,8 @@ class DkimCache:
             self.journaled += len(self.added)
         self.added = {}
         self.changed = False
-        if path is None:
-            _DKIM_KEPT[str(self.path)] = (self._files(), self.results, self.journaled)
+        _DKIM_KEPT[str(self.path)] = (self._files(path), self.results,
+                                      0 if path is not None else self.journaled)
 
 
 # What each `DkimCache.save` of this process left, by file: (`_files`, results, journaled).
@@ -928,6 +930,8 @@ def _remember(cache: ThreadCache, kept: dict[str, ThreadSummary],
             kept[key] = _summary(key, row, loader)  # type: ignore[arg-type]
         else:
             revisit.add(r.id)
+    # The views made now are kept summaries next time: in the site index too, in place.
+    site.replace(lambda tid: kept.get(str(tid)))
     return _Memory(generation=generation, mark=mark, today=today, salt=cache.salt,
                    psalt=psalt, rules=rules_id, rows=rows, index=index, kept=kept,
                    revisit=revisit, loader=loader, guard=guard, owners=owners,
@@ -1493,6 +1497,10 @@ def _json(data: Any) -> str:
 # Each request's entry in its authority's JSON, as `_json` indents it there, by its page key
 # (its view and list state, the site's base URL: everything the entry shows).
 _ENTRIES: dict[str, str] = {}
+# The page keys of the entries in each authority's JSON as this process last wrote it, by its
+# path: (the file's digest, page keys). The file on disk with that digest was checked whole,
+# and its kept content since against every value added.
+_AUTHORITY_ENTRIES: dict[str, tuple[str, frozenset[str]]] = {}
 
 
 class _RequestsJson:
@@ -1504,8 +1512,38 @@ class _RequestsJson:
     def __init__(self, head: dict[str, Any], a: C.AuthorityView, base: str,
                  pages_keys: dict[int, str | None]):
         self.head, self.a, self.base, self.pages_keys = head, a, base, pages_keys
+        # After `text()`: the text around the entries, and each entry with its page key
+        # (None when the text was made whole).
+        self.around = ""
+        self.entries: list[tuple[str | None, str]] | None = None
+
+    def write(self, w: Writer, rel: str) -> str:
+        """Write the text; only the entries the file on disk did not hold as they are (by
+        page key, `_AUTHORITY_ENTRIES`) and the text around them are checked now, the others
+        against the private values added since (`Writer.kept_content`, like the data dump's
+        lines). A private value with a line break could span two entries: then all is."""
+        text = self.text()
+        prev = _AUTHORITY_ENTRIES.get(rel)
+        checked: frozenset[str] = frozenset()
+        if (prev is not None and self.entries is not None and not _multiline(w.guard)
+                and w.has(rel, prev[0])):
+            checked = prev[1]
+        if not checked:
+            digest = w.write(rel, text)
+        else:
+            old = [e for pk, e in self.entries if pk in checked]  # type: ignore[union-attr]
+            new = [e for pk, e in self.entries if pk not in checked]  # type: ignore[union-attr]
+            if old:
+                w.kept_content(rel, "\n".join(old).encode("utf-8"))
+            digest = w.write(rel, text, scan="\n".join([self.around, *new]).encode("utf-8"))
+        if self.entries is not None:
+            if len(_AUTHORITY_ENTRIES) > 10_000:
+                _AUTHORITY_ENTRIES.clear()
+            _AUTHORITY_ENTRIES[rel] = (digest, frozenset(pk for pk, _ in self.entries if pk))
+        return digest
 
     def text(self) -> str:
+        self.entries = None
         head = json.dumps(self.head, ensure_ascii=False, indent=1)
         if not self.a.threads or list(self.head)[-1] != "requests" \
                 or not head.endswith('\n "requests": []\n}'):
@@ -1513,6 +1551,7 @@ class _RequestsJson:
             whole["requests"] = authority_json(self.a, self.base)["requests"]
             return json.dumps(whole, ensure_ascii=False, indent=1) + "\n"
         entries = []
+        keyed: list[tuple[str | None, str]] = []
         for t in self.a.threads:
             pk = self.pages_keys.get(t.id)
             entry = _ENTRIES.get(pk) if pk else None
@@ -1525,6 +1564,9 @@ class _RequestsJson:
                         _ENTRIES.clear()
                     _ENTRIES[pk] = entry
             entries.append(entry)
+            keyed.append((pk, entry))
+        self.entries = keyed
+        self.around = head[:-len("[]\n}")] + "[\n ]\n}\n"
         return head[:-len("[]\n}")] + "[\n" + ",\n".join(entries) + "\n ]\n}\n"
 
 
@@ -1639,7 +1681,8 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
                                   entries=feeds.thread_entries(
                                       index.newest(feeds.FEED_SIZE, a.slug)), author=sv.name)
             listings.put(own[1], akey, w.write(own[1], feed))
-            listings.put(own[2], akey, w.write(own[2], _json(data)))
+            listings.put(own[2], akey, data.write(w, own[2]) if isinstance(data, _RequestsJson)
+                         else w.write(own[2], _json(data)))
         for n, chunk in enumerate(chunks[1:], 2):
             path = page_path(a.path, n)
             listings.write(path, chunk, [a.name, len(chunks)], lambda path=path, chunk=chunk,

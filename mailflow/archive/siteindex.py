@@ -109,43 +109,77 @@ class SiteIndex:
 
     def update(self, touched: Iterable[int], now: Iterable[Any]) -> None:
         """Take out the threads `touched` (looked at again by this build) and the views the
-        last build added (next time they are kept summaries), then add `now`: what this
-        build has for them (a view, a kept summary, or nothing for a thread no longer
-        public)."""
-        gone = set(touched) | self._views
-        self._views = set()
-        for tid in gone:
-            t = self.objs.pop(tid, None)
-            if t is None:
-                continue
-            key, top, state, slug = self.keys.pop(tid)
-            self.responses -= self._responses(t)
-            self.pages_keys.pop(tid, None)
-            self.records.pop(slug, None)
-            self.order.remove(key)
-            self._drop(self.by_state, state, key)
-            self._drop(self.by_slug, slug, key)
-            if top is not None:
-                self.tops.remove(top)
-                self._drop(self.slug_tops, slug, top)
-            for size, parts in self.parts.items():
-                self._drop(parts, tid // size, tid)
+        last build added that `replace` did not (next time they are kept summaries), then
+        add `now`: what this build has for them (a view, a kept summary, or nothing for a
+        thread no longer public)."""
+        for tid in set(touched) | self._views:
+            self._take(tid)
         added = []
         for t in now:
-            self._note(t)
-            key, top, state, slug = self.keys[t.id]
-            self.records.pop(slug, None)
-            self.order.add(key, t)
-            self.by_state.setdefault(state, _Sorted()).add(key, t)
-            self.by_slug.setdefault(slug, _Sorted()).add(key, t)
-            if top is not None:
-                self.tops.add(top, t)
-                self.slug_tops.setdefault(slug, _Sorted()).add(top, t)
-            for size, parts in self.parts.items():
-                parts.setdefault(t.id // size, _Sorted()).add(t.id, t)
+            self._put(t)
             if t.id in self._views:
-                added.append((key, t))
+                added.append((self.keys[t.id][0], t))
         self.fresh = [t for _, t in sorted(added, key=lambda p: p[0])]
+
+    def _take(self, tid: int) -> None:
+        t = self.objs.pop(tid, None)
+        self._views.discard(tid)
+        if t is None:
+            return
+        key, top, state, slug = self.keys.pop(tid)
+        self.responses -= self._responses(t)
+        self.pages_keys.pop(tid, None)
+        self.records.pop(slug, None)
+        self.order.remove(key)
+        self._drop(self.by_state, state, key)
+        self._drop(self.by_slug, slug, key)
+        if top is not None:
+            self.tops.remove(top)
+            self._drop(self.slug_tops, slug, top)
+        for size, parts in self.parts.items():
+            self._drop(parts, tid // size, tid)
+
+    def _put(self, t: Any) -> None:
+        self._note(t)
+        key, top, state, slug = self.keys[t.id]
+        self.records.pop(slug, None)
+        self.order.add(key, t)
+        self.by_state.setdefault(state, _Sorted()).add(key, t)
+        self.by_slug.setdefault(slug, _Sorted()).add(key, t)
+        if top is not None:
+            self.tops.add(top, t)
+            self.slug_tops.setdefault(slug, _Sorted()).add(top, t)
+        for size, parts in self.parts.items():
+            parts.setdefault(t.id // size, _Sorted()).add(t.id, t)
+
+    def replace(self, found: Callable[[int], Any]) -> None:
+        """Put what stands for each view held now in its place (`found(id)`: the kept
+        summary the builder made of it, or None to leave it): after a build that made many
+        views (a full build), the next one then replaces the few it looks at, not all."""
+        for tid in list(self._views):
+            t = found(tid)
+            if t is None:
+                continue
+            old = self.objs[tid]
+            keys = (order_key(t), self._top(t), t.list_state, t.authority)
+            if keys != self.keys[tid] or self._responses(t) != self._responses(old):
+                self._take(tid)     # not the same place: out and in again
+                self._put(t)
+                continue
+            key, top, state, slug = keys
+            self.objs[tid] = t
+            for group, k in ((self.order, key), (self.by_state[state], key),
+                             (self.by_slug[slug], key),
+                             *(((self.tops, top), (self.slug_tops[slug], top))
+                               if top is not None else ()),
+                             *((parts[tid // size], tid) for size, parts in self.parts.items())):
+                group.items[bisect.bisect_left(group.keys, k)] = t
+            self._views.discard(tid)
+            if self._summary(t):
+                self.pages_keys[tid] = t.pages_key
+            else:
+                self._views.add(tid)
+        self.fresh = []
 
     @staticmethod
     def _drop(groups: dict[Any, _Sorted], name: Any, key: Any) -> None:
