@@ -1530,8 +1530,9 @@ class _RequestsJson:
         text = self.text()
         prev = _AUTHORITY_ENTRIES.get(rel)
         checked: frozenset[str] = frozenset()
-        if (prev is not None and self.entries is not None and not _multiline(w.guard)
-                and w.has(rel, prev[0])):
+        has = getattr(w, "has", None)    # (the benchmark's bare writer checks nothing)
+        if (prev is not None and self.entries is not None and has is not None
+                and not _multiline(w.guard) and has(rel, prev[0])):
             checked = prev[1]
         if not checked:
             digest = w.write(rel, text)
