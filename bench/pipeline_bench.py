@@ -6,7 +6,7 @@ after each batch.
 
 Driven in-process as the daemon's processor drives it under a burst: the spooled ids are
 claimed by name, up to 50 at a time, and handed to `Pipeline.process_items` (one transaction
-for them, a savepoint each). A diagnostic row does the same one message per transaction
+for them; a savepoint each only when one of them raises). A diagnostic row does the same one message per transaction
 (`Pipeline.process_item`, what the processor does when mail arrives one at a time). The
 baseline parses the same bytes with `email.message_from_bytes(policy=default)` and nothing
 else.
@@ -106,7 +106,7 @@ def measure(folder: Path, database: str, n_threads: int, n_msgs: int, profile: A
             synchronous_commit: bool = True, batch: int = 1,
             with_notify: bool = False, dns: str | None = "default") -> Measured:
     """`batch` > 1: claim that many at a time and hand them to `Pipeline.process_items`
-    (one transaction, a savepoint each) instead of `process_item` one by one. `with_notify`:
+    (one transaction) instead of `process_item` one by one. `with_notify`:
     then deliver the outbox it filled, timed apart (`Measured.notify`)."""
     config = make_site(folder, database=database, dns=dns)
     if not synchronous_commit:

@@ -88,6 +88,25 @@ def _chunks(items: Sequence[SpoolItem]) -> list[list[SpoolItem]]:
     return out
 
 
+# A log line of `_apply`, kept until its transaction commits: (thread id, format, args).
+_Said = tuple[int | None, str, tuple[Any, ...]]
+
+
+def _say(lines: Sequence[_Said]) -> None:
+    for thread_id, fmt, args in lines:
+        with logs.thread_context(thread_id):
+            log.info(fmt, *args)
+
+
+class _Redo(Exception):
+    """An item of an optimistic batch raised: roll its transaction back, apply the batch
+    again with a savepoint per item."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
 def _database_gone(e: BaseException) -> bool:
     """Whether an error is the database's (locked, unreachable, connection lost) rather than
     one message's: a batch then stops and gives every item back, instead of blaming one."""
@@ -114,6 +133,7 @@ class Pipeline:
         # DNS for DKIM, SPF and DMARC: given here, or set on the site (`site.dns_resolver`,
         # what tests do so that admin actions see the same stub), else dnspython.
         self._resolver = resolver
+        self._trusted: tuple[tuple[str, ...], list[Any]] | None = None   # the relays, parsed
 
     @property
     def resolver(self) -> Resolver:
@@ -157,8 +177,11 @@ class Pipeline:
 
         The same as `process_item` for each item, in order, but with one commit for them all
         (each commit is an fsync on PostgreSQL, and on SQLite the write lock and the WAL
-        work): every item runs in a SAVEPOINT of its own, so a bug in one rolls back that
-        one only and leaves the others to commit. No item is marked done before the commit;
+        work). The batch is first applied as it usually goes, with no savepoints (a
+        SAVEPOINT and its RELEASE cost more CPU than most of a message's statements); if an
+        item raises, that transaction is rolled back whole and the batch applied again with
+        a SAVEPOINT for every item, so that a bug in one rolls back that one only and leaves
+        the others to commit. No item is marked done before the commit;
         a crash, or a commit that fails, leaves all of them to be processed again, and
         the deliveries recorded with each message make that redo change nothing. A message
         that arrives twice in one batch is a duplicate the second time, as it would be in
@@ -206,17 +229,22 @@ class Pipeline:
                 except Exception:  # noqa: BLE001 - left claimed: recover() finds it
                     log.exception("could not settle spool item %s", item.id)
         failed: dict[int, Exception] = {}
+        said: dict[int, list[_Said]] = {}
         try:
-            with self.site.store.tx() as tx:
-                for i, pre in prepared:
-                    try:
-                        with tx.c.begin_nested():
-                            outcome[i] = self._apply(tx, pre)
-                    except Exception as e:  # noqa: BLE001 - only this item is rolled back
-                        if _database_gone(e):
-                            raise   # not this message's fault: the whole batch waits
-                        tx.forget()   # rows it read may hold its rolled-back writes
-                        failed[i] = e
+            try:
+                self._apply_batch(prepared, outcome, said)
+            except _Redo as redo:
+                # A bug in one message (never the database's error: those came straight
+                # through): nothing of the batch was written. Once more, a savepoint each.
+                if len(prepared) == 1:
+                    failed[redo.index] = redo.error   # alone in its transaction already
+                else:
+                    log.info("spool item %s raised %s: its batch of %d is applied again, "
+                             "each message in a savepoint", items[redo.index].id,
+                             type(redo.error).__name__, len(prepared))
+                    prepared = self._reread(spool, items, prepared, outcome)
+                    said.clear()
+                    self._apply_batch_careful(prepared, outcome, failed, said)
         except Exception as e:
             # Nothing of the batch was committed: every item goes back for another attempt.
             error = e if isinstance(e, StoreError) else StoreError(f"database error: {e}")
@@ -235,11 +263,68 @@ class Pipeline:
                     outcome[i] = failed[i]
                     self._settle_failure(spool, items[i], failed[i])
                 else:
+                    _say(said.get(i, ()))
                     spool.done(items[i])
             except Exception as e:  # noqa: BLE001 - committed; a redo would be a duplicate
                 log.exception("could not settle spool item %s", items[i].id)
                 outcome[i] = e
         return [o if o is not None else RuntimeError("not processed") for o in outcome]
+
+    def _apply_batch(self, prepared: list[tuple[int, "_Prepared"]],
+                     outcome: list[Result | Exception | None],
+                     said: dict[int, list["_Said"]]) -> None:
+        """Every prepared item in one transaction, no savepoints: commits all of them, or
+        raises `_Redo` (an item raised; the transaction is rolled back, nothing written),
+        or the database's error (the same, and the batch must wait)."""
+        with self.site.store.tx() as tx:
+            for i, pre in prepared:
+                said[i] = []
+                try:
+                    outcome[i] = self._apply(tx, pre, said[i])
+                except Exception as e:  # noqa: BLE001 - decided by the caller
+                    if _database_gone(e):
+                        raise   # not this message's fault: the whole batch waits
+                    raise _Redo(i, e) from e
+
+    def _apply_batch_careful(self, prepared: list[tuple[int, "_Prepared"]],
+                             outcome: list[Result | Exception | None],
+                             failed: dict[int, Exception],
+                             said: dict[int, list["_Said"]]) -> None:
+        """Every prepared item in one transaction, each in a SAVEPOINT: an item that raises
+        is rolled back alone (and put in `failed`), the others commit together."""
+        with self.site.store.tx() as tx:
+            for i, pre in prepared:
+                said[i] = []
+                try:
+                    with tx.c.begin_nested():
+                        outcome[i] = self._apply(tx, pre, said[i])
+                except Exception as e:  # noqa: BLE001 - only this item is rolled back
+                    if _database_gone(e):
+                        raise   # not this message's fault: the whole batch waits
+                    tx.forget()   # rows it read may hold its rolled-back writes
+                    failed[i] = e
+                    outcome[i] = None
+
+    def _reread(self, spool: Spool, items: Sequence[SpoolItem],
+                prepared: list[tuple[int, "_Prepared"]],
+                outcome: list[Result | Exception | None]) -> list[tuple[int, "_Prepared"]]:
+        """The raw bytes of prepared items applied once already (`_apply` lets go of them
+        once stored), read again from their spool files, which hold them until settled.
+        The parse and the authentication are kept: they did not depend on the store."""
+        again: list[tuple[int, _Prepared]] = []
+        for i, pre in prepared:
+            outcome[i] = None
+            try:
+                pre.raw = items[i].read()
+            except Exception as e:  # noqa: BLE001 - as in _process_batch
+                outcome[i] = e
+                try:
+                    self._settle_failure(spool, items[i], e, readable=False)
+                except Exception:  # noqa: BLE001 - left claimed: recover() finds it
+                    log.exception("could not settle spool item %s", items[i].id)
+                continue
+            again.append((i, pre))
+        return again
 
     def _settle_failure(self, spool: Spool, item: SpoolItem, error: Exception, *,
                         readable: bool = True) -> None:
@@ -284,8 +369,12 @@ class Pipeline:
         auth = self.authenticate(raw, pm, envelope) if pm is not None else None
         return _Prepared(raw, envelope, pm, parse_error, auth)
 
-    def _apply(self, tx: Tx, pre: "_Prepared") -> Result:
-        """Everything one message changes in the store, in the caller's transaction."""
+    def _apply(self, tx: Tx, pre: "_Prepared", said: list["_Said"] | None = None) -> Result:
+        """Everything one message changes in the store, in the caller's transaction.
+
+        `said`: where to put the log line of each outcome instead of logging it, for a
+        caller that logs them only once the transaction has committed (a batch may be
+        rolled back and applied again)."""
         result = Result()
         envelope, pm, auth = pre.envelope, pre.pm, pre.auth
         authentication = auth.header_value(self.domain) if auth is not None else None
@@ -317,8 +406,13 @@ class Pipeline:
                                 "classification": plan.classification.kind.value,
                                 "reason": plan.classification.reason})
             result.outcomes.append(outcome)
-            log.info("%s -> %s: %s (thread %s; %s)", pm.from_addr or envelope.mail_from,
-                     step.key, outcome.outcome, outcome.thread_id, plan.classification.reason)
+            line: _Said = (outcome.thread_id, "%s -> %s: %s (thread %s; %s)",
+                           (pm.from_addr or envelope.mail_from, step.key, outcome.outcome,
+                            outcome.thread_id, plan.classification.reason))
+            if said is None:
+                _say((line,))
+            else:
+                said.append(line)
         return result
 
     # -- who sent it -------------------------------------------------------------------------
@@ -335,9 +429,11 @@ class Pipeline:
         if not c.authenticate:
             return None
         try:
+            relays = tuple(c.trusted_relays)
+            if self._trusted is None or self._trusted[0] != relays:
+                self._trusted = (relays, trusted_networks(relays))   # not parsed per message
             ip, helo, why = client_address(envelope.via, envelope.peer, envelope.helo,
-                                           pm.header_all("Received"),
-                                           trusted_networks(c.trusted_relays),
+                                           pm.header_all("Received"), self._trusted[1],
                                            c.spf_from_received)
             return authenticate(raw, from_addr=pm.from_addr, mail_from=envelope.mail_from,
                                 client_ip=ip, helo=helo, resolver=self.resolver,

@@ -6,6 +6,7 @@ socket or a database; `mailflow.mail.parse` is the one place that makes a Parsed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from enum import Enum
 
@@ -45,15 +46,21 @@ class ParsedMessage:
 
     def header(self, name: str) -> str | None:
         """First value of a header, case-insensitively."""
-        low = name.lower()
-        for k, v in self.headers:
-            if k.lower() == low:
-                return v
-        return None
+        found = self._by_name.get(name.lower())
+        return found[0] if found else None
 
     def header_all(self, name: str) -> list[str]:
-        low = name.lower()
-        return [v for k, v in self.headers if k.lower() == low]
+        return list(self._by_name.get(name.lower(), ()))
+
+    @cached_property
+    def _by_name(self) -> dict[str, tuple[str, ...]]:
+        """Every header's values in order, by lower-cased name: classifying and matching ask
+        for twenty-odd headers of each message, and a scan of all of them for each was
+        ~0.1 ms a message (issue #10)."""
+        index: dict[str, list[str]] = {}
+        for k, v in self.headers:
+            index.setdefault(k.lower(), []).append(v)
+        return {k: tuple(v) for k, v in index.items()}
 
 
 class Kind(str, Enum):

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from mailflow import logs
 from mailflow.errors import NotFound, StoreError
 from mailflow.store import db
+from mailflow.store.direct import Direct
 from mailflow.store.tables import (audit_log, authority_senders, blocked_senders, deliveries, messages, outbox, queue_items,
                                    raw_messages, reminders, reports, thread_events, threads)
 
@@ -159,14 +160,20 @@ def _report(row: Any) -> Report:
 
 
 def _thread(row: Any) -> Thread:
-    m = dict(row._mapping)
+    return _thread_of(dict(row._mapping))
+
+
+def _thread_of(m: dict[str, Any]) -> Thread:
     for k in ("created_at", "confirmed_at", "sent_at"):
         m[k] = _aware(m[k])
     return Thread(**m)
 
 
 def _message(row: Any) -> StoredMessage:
-    m = dict(row._mapping)
+    return _message_of(dict(row._mapping))
+
+
+def _message_of(m: dict[str, Any]) -> StoredMessage:
     m["date"], m["created_at"] = _aware(m["date"]), _aware(m["created_at"])
     return StoredMessage(**m)
 
@@ -194,7 +201,8 @@ def _reminder(row: Any) -> Reminder:
 
 # Statements the pipeline runs for every message, built once with bound parameters: building
 # a statement and computing its cache key costs SQLAlchemy ~40 µs a call, more than SQLite
-# takes to run most of them, and a message runs about twenty (issue #10).
+# takes to run most of them, and a message runs about twenty (issue #10). The hottest are
+# also compiled once and sent through the driver (`Direct`, store/direct.py): ~40 µs more.
 _THREAD_BY_ID = select(threads).where(threads.c.id == bindparam("id"))
 _THREAD_COLUMNS = frozenset(threads.c.keys())
 _UPDATE_THREAD = update(threads).where(threads.c.id == bindparam("_thread_id"))
@@ -214,9 +222,19 @@ _BLOCKED = select(blocked_senders.c.id).where(
     blocked_senders.c.pattern.in_(bindparam("patterns", expanding=True))).limit(1)
 _MESSAGES_WITH_ID = select(messages).where(messages.c.thread_id == bindparam("tid"),
                                            messages.c.message_id == bindparam("mid"))
-_OUR_MESSAGE_IDS = select(messages.c.message_id, messages.c.thread_id).where(
-    messages.c.direction == "out", messages.c.thread_id.is_not(None),
-    messages.c.message_id.in_(bindparam("mids", expanding=True)))
+MESSAGE_IDS_ASKED = 200
+"""At most this many Message-IDs of one message are looked up (`threads_for_message_ids`)."""
+
+
+@lru_cache(maxsize=MESSAGE_IDS_ASKED)
+def _our_message_ids(n: int) -> Direct:
+    """Which of n Message-IDs are ones mailflow sent on a thread (n bound parameters: the
+    driver takes no expanding IN)."""
+    return Direct(select(messages.c.message_id, messages.c.thread_id).where(
+        messages.c.direction == "out", messages.c.thread_id.is_not(None),
+        messages.c.message_id.in_([bindparam(f"mid{i}") for i in range(n)])))
+
+
 _LEARNED_ALL = select(authority_senders.c.authority, authority_senders.c.address,
                       authority_senders.c.reply_to)
 _SENDER_ID = select(authority_senders.c.id).where(
@@ -225,14 +243,6 @@ _SENDER_ID = select(authority_senders.c.id).where(
 _SENDER_SEEN = update(authority_senders).where(
     authority_senders.c.id == bindparam("sender_id")).values(last_seen=bindparam("now"))
 _INSERT_SENDER = insert(authority_senders)
-_INSERT_REMINDER: dict[str, Any] = {
-    "sqlite": sqlite_dialect.insert(reminders).on_conflict_do_nothing(
-        index_elements=["thread_id", "kind", "event"]),
-    # RETURNING: with the implicit RETURNING SQLAlchemy adds on PostgreSQL, rowcount is -1
-    # (add_reminder said False, "not new", for every reminder it planned there).
-    "postgresql": pg_dialect.insert(reminders).on_conflict_do_nothing(
-        index_elements=["thread_id", "kind", "event"]).returning(reminders.c.id),
-}
 # What the outbox sender runs for every row (composing a forward, sending, marking it sent).
 _MESSAGE_BY_ID = select(messages).where(messages.c.id == bindparam("pk"))
 _RAW_BY_SHA = select(raw_messages.c.data).where(raw_messages.c.sha256 == bindparam("sha"))
@@ -249,6 +259,29 @@ _SQLITE_INSERT_RAW = ("INSERT INTO raw_messages (sha256, size, created_at, data)
                       "VALUES (?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING")
 _SQLITE_INSERT_RAW_ZERO = ("INSERT INTO raw_messages (sha256, size, created_at, data) "
                            "VALUES (?, ?, ?, zeroblob(?)) ON CONFLICT (sha256) DO NOTHING")
+
+# Through the driver (see store/direct.py): what every message runs.
+_D_THREAD_BY_ID = Direct(_THREAD_BY_ID)
+_D_UPDATE_THREAD = Direct(_UPDATE_THREAD)
+_D_DELIVERY_SEEN = Direct(_DELIVERY_SEEN)
+_D_INSERT_DELIVERY = Direct(_INSERT_DELIVERY)
+_D_INSERT_MESSAGE = Direct(_INSERT_MESSAGE, pk=messages.c.id)
+_D_INSERT_OUTBOX = Direct(_INSERT_OUTBOX, pk=outbox.c.id)
+_D_INSERT_QUEUE_ITEM = Direct(_INSERT_QUEUE_ITEM, pk=queue_items.c.id)
+_D_MESSAGES_WITH_ID = Direct(_MESSAGES_WITH_ID)
+_D_SENDER_ID = Direct(_SENDER_ID)
+_D_SENDER_SEEN = Direct(_SENDER_SEEN)
+_D_INSERT_SENDER = Direct(_INSERT_SENDER)
+_D_INSERT_EVENT = Direct(_INSERT_EVENT)
+# The reminder's key when it was new, None when (thread, kind, event) was there already
+# (RETURNING on PostgreSQL, not rowcount: with the implicit RETURNING SQLAlchemy added there,
+# rowcount was -1, and add_reminder said "not new" for every reminder it planned).
+_D_INSERT_REMINDER = {
+    "sqlite": Direct(sqlite_dialect.insert(reminders).on_conflict_do_nothing(
+        index_elements=["thread_id", "kind", "event"]), pk=reminders.c.id),
+    "postgresql": Direct(pg_dialect.insert(reminders).on_conflict_do_nothing(
+        index_elements=["thread_id", "kind", "event"]), pk=reminders.c.id),
+}
 
 
 @lru_cache(maxsize=4)
@@ -317,6 +350,8 @@ class Tx:
         self._blocked_read = False
         self._seen_senders: set[tuple[str, str]] = set()
         self._planned: set[tuple[int, str, str]] = set()
+        # Message-ID -> the thread mailflow sent it on, or None: not one of ours (yet).
+        self._our_mids: dict[str, int | None] = {}
 
     def forget(self) -> None:
         """Drop the rows remembered in this transaction: after a savepoint rolls back."""
@@ -325,6 +360,7 @@ class Tx:
         self._blocked, self._blocked_read = None, False
         self._seen_senders.clear()
         self._planned.clear()
+        self._our_mids.clear()
 
     # -- raw bytes ----------------------------------------------------------------------
     def put_raw(self, raw: bytes | Sequence[bytes]) -> str:
@@ -385,13 +421,13 @@ class Tx:
 
     # -- idempotency --------------------------------------------------------------------
     def delivery_seen(self, sha: str, rcpt: str) -> bool:
-        return self.c.execute(_DELIVERY_SEEN, {"sha": sha, "rcpt": rcpt}).first() is not None
+        return _D_DELIVERY_SEEN.first(self.c, {"sha": sha, "rcpt": rcpt}) is not None
 
     def record_delivery(self, sha: str, rcpt: str, envelope: dict[str, Any], outcome: str,
                         detail: dict[str, Any] | None = None) -> None:
-        self.c.execute(_INSERT_DELIVERY, {"raw_sha256": sha, "rcpt": rcpt, "envelope": envelope,
-                                          "outcome": outcome, "detail": detail,
-                                          "processed_at": utcnow()})
+        _D_INSERT_DELIVERY.insert(self.c, {"raw_sha256": sha, "rcpt": rcpt,
+                                           "envelope": envelope, "outcome": outcome,
+                                           "detail": detail, "processed_at": utcnow()})
 
     # -- threads ------------------------------------------------------------------------
     def create_thread(self, **values: Any) -> int:
@@ -404,8 +440,8 @@ class Tx:
     def thread(self, thread_id: int) -> Thread | None:
         if thread_id in self._threads:
             return self._threads[thread_id]
-        row = self.c.execute(_THREAD_BY_ID, {"id": thread_id}).first()
-        found = self._threads[thread_id] = _thread(row) if row else None
+        row = _D_THREAD_BY_ID.first(self.c, {"id": thread_id})
+        found = self._threads[thread_id] = _thread_of(row) if row else None
         return found
 
     def thread_by_confirm_token(self, token: str) -> Thread | None:
@@ -471,7 +507,7 @@ class Tx:
         if not values or not values.keys() <= _THREAD_COLUMNS:   # the error it always gave
             self.c.execute(update(threads).where(threads.c.id == thread_id).values(**values))
             return
-        self.c.execute(_UPDATE_THREAD, {"_thread_id": thread_id, **values})
+        _D_UPDATE_THREAD.execute(self.c, {**values, "_thread_id": thread_id}, keyed=True)
         if cached is not None and all(_same_read_back(getattr(cached, k), v)
                                       for k, v in values.items()):
             self._threads[thread_id] = replace(cached, **values)
@@ -493,9 +529,13 @@ class Tx:
         values.setdefault("created_at", utcnow())
         values.setdefault("flags", [])
         values.setdefault("hidden", False)
+        if values.get("direction") == "out" and values.get("message_id"):
+            self._our_mids.pop(values["message_id"], None)   # ours from now on
         # PostgreSQL's text cannot hold NUL, which decoded mail sometimes has (the raw bytes,
         # kept whole in raw_messages, are untouched): U+FFFD marks where one was.
-        return int(self.c.execute(_INSERT_MESSAGE, _no_nul_values(values)).inserted_primary_key[0])
+        pk = _D_INSERT_MESSAGE.insert(self.c, _no_nul_values(values))
+        assert pk is not None
+        return pk
 
     def messages(self, thread_id: int) -> list[StoredMessage]:
         q = select(messages).where(messages.c.thread_id == thread_id).order_by(messages.c.id)
@@ -506,8 +546,8 @@ class Tx:
         return _message(row) if row else None
 
     def thread_messages_with_id(self, thread_id: int, message_id: str) -> list[StoredMessage]:
-        return [_message(r) for r in self.c.execute(_MESSAGES_WITH_ID,
-                                                    {"tid": thread_id, "mid": message_id})]
+        return [_message_of(r) for r in _D_MESSAGES_WITH_ID.rows(
+            self.c, {"tid": thread_id, "mid": message_id})]
 
     def outgoing_by_message_id(self, message_ids: list[str]) -> list[StoredMessage]:
         if not message_ids:
@@ -524,11 +564,21 @@ class Tx:
         return _message(row) if row else None
 
     def threads_for_message_ids(self, message_ids: list[str]) -> dict[str, int]:
-        """Our own sent Message-IDs among these, and the thread each belongs to."""
+        """Our own sent Message-IDs among these, and the thread each belongs to.
+
+        The answer for each Message-ID is remembered for the transaction (replies in a batch
+        name the same few requests); `add_message` forgets one when mailflow sends it."""
         if not message_ids:
             return {}
-        return {mid: tid for mid, tid in self.c.execute(_OUR_MESSAGE_IDS,
-                                                        {"mids": list(message_ids[:200])})}
+        mids = message_ids[:MESSAGE_IDS_ASKED]
+        known = self._our_mids
+        ask = [m for m in dict.fromkeys(mids) if m not in known]
+        if ask:
+            found = {r["message_id"]: r["thread_id"] for r in _our_message_ids(len(ask)).rows(
+                self.c, {f"mid{i}": m for i, m in enumerate(ask)})}
+            for m in ask:
+                known[m] = found.get(m)
+        return {m: t for m in mids if (t := known[m]) is not None}
 
     def open_threads(self, authorities: set[str] | None = None) -> list[Thread]:
         """Threads that were sent and that someone may still write to."""
@@ -559,12 +609,12 @@ class Tx:
             return False
         self._seen_senders.add((authority, address))
         now = utcnow()
-        found = self.c.execute(_SENDER_ID, {"authority": authority, "address": address}).first()
+        found = _D_SENDER_ID.first(self.c, {"authority": authority, "address": address})
         if found:
-            self.c.execute(_SENDER_SEEN, {"sender_id": found[0], "now": now})
+            _D_SENDER_SEEN.execute(self.c, {"sender_id": found["id"], "now": now})
             return False
         self._learned = None
-        self.c.execute(_INSERT_SENDER, {
+        _D_INSERT_SENDER.insert(self.c, {
             "authority": authority, "address": address, "reply_to": reply_to,
             "thread_id": thread_id, "first_seen": now, "last_seen": now})
         return True
@@ -573,10 +623,12 @@ class Tx:
     def enqueue(self, message_pk: int, thread_id: int | None, mail_from: str, rcpt: str, *,
                 compose: str | None = None) -> int:
         now = utcnow()
-        return int(self.c.execute(_INSERT_OUTBOX, {
+        pk = _D_INSERT_OUTBOX.insert(self.c, {
             "message_pk": message_pk, "thread_id": thread_id, "mail_from": mail_from,
             "rcpt": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
-            "created_at": now, "compose": compose}).inserted_primary_key[0])
+            "created_at": now, "compose": compose})
+        assert pk is not None
+        return pk
 
     def outbox_composed(self, row_id: int, message_pk: int) -> bool:
         """A row's message has been composed and stored: it now names that message. False if
@@ -639,13 +691,11 @@ class Tx:
         if key in self._planned:
             return False
         self._planned.add(key)
-        stmt = _INSERT_REMINDER.get(self.c.dialect.name)
-        if stmt is not None:
-            res = self.c.execute(stmt, {
+        direct = _D_INSERT_REMINDER.get(self.c.dialect.name)
+        if direct is not None:
+            return direct.insert(self.c, {
                 "thread_id": thread_id, "kind": kind, "event": event, "due_at": due_at,
-                "state": "pending", "created_at": utcnow()})
-            return (res.first() is not None if self.c.dialect.name == "postgresql"
-                    else res.rowcount == 1)
+                "state": "pending", "created_at": utcnow()}) is not None
         q = select(reminders.c.id).where(reminders.c.thread_id == thread_id,
                                          reminders.c.kind == kind, reminders.c.event == event)
         if self.c.execute(q).first() is not None:
@@ -682,8 +732,8 @@ class Tx:
 
     def add_event(self, thread_id: int, actor: str, kind: str,
                   detail: dict[str, Any] | None = None) -> None:
-        self.c.execute(_INSERT_EVENT, {"thread_id": thread_id, "at": utcnow(), "actor": actor,
-                                       "kind": kind, "detail": _no_nul(detail)})
+        _D_INSERT_EVENT.insert(self.c, {"thread_id": thread_id, "at": utcnow(), "actor": actor,
+                                        "kind": kind, "detail": _no_nul(detail)})
 
     def events(self, thread_id: int) -> list[dict[str, Any]]:
         q = (select(thread_events).where(thread_events.c.thread_id == thread_id)
@@ -763,11 +813,13 @@ class Tx:
     # -- the admin queue ------------------------------------------------------------------
     def add_queue_item(self, reason: str, summary: str, *, raw_sha256: str | None = None,
                        thread_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
-        return int(self.c.execute(_INSERT_QUEUE_ITEM, {
+        pk = _D_INSERT_QUEUE_ITEM.insert(self.c, {
             "reason": reason, "state": "open", "summary": _no_nul(summary),
             "raw_sha256": raw_sha256, "thread_id": thread_id, "detail": _no_nul(detail),
             "created_at": utcnow(),
-        }).inserted_primary_key[0])
+        })
+        assert pk is not None
+        return pk
 
     def queue(self, include_decided: bool = False, reason: str | None = None) -> list[QueueItem]:
         q = select(queue_items).order_by(queue_items.c.id)
