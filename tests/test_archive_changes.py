@@ -384,3 +384,59 @@ def test_an_authoritys_json_is_what_json_dumps_writes(fresh: World) -> None:
         data = json.loads(text)
         assert text == json.dumps(data, ensure_ascii=False, indent=1) + "\n", p
     assert json.loads(fresh.read("body/home-office/index.json"))["requests"]
+
+
+def test_a_large_sites_memory_is_kept_out_of_full_collections(
+        fresh: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that reads every thread of a large site freezes what the process keeps
+    (`build._settle`: Python's full collections would walk it every few builds); the builds
+    after it still publish what a full build does."""
+    import gc
+    monkeypatch.setattr(build_mod, "SETTLE_THREADS", 0)
+    try:
+        fresh.build()
+        assert gc.get_freeze_count() > 0
+        req_b, _ = addresses_of(fresh.mf, fresh.b)
+        ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "In July."), req_b,
+               HOME)
+        fresh.build()
+        assert published(fresh.out) == full_elsewhere(fresh, tmp_path / "full")
+    finally:
+        gc.unfreeze()
+
+
+def test_an_authoritys_json_checks_only_new_entries_and_kept_ones_against_new_values(
+        fresh: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's entry in its authority's JSON that the file on disk already held (same
+    page key) is not checked again with the file (`_RequestsJson.write`): it goes to the kept
+    content, checked against the private values added since, so a value added after the
+    entry was published is still found."""
+    from mailflow.archive.writer import LeakError
+    fresh.build()
+    other = ask(fresh.mf, "home-office", "Passports", "How long do passports take?")
+    fresh.build()
+    scans: dict[str, bytes] = {}
+    real_write = build_mod.Writer.write
+
+    def spy(self, rel, data, **kw):  # type: ignore[no-untyped-def]
+        scans[rel] = kw.get("scan") or (data.encode() if isinstance(data, str) else data)
+        return real_write(self, rel, data, **kw)
+
+    monkeypatch.setattr(build_mod.Writer, "write", spy)
+    req_b, _ = addresses_of(fresh.mf, fresh.b)
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "In August."), req_b, HOME)
+    fresh.build()
+    scan = scans["body/home-office/index.json"]
+    assert b"Visa" in scan and b"Passports" not in scan     # only the changed entry
+    assert b"Passports" in (fresh.out / "body/home-office/index.json").read_bytes()
+    # A kept entry holding a value that became private since: the build refuses.
+    newcomer = "dora.newcomer@citizen.example"
+    [pk] = [k for k, e in build_mod._ENTRIES.items() if "Passports" in e]
+    monkeypatch.setitem(build_mod._ENTRIES, pk, build_mod._ENTRIES[pk].replace(
+        "Passports", newcomer))
+    ask(fresh.mf, "camden", "Bins", "When are bins collected?", citizen=newcomer, name="Dora")
+    ingest(fresh.mf, mail(f"Visa FOI <{HOME}>", req_b, "RE: Visa", "Or September."), req_b,
+           HOME)
+    with pytest.raises(LeakError, match="refusing to publish body/home-office/index.json"):
+        fresh.build()
+    assert other

@@ -194,7 +194,16 @@ class CacheDB:
         return {rel: [key, digest] for rel, key, digest in self.conn.execute(
             "SELECT rel, key, digest FROM listings")}
 
-    def set_listings(self, listings: dict[str, list[str]]) -> None:
-        self.conn.execute("DELETE FROM listings")
-        self.conn.executemany("INSERT INTO listings (rel, key, digest) VALUES (?, ?, ?)",
-                              ((rel, k, d) for rel, (k, d) in listings.items()))
+    def set_listings(self, listings: dict[str, list[str]],
+                     old: dict[str, list[str]] | None = None) -> None:
+        """`old`: the rows the index holds (`listings()`), to write only what differs: a
+        build after one message changes a few of them, whatever the size of the site."""
+        if old is None:
+            self.conn.execute("DELETE FROM listings")
+            old = {}
+        else:
+            self.conn.executemany("DELETE FROM listings WHERE rel = ?",
+                                  ((rel,) for rel in old.keys() - listings.keys()))
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO listings (rel, key, digest) VALUES (?, ?, ?)",
+            ((rel, k, d) for rel, (k, d) in listings.items() if old.get(rel) != [k, d]))

@@ -536,15 +536,25 @@ def authority_views(authorities: dict[str, Authority], laws: dict[str, Law],
     by_slug: dict[str, list[ThreadView]] = {}
     for t in threads:
         by_slug.setdefault(t.authority, []).append(t)
+    return grouped_authority_views(authorities, laws, by_slug,
+                                   lambda slug: record(by_slug.get(slug, [])))
+
+
+def grouped_authority_views(authorities: dict[str, Authority], laws: dict[str, Law],
+                            by_slug: dict[str, list[Any]],
+                            record_of: Callable[[str], Record]) -> tuple[AuthorityView, ...]:
+    """`authority_views` of threads already grouped by authority (each group in the site's
+    order, only authorities with threads), with each one's record from `record_of`: the
+    builder keeps both between builds (`siteindex.SiteIndex`)."""
     views = []
     for slug in sorted(set(authorities) | set(by_slug)):
         a = authorities.get(slug)
         mine = by_slug.get(slug, [])
         if a is None:
             views.append(AuthorityView(slug, mine[0].authority_name, "", (), mine[0].law_name,
-                                       (), tuple(mine), record(mine)))
+                                       (), tuple(mine), record_of(slug)))
             continue
         law = laws.get(a.law)
         views.append(AuthorityView(slug, a.name, a.url, a.emails, law.name if law else a.law,
-                                   a.tags, tuple(mine), record(mine)))
+                                   a.tags, tuple(mine), record_of(slug)))
     return tuple(sorted(views, key=lambda v: v.name.lower()))

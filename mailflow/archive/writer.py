@@ -279,6 +279,11 @@ class Writer:
         """Whether the published file `rel` is exactly `digest` (per the last manifest)."""
         return self._prev(rel) == digest and os.path.isfile(os.path.join(self._root, rel))
 
+    def on_disk(self, rel: str) -> bool:
+        """Whether `rel` is a file in the output (`has` without the manifest's digest, for a
+        caller that knows it)."""
+        return os.path.isfile(os.path.join(self._root, rel))
+
     def keep_owner(self, owner: str) -> None:
         """Keep every file of `owner` (a thread whose view and pages did not change) as the
         last build left it, without reading the manifest or the disk: an incremental build
