@@ -228,8 +228,8 @@ def test_a_private_value_in_a_file_a_worker_made_fails_the_build(
     leak = f"Reply to {world.secrets[0]}".encode()
     if where == "page":
         real_files = build_mod._thread_files
-        monkeypatch.setattr(build_mod, "_thread_files", lambda r, sv, t: [
-            *real_files(r, sv, t), (f"{t.path}notes.txt", leak)])
+        monkeypatch.setattr(build_mod, "_thread_files", lambda r, sv, t, *a: [
+            *real_files(r, sv, t, *a), (f"{t.path}notes.txt", leak)])
     else:
         real_view = build_mod._thread_view
 

@@ -1247,10 +1247,13 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
             moved = verify.transient != transient
             made = [writer.ahead(rel, data) for rel, data in files.files]
             # A transient view is not cached: `_write_pages` renders its pages.
-            out.append((view, made, moved, None if moved else (
-                [writer.ahead(rel, data) for rel, data in _thread_files(r, sv, view)],
-                _view_json(view),
-                json.dumps(thread_json(view, sv.base_url), ensure_ascii=False) + "\n",
+            if moved:
+                out.append((view, made, moved, None))
+                continue
+            data = thread_json(view, sv.base_url)
+            out.append((view, made, moved, (
+                [writer.ahead(rel, b) for rel, b in _thread_files(r, sv, view, data)],
+                _view_json(view), json.dumps(data, ensure_ascii=False) + "\n",
                 ThreadSummary.encode(view))))
         return out, answers
 
@@ -1483,13 +1486,16 @@ def _renderer(site: Site, sv: C.SiteView) -> Renderer:
     return r
 
 
-def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView) -> list[tuple[str, Any]]:
+def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView,
+                  data: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     """A thread's own files: its page, JSON twin and feed. They show the thread and only
     the site's name, address and whether it takes fault reports, so a view worker renders
-    them as `_write_pages` would (`_made_views`)."""
+    them as `_write_pages` would (`_made_views`). `data`: `thread_json(t, sv.base_url)`."""
     base = sv.base_url
+    if data is None:
+        data = thread_json(t, base)
     return [(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t)),
-            (f"{t.path}index.json", _json(thread_json(t, base))),
+            (f"{t.path}index.json", _json(data)),
             (f"{t.path}feed.atom", feeds.atom(
                 title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
                 entries=feeds.thread_entries([t]), author=sv.name))]
