@@ -218,10 +218,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_site(folder: Path, domain: str = DOMAIN, database: str = "sqlite") -> Path:
+# -- DNS: a resolver on this machine ---------------------------------------------------------------
+DNS: str | None = None
+"""`[classify] nameservers` of every site made (`--dns local`, the default): a DNS server on
+127.0.0.1 (tests/dns_server.py, in its own process) answering NXDOMAIN to every question, as
+this machine's resolver does, cut off from the internet, but without its round trips. It
+stands in for the caching resolver a production site runs beside mailflow
+(docs/operations.md). None (`--dns system`): the sites ask the system's resolver."""
+_DNS_PROC: subprocess.Popen[str] | None = None
+
+
+def start_dns() -> str:
+    """Start the local DNS server; returns "127.0.0.1:PORT" and sets `DNS` to it."""
+    global DNS, _DNS_PROC
+    _DNS_PROC = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dns_server.py")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert _DNS_PROC.stdout is not None
+    DNS = f"127.0.0.1:{int(_DNS_PROC.stdout.readline())}"
+    return DNS
+
+
+def stop_dns() -> None:
+    global DNS, _DNS_PROC
+    if _DNS_PROC is not None:
+        _DNS_PROC.communicate(timeout=10)   # closing its stdin stops it
+        _DNS_PROC = None
+    DNS = None
+
+
+def _configurable_dns() -> bool:
+    """Whether the mailflow benchmarked has `[classify] nameservers` (not before 27 Nov 2026)."""
+    from mailflow import config
+    return "nameservers" in getattr(config, "_SCHEMA", {}).get("classify", {})
+
+
+def make_site(folder: Path, domain: str = DOMAIN, database: str = "sqlite",
+              dns: str | None = "default") -> Path:
     """A site as an admin makes one: `mailflow init`. Returns its config.toml. On
     `database="postgresql"` its `[database] url` names a fresh, empty PostgreSQL database
-    (`fresh_pg_database`), which the site's first opening migrates."""
+    (`fresh_pg_database`), which the site's first opening migrates. `dns`: the resolver its
+    `[classify] nameservers` names (default `DNS`; None: the system's)."""
+    dns = DNS if dns == "default" else dns
     r = subprocess.run([*MAILFLOW, "init", str(folder), "--domain", domain],
                        capture_output=True, timeout=120, cwd=folder.parent, env=env())
     if r.returncode != 0:
@@ -231,6 +268,8 @@ def make_site(folder: Path, domain: str = DOMAIN, database: str = "sqlite") -> P
         set_config(config, "database", "url", f'"{fresh_pg_database()}"')
     elif database != "sqlite":
         raise ValueError(f"database: {database!r}?")
+    if dns and _configurable_dns():
+        set_config(config, "classify", "nameservers", f'["{dns}"]')
     return config
 
 

@@ -25,12 +25,14 @@ if __package__ in (None, ""):   # `python bench/run.py`
 from bench import common  # noqa: E402
 from bench.common import Row, Section  # noqa: E402
 
-BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders", "instances"]
+BENCHES = ["smtp", "pipeline", "archive", "memory", "reminders", "instances", "ingest"]
 TITLES = {"smtp": "1. SMTP accept", "pipeline": "2. Pipeline", "archive": "3. Archive",
-          "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances"}
+          "memory": "4. Memory", "reminders": "5. Reminders", "instances": "6. Instances",
+          "ingest": "7. Ingest"}
 IN_PROCESS = {"pipeline", "archive", "reminders"}   # what --profile can see
 PER_DATABASE = {"smtp", "pipeline", "reminders"}    # run once per database of --database
 SIZED = {"pipeline": "messages", "reminders": "threads", "instances": "messages",
+         "ingest": "messages, each in a process of its own",
          "smtp": "bytes: only the cases of messages of about this size (5000 or 1000000)",
          "archive": "threads (the larger site; the smaller is a tenth)"}
 HERE = Path(__file__).resolve().parent
@@ -200,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", action="append", type=_size, default=[], metavar="NAME=N",
                     help="override a benchmark's size: " + ", ".join(
                         f"{k}=N {v}" for k, v in SIZED.items()))
+    ap.add_argument("--dns", choices=["local", "system"], default="local",
+                    help="the DNS resolver the sites ask for SPF, DKIM and DMARC: `local` (the "
+                    "default) a server on 127.0.0.1 that answers at once, standing in for the "
+                    "caching resolver a site runs beside mailflow; `system` this machine's "
+                    "resolver (/etc/resolv.conf). The pipeline benchmark also measures the "
+                    "other in a diagnostic row")
     args = ap.parse_args(argv)
     databases = (["sqlite", "postgresql"] if args.database == "both" else [args.database])
     names = args.only or [n for n in BENCHES
@@ -229,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         machine["mailflow"] = "the checkout's working tree at " + machine["mailflow"]
     common.use_src(args.src)
+    if args.dns == "local":
+        machine["dns"] = (f"a local DNS server ({common.start_dns()}, tests/dns_server.py: "
+                          "NXDOMAIN to every question, as this machine's resolver answers)")
+    else:
+        machine["dns"] = "this machine's resolver (/etc/resolv.conf)"
     started = time.monotonic()
     sections: list[Section] = []
     try:
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
+        common.stop_dns()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
         else:

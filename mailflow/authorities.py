@@ -26,13 +26,14 @@ import stat
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from mailflow.core.addresses import AddressKind, is_our_domain, parse_ours, valid_slug
-from mailflow.core.rules import Authority, Rules, parse_authorities
+from mailflow.core.rules import Authority, parse_authorities
+from mailflow.rulesdir import load_report_rules
 from mailflow.errors import MailflowError, NotFound, RulesError
 from mailflow.moderation import Outcome, default_actor
 from mailflow.site import Site
@@ -289,7 +290,12 @@ class Authorities:
                 tx.audit(self.actor, action, target=f"authority:{slug}", reason=reason,
                          detail=detail)
             _atomic_write(doc.path, text)    # a failed write rolls the audit entries back
-        self.site.rules = Rules(laws=self.site.rules.laws, authorities=authorities)
+        # The fault-report rules are read again (when next used) against the new authorities,
+        # which their areas and contacts name: not dropped, as this once did.
+        rules = self.site.rules
+        self.site.rules = replace(rules, authorities=authorities, report_rules=(
+            (lambda: load_report_rules(self.site.settings.site.rules, authorities))
+            if rules.takes_reports else None))
 
     # -- changes ---------------------------------------------------------------------------------
     def add(self, changes: dict[str, Any], *, reason: str | None = None) -> Outcome:

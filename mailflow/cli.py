@@ -61,9 +61,12 @@ class Ctx:
 
     @property
     def site(self):  # type: ignore[no-untyped-def]
+        return self.open_site()
+
+    def open_site(self, *, lazy_reports: bool = False):  # type: ignore[no-untyped-def]
         if self._site is None:
             from mailflow.site import Site
-            self._site = Site.open(self.config)
+            self._site = Site.open(self.config, lazy_reports=lazy_reports)
         return self._site
 
 
@@ -172,8 +175,10 @@ def ingest(ctx: Ctx, rcpts: tuple[str, ...], sender: str | None) -> None:
     """
     from mailflow.ingest import ingest_bytes
     raw = sys.stdin.buffer.read()
+    # One message in a process of its own: the fault-report areas (shapely) only if it is one.
+    site = ctx.open_site(lazy_reports=True)
     try:
-        code, message = ingest_bytes(ctx.site, raw, list(rcpts), sender)
+        code, message = ingest_bytes(site, raw, list(rcpts), sender)
     except (SpoolError, StoreError) as e:
         err_console.print(f"temporary failure: {e}", highlight=False)
         sys.exit(EX_TEMPFAIL)

@@ -117,6 +117,10 @@ class ClassifySettings:
     # Who sent it: DKIM, SPF and DMARC for every incoming message (mailflow/mail/authenticate.py).
     authenticate: bool = True
     dns_timeout: float = 5.0              # seconds per DNS question (four times that per message)
+    # The DNS resolvers to ask ("address" or "address:port", "[v6]:port"); empty: the
+    # system's (/etc/resolv.conf). A caching resolver on the same machine is what keeps the
+    # pipeline limited by its CPU and disk rather than by round trips (docs/operations.md).
+    nameservers: tuple[tuple[str, int], ...] = ()
     hold_unverified: str = "failed"       # failed | unverified | never (core.authentication)
     # The site's own mail servers: a connection from one of them is not the client; the client
     # is read from the Received headers they wrote. Loopback: a Postfix or Exim in front.
@@ -229,6 +233,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "spam_threshold": ((int, float), 5.0),
         "authenticate": (bool, True),
         "dns_timeout": ((int, float), 5.0),
+        "nameservers": (list, []),
         "hold_unverified": (str, "failed"),
         "trusted_relays": (list, ["127.0.0.0/8", "::1/128"]),
         "spf_from_received": (bool, False),
@@ -409,11 +414,39 @@ def _reports(path: Path, given: Any) -> ReportSettings:
                           map_link=link)
 
 
+def _nameserver(path: Path, given: Any) -> tuple[str, int]:
+    """"192.0.2.53", "192.0.2.53:5353", "2001:db8::53" or "[2001:db8::53]:5353" → (address,
+    port). Addresses only: a resolver named by a host name would need DNS to be found."""
+    import ipaddress
+    where = _where(path, "classify", "nameservers")
+    if not isinstance(given, str):
+        raise ConfigError(f"{where}: expected IP addresses as strings such as \"127.0.0.1\" or "
+                          f"\"127.0.0.1:5353\", got {given!r}")
+    text, port = given.strip(), "53"
+    if text.startswith("["):
+        text, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            text = ""
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+    try:
+        address = str(ipaddress.ip_address(text))
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an IP address, optionally with a port "
+                          f"(\"127.0.0.1:5353\", \"[::1]:5353\"), got {given!r}") from None
+    if not 0 < number < 65536:
+        raise ConfigError(f"{where}: port {number} of {given!r} is not between 1 and 65535")
+    return address, number
+
+
 def _classify(path: Path, values: dict[str, Any]) -> ClassifySettings:
     import ipaddress
     if values["dns_timeout"] <= 0:
         raise ConfigError(f"{_where(path, 'classify', 'dns_timeout')}: expected a positive "
                           f"number of seconds, got {values['dns_timeout']!r}")
+    nameservers = tuple(_nameserver(path, n) for n in values["nameservers"])
     relays = values["trusted_relays"]
     for r in relays:
         try:
@@ -425,6 +458,7 @@ def _classify(path: Path, values: dict[str, Any]) -> ClassifySettings:
         spam_header=values["spam_header"] or None,
         spam_threshold=float(values["spam_threshold"]),
         authenticate=values["authenticate"], dns_timeout=float(values["dns_timeout"]),
+        nameservers=nameservers,
         hold_unverified=_choice(path, "classify", "hold_unverified", values["hold_unverified"],
                                 ("failed", "unverified", "never")),
         trusted_relays=tuple(relays), spf_from_received=values["spf_from_received"],

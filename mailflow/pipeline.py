@@ -121,7 +121,8 @@ class Pipeline:
             self._resolver = getattr(self.site, "dns_resolver", None)
         if self._resolver is None:
             from mailflow.mail.authenticate import DnsResolver
-            self._resolver = DnsResolver(self.site.settings.classify.dns_timeout)
+            c = self.site.settings.classify
+            self._resolver = DnsResolver(c.dns_timeout, c.nameservers)
         return self._resolver
 
     # -- the spool side ------------------------------------------------------------------

@@ -26,15 +26,20 @@ def _read(path: Path) -> str:
         raise RulesError(f"{path}: cannot read: {e}") from None
 
 
-def load_rules(folder: Path, default_law: str) -> Rules:
+def load_rules(folder: Path, default_law: str, *, lazy_reports: bool = False) -> Rules:
+    """`lazy_reports`: read the fault-report files on first use rather than now (a one-message
+    process that may never need them); a broken one is then reported when a report comes."""
     laws = parse_laws(_read(folder / "laws.toml"), str(folder / "laws.toml"))
     if default_law not in laws:
         raise RulesError(f"[site] default_law {default_law!r} is not a law in "
                          f"{folder / 'laws.toml'}; known: {', '.join(sorted(laws))}")
     authorities = parse_authorities(_read(folder / "authorities.toml"), laws, default_law,
                                     str(folder / "authorities.toml"))
+    if lazy_reports and (folder / "categories.toml").exists():
+        return Rules(laws=laws, authorities=authorities,
+                     report_rules=lambda: load_report_rules(folder, authorities))
     return Rules(laws=laws, authorities=authorities,
-                 reports=load_report_rules(folder, authorities))
+                 report_rules=load_report_rules(folder, authorities))
 
 
 def _optional(path: Path) -> str | None:

@@ -32,10 +32,12 @@ class Site:
     rules: Rules
 
     @classmethod
-    def open(cls, config_path: Path | str) -> "Site":
+    def open(cls, config_path: Path | str, *, lazy_reports: bool = False) -> "Site":
+        """`lazy_reports`: the fault-report rules are read when first needed (`ingest`)."""
         settings = config_mod.load(config_path)
         return cls(settings=settings,
-                   rules=load_rules(settings.site.rules, settings.site.default_law))
+                   rules=load_rules(settings.site.rules, settings.site.default_law,
+                                    lazy_reports=lazy_reports))
 
     @property
     def domain(self) -> str:
@@ -87,7 +89,7 @@ class Site:
     @property
     def takes_reports(self) -> bool:
         """Whether the site has fault-report categories (rules/categories.toml), so report@ is open."""
-        return self.rules.reports is not None
+        return self.rules.takes_reports
 
     def check_recipient(self, rcpt: str) -> DoorDecision:
         """The door's decision for one recipient, with everything the site knows."""

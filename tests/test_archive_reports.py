@@ -290,6 +290,9 @@ def test_report_page(world: World) -> None:
     assert "[requester email]" in html
     assert "Report from Jane Citizen" in html and "A crew will fill it this week." in html
     assert 'id="fixed"' in html
+    # What happened to it, as FixMyStreet's updates say it.
+    assert re.findall(r'<li class="history-([a-z_]+)">', html) == ["sent", "fixed"]
+    assert "Sent to Wessex County Council" in html and "by the reporter" in html
     # The photo, inline, from the archive's own files.
     [src] = re.findall(r'<ul class="photos">\s*<li><a href="[^"]+"><img src="([^"]+)"', html)
     assert src.startswith("attachments/") and src.endswith(".jpg")
@@ -418,6 +421,30 @@ def test_authority_record(world: World) -> None:
     html = world.read("body/camden/index.html")
     assert "Its record with fault reports" not in html
     assert json.loads(world.read("body/camden/index.json")).get("reports") is None
+
+
+def test_history_from_events() -> None:
+    from datetime import datetime, timezone
+
+    def at(h: int) -> datetime:
+        return datetime(2026, 3, 1, h, tzinfo=timezone.utc)
+    events = [
+        {"at": at(1), "actor": "citizen", "kind": "report", "detail": {}},
+        {"at": at(2), "actor": "admin:al", "kind": "report_corrected",   # before sending: private
+         "detail": {"from": {"category": None}, "to": {"category": "pothole"}}},
+        {"at": at(3), "actor": "mailflow", "kind": "report_sent", "detail": {"authority": "wessex"}},
+        {"at": at(4), "actor": "admin:al", "kind": "report_corrected",
+         "detail": {"from": {"lat": 1.0, "lon": 2.0}, "to": {"lat": 1.1, "lon": 2.1}, "reason": "x"}},
+        {"at": at(5), "actor": "admin:al", "kind": "state", "detail": {"to": "open"}},   # no change
+        {"at": at(6), "actor": "admin:al", "kind": "state", "detail": {"to": "fixed"}},
+        {"at": at(7), "actor": "citizen", "kind": "state", "detail": {"command": "withdraw"}},
+        {"at": at(8), "actor": "mailflow", "kind": "clock", "detail": {}},
+    ]
+    h = R.history(events, lambda s: s.upper(), lambda s: s.title())
+    assert [(e.what, e.by, e.at.hour) for e in h] == [
+        ("sent", "", 3), ("moved", "site", 4), ("fixed", "site", 6), ("withdrawn", "reporter", 7)]
+    assert h[0].words == "Sent to WESSEX" and h[2].words == "Marked as fixed by the site's moderators"
+    assert R.history(events[:2], str, str) == ()   # never sent: no history
 
 
 def test_report_record_median_days() -> None:

@@ -29,19 +29,21 @@ def _postgresql_or_skip() -> None:
 
 @pytest.mark.slow
 def test_quick_benchmarks_complete_and_write_a_table(tmp_path: Path) -> None:
-    """The archive and memory benchmarks (SMTP, pipeline and reminders run in the test
+    """The archive, memory and ingest benchmarks (SMTP, pipeline and reminders run in the test
     below, on both databases: the suite's CPU time is what keeps CI under its limit)."""
     out = tmp_path / "results.md"
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "archive",
-                        "--only", "memory", "--out", str(out), "--tmp", str(tmp_path)],
+                        "--only", "memory", "--only", "ingest", "--size", "ingest=2",
+                        "--out", str(out), "--tmp", str(tmp_path)],
                        cwd=ROOT, capture_output=True, timeout=900)
     assert r.returncode == 0, (r.stdout.decode()[-3000:], r.stderr.decode()[-5000:])
     table = out.read_text()
     assert "| benchmark | case | mailflow | baseline | ratio | target | pass |" in table
-    for bench in ("archive", "memory"):
+    for bench in ("archive", "memory", "ingest"):
         assert f"\n| {bench} |" in table, f"no {bench} rows in the table"
     assert "| error |" not in table
-    for fact in ("| CPU |", "| Cores |", "| RAM |", "| Python |", "| SQLite |"):
+    assert "exit statuses {0: 2}" in table   # both piped messages accepted and processed
+    for fact in ("| CPU |", "| Cores |", "| RAM |", "| Python |", "| SQLite |", "| dns |"):
         assert fact in table
     assert "mailflow benchmarks" in r.stdout.decode()   # the printed table's title
 

@@ -4,6 +4,8 @@ quietly re-routed while it waits for the citizen, or sent on to another council 
 already open. Real mail through `mailflow ingest`, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import re
+
 from conftest import JANE, Site, addresses
 from test_reports_flow import (ASHCOMBE, LONDON, PORT_SHELDON, PORT_SHELDON_ROADS, WESSEX_LIGHTS,
                                WESSEX_ROADS,
@@ -131,3 +133,40 @@ def test_a_correction_that_cannot_be_carried_out_changes_nothing(site: Site) -> 
     assert new_mail(site) == {}
     req = site.run("report", "correct", "999", "--category", "pothole")
     assert req.returncode == 1 and "999" in req.stderr.decode()
+
+
+def test_the_public_page_tells_what_happened_to_the_report(site: Site) -> None:
+    """FixMyStreet's "updates": sent to one council, its category corrected and sent on to
+    another, fixed and reopened by the reporter — in order, on the page and in its JSON twin,
+    without the moderator's reason, the first place or any address."""
+    import json
+    from test_reports_flow import ingest, mail, reply_address
+    lat, lon = ASHCOMBE
+    first, _ = sent_report(site, "Pothole by the green", f"At {lat}, {lon}, a deep hole.",
+                           WESSEX_ROADS)
+    tid = thread_of(first)
+    assert site.run("--as", "alice", "report", "correct", str(tid), "--category", "fly-tipping",
+                    "--reason", "the photo shows Mrs Smith's rubbish").returncode == 0
+    new_mail(site)
+    back = reply_address(site, tid)
+    for said in ("fixed", "fixed", "not fixed"):   # a second "fixed" is not news
+        ingest(site, mail(f"Jane <{JANE}>", back, "Re", said), back, JANE)
+    r = site.run("archive", "build")
+    assert r.returncode == 0, r.stderr.decode()
+    out = site.dir / "var" / "archive"
+    html = (out / f"report/{tid}/index.html").read_text()
+    items = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", li)).strip()
+             for li in re.findall(r'<li class="history-[a-z_]+">(.*?)</li>', html, re.S)]
+    assert [i.split(" · ")[0] for i in items] == [
+        "Sent to Wessex County Council",
+        "Category changed from Pothole to Fly-tipping by the site's moderators",
+        "Sent on to Northdown District Council",
+        "Marked as fixed by the reporter",
+        "Reopened: not fixed by the reporter"], items
+    assert "Mrs Smith" not in html and "rubbish</" not in html
+    d = json.loads((out / f"report/{tid}/index.json").read_text())
+    assert [(h["what"], h["by"]) for h in d["history"]] == [
+        ("sent", None), ("category", "site"), ("sent_on", None), ("fixed", "reporter"),
+        ("reopened", "reporter")]
+    assert d["history"][2]["name"] == "Northdown District Council"
+    assert "Mrs Smith" not in json.dumps(d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import dkim
+import pytest
 
 from conftest import DOMAIN, JANE, Site, addresses, compose
 
@@ -257,3 +258,47 @@ def test_ingest_as_its_own_process_like_an_mta_pipe(site: Site) -> None:
                            timeout=120)
         assert r.returncode == code, (rcpt, r.returncode, r.stderr.decode())
     assert [rcpt for rcpt, _, _ in site.new_mail()] == [JANE]   # the confirmation, once
+
+
+def test_ingest_reads_the_report_areas_only_for_a_report(site: Site) -> None:
+    """`ingest` starts a process per message, so it reads rules/areas.geojson (shapely and
+    numpy: a quarter of its start-up) only when the message is a fault report. A broken areas
+    file then fails that report with 75 — kept in the spool, the MTA retries — while requests
+    go on; the daemon, which reads every rules file before it starts, refuses to start."""
+    import subprocess
+
+    from conftest import MAILFLOW
+    areas = site.dir / "rules" / "areas.geojson"
+    areas.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature"}]}')
+
+    def ingest(rcpt: str, subject: str, body: str) -> subprocess.CompletedProcess[bytes]:
+        raw = compose(f"Jane Citizen <{JANE}>", rcpt, subject, body)
+        return subprocess.run([*MAILFLOW, "--config", str(site.config), "ingest", "--rcpt", rcpt,
+                               "--sender", JANE], input=raw, capture_output=True,
+                              cwd=site.dir, timeout=120)
+    r = ingest(f"camden@{DOMAIN}", "Budget", "How much?")
+    assert r.returncode == 0, r.stderr.decode()
+    r = ingest(f"report@{DOMAIN}", "Pothole", "A pothole at 51.1652, -1.4497.")
+    assert r.returncode == 75, r.stderr.decode()
+    assert "areas.geojson" in r.stderr.decode()
+    kept = [p for p in (site.dir / "var" / "spool").rglob("*.mail") if p.parent.name != "done"]
+    assert len(kept) == 1, kept   # the report, kept for the retry
+    from mailflow.errors import RulesError
+    from mailflow.site import Site as MfSite
+    with pytest.raises(RulesError, match="areas.geojson"):
+        MfSite.open(site.config)
+
+
+def test_an_authority_change_keeps_the_fault_report_rules(site: Site) -> None:
+    from mailflow.authorities import Authorities
+    from mailflow.site import Site as MfSite
+    mf = MfSite.open(site.config)
+    try:
+        assert mf.rules.reports is not None
+        Authorities(mf, actor="alice").add({"slug": "mercia", "name": "Mercia Council",
+                                            "emails": ["foi@mercia.gov.example"]})
+        assert "mercia" in mf.rules.authorities
+        assert mf.takes_reports and mf.rules.reports is not None   # were dropped before
+        assert mf.rules.reports.route
+    finally:
+        mf.close()

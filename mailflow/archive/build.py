@@ -1298,8 +1298,13 @@ def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[An
     area_rule = next((a for a in getattr(report_rules, "areas", None) or () if a.id == area), None)
     category_name = cat.name if cat else category
     area_name = area_rule.name if area_rule else area
+    categories = getattr(report_rules, "categories", None) or {}
+    history = R.history(
+        inp.events,
+        lambda slug: getattr(site.rules.authorities.get(slug), "name", slug),
+        lambda slug: getattr(categories.get(slug), "name", slug))
     fp = cache.fingerprint(inp, authority, None,
-                           extra=R.fingerprint_data(row, category_name, area_name))
+                           extra=R.fingerprint_data(row, category_name, area_name, history))
     view = cache.get_report(t, fp, writer)
     if view is not None:
         return view
@@ -1310,7 +1315,7 @@ def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[An
     view, files = R.report_view(inp, row,
                                 authority_name=authority.name if authority else t.authority,
                                 category_name=category_name, area_name=area_name, red=red,
-                                verify=verify)
+                                verify=verify, history=history)
     written = {rel: writer.write(rel, data) for rel, data in files.files}
     if verify.transient == transient:
         cache.put_report(t, fp, view, written)
@@ -1482,7 +1487,8 @@ class _RequestsJson:
 def _renderer(site: Site, sv: C.SiteView) -> Renderer:
     r = Renderer(sv, site.settings.site.templates, site.settings.site.language)
     r.env.globals.update(report_chart=report_chart, LOCATION_SOURCES=R.LOCATION_SOURCES,
-                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE)
+                         NO_CATEGORY=R.NO_CATEGORY, NO_AREA=R.NO_AREA, FIXED_NOTE=R.FIXED_NOTE,
+                         HISTORY_WORDS=R.HISTORY_WORDS, HISTORY_BY=R.HISTORY_BY)
     return r
 
 

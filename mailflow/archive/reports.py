@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from typing import Any
@@ -41,6 +41,18 @@ LOCATION_SOURCES: dict[str, str] = {
     "gazetteer": N_("from a place name or postcode in the report"),
     "reply": N_("given by the reporter when asked"),
 }
+# What a report's history says, FixMyStreet's "updates" (templates/archive/report.html).
+HISTORY_WORDS: dict[str, str] = {
+    "sent": N_("Sent to %(name)s"),
+    "sent_on": N_("Sent on to %(name)s"),
+    "category": N_("Category changed from %(was)s to %(name)s"),
+    "moved": N_("Location corrected"),
+    "fixed": N_("Marked as fixed"),
+    "reopened": N_("Reopened: not fixed"),
+    "withdrawn": N_("Withdrawn"),
+}
+HISTORY_BY: dict[str, str] = {"reporter": N_("by the reporter"),
+                              "site": N_("by the site's moderators")}
 NO_AREA = N_("No area")
 NO_CATEGORY = N_("Uncategorised")
 
@@ -55,6 +67,63 @@ def _utc(dt: datetime | None) -> datetime | None:
     if dt is not None and dt.tzinfo is None:
         return dt.replace(tzinfo=timezone.utc)
     return dt
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One change in a public report's life: where it was sent, what the site corrected, and
+    the reporter's or a moderator's change of its state. No addresses, coordinates or
+    reasons: the page shows the report's current place, and an admin's reason is for the
+    audit log, not the public."""
+    at: datetime
+    what: str        # a key of HISTORY_WORDS
+    by: str = ""     # reporter | site | "" (mailflow itself)
+    name: str = ""   # the authority it was sent to, or the new category
+    was: str = ""    # the category before
+
+    @property
+    def words(self) -> str:
+        """In English, for the JSON twin; the page says it through gettext."""
+        text = HISTORY_WORDS[self.what] % {"name": self.name, "was": self.was}
+        return text + (" " + HISTORY_BY[self.by] if self.by in HISTORY_BY else "")
+
+
+def history(events: Iterable[dict[str, Any]], authority_name: Callable[[str], str],
+            category_name: Callable[[str], str]) -> tuple[HistoryEntry, ...]:
+    """The report's public history from its thread events (`Tx.events`), from when it was
+    first sent: what happened before (routing, questions to the reporter) is mailflow's
+    business with the reporter. A state change is listed only when it changed the state (a
+    second "fixed" from the reporter is not news)."""
+    out: list[HistoryEntry] = []
+    sent_to: str | None = None
+    state = "open"
+    for e in events:
+        kind, detail, actor = e["kind"], e.get("detail") or {}, e.get("actor") or ""
+        by = "reporter" if actor == "citizen" else "site" if actor.startswith("admin:") else ""
+        if kind == "report_sent":
+            to = str(detail.get("authority") or "")
+            if to != sent_to:
+                out.append(HistoryEntry(e["at"], "sent" if sent_to is None else "sent_on",
+                                        name=authority_name(to)))
+            sent_to, state = to, "open"
+        elif sent_to is None:
+            continue
+        elif kind == "report_corrected":
+            was, now = detail.get("from") or {}, detail.get("to") or {}
+            if now.get("category") and now.get("category") != was.get("category"):
+                out.append(HistoryEntry(e["at"], "category", "site",
+                                        name=category_name(str(now["category"])),
+                                        was=category_name(str(was.get("category") or ""))))
+            if "lat" in now or "lon" in now:
+                out.append(HistoryEntry(e["at"], "moved", "site"))
+        elif kind == "state":
+            to = {"fixed": "fixed", "not_fixed": "open", "withdraw": "user_withdrawn"}.get(
+                str(detail.get("command") or ""), str(detail.get("to") or ""))
+            if to in ("open", "fixed", "user_withdrawn") and to != state:
+                what = {"fixed": "fixed", "open": "reopened", "user_withdrawn": "withdrawn"}[to]
+                out.append(HistoryEntry(e["at"], what, by))
+                state = to
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -80,6 +149,7 @@ class ReportView:
     description_note: str | None       # why the description is not shown (hidden), or None
     photos: tuple[AttachmentView, ...]
     messages: tuple[MessageView, ...]
+    history: tuple[HistoryEntry, ...] = ()
 
     @property
     def path(self) -> str:
@@ -169,8 +239,8 @@ def report_record(reports: Iterable[ReportView]) -> ReportRecord:
 
 # -- building one report's view -----------------------------------------------------------------
 def report_view(inp: C.ThreadInput, report: Any, *, authority_name: str, category_name: str,
-                area_name: str, red: Redactor, verify: C.Verifier
-                ) -> tuple[ReportView, ThreadFiles]:
+                area_name: str, red: Redactor, verify: C.Verifier,
+                history: tuple[HistoryEntry, ...] = ()) -> tuple[ReportView, ThreadFiles]:
     """The public view of one report and the files it publishes (its photos and other
     attachments). `report` is the store's Report row (or None for a thread without one)."""
     t = inp.thread
@@ -206,13 +276,15 @@ def report_view(inp: C.ThreadInput, report: Any, *, authority_name: str, categor
         location_text=red.text((r.location_text if r else None) or ""),
         reporter=red.text(t.citizen_name), sent_at=_utc(t.sent_at),  # type: ignore[arg-type]
         fixed_at=_utc(r.fixed_at) if r else None, description=description,
-        description_note=note, photos=photos, messages=tuple(messages))
+        description_note=note, photos=photos, messages=tuple(messages), history=history)
     return view, files
 
 
-def fingerprint_data(report: Any, category_name: str, area_name: str) -> list[Any]:
+def fingerprint_data(report: Any, category_name: str, area_name: str,
+                     history: tuple[HistoryEntry, ...] = ()) -> list[Any]:
     """What of the report row and its rules a report's view is made from (for the cache)."""
-    return [asdict(report) if report is not None else None, category_name, area_name]
+    return [asdict(report) if report is not None else None, category_name, area_name,
+            [asdict(h) for h in history]]
 
 
 def view_to_dict(v: ReportView) -> dict[str, Any]:
@@ -224,7 +296,9 @@ def view_from_dict(d: dict[str, Any]) -> ReportView:
         **d, "sent_at": datetime.fromisoformat(d["sent_at"]),
         "fixed_at": datetime.fromisoformat(d["fixed_at"]) if d["fixed_at"] else None,
         "photos": tuple(AttachmentView(**a) for a in d["photos"]),
-        "messages": C.messages_from_dict(d["messages"])})
+        "messages": C.messages_from_dict(d["messages"]),
+        "history": tuple(HistoryEntry(**{**h, "at": datetime.fromisoformat(h["at"])})
+                         for h in d.get("history", ()))})
 
 
 # -- lists ----------------------------------------------------------------------------------------
@@ -419,6 +493,9 @@ def report_json(r: ReportView, base_url: str) -> dict[str, Any]:
         "days_to_fix": r.days_to_fix, "description": r.description,
         "photos": [base_url + (a.path or "") for a in r.photos],
         "messages": [message_json(m, base_url) for m in r.messages],
+        "history": [{"at": iso(h.at), "what": h.what, "by": h.by or None,
+                     "name": h.name or None, "was": h.was or None, "words": h.words}
+                    for h in r.history],
     }
 
 

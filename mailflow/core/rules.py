@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mailflow.core.addresses import valid_slug
@@ -131,7 +132,24 @@ class Authority:
 class Rules:
     laws: dict[str, Law]
     authorities: dict[str, Authority]
-    reports: ReportRules | None = None   # None: the site takes no fault reports
+    # None: the site takes no fault reports. A function: they are read on first use (what
+    # `mailflow ingest` asks for: the areas' geometry needs shapely and numpy, a quarter of a
+    # process's start-up, and most mail is not a report); `reports` then returns its value.
+    report_rules: "ReportRules | Callable[[], ReportRules] | None" = field(
+        default=None, compare=False)
+
+    @property
+    def reports(self) -> ReportRules | None:
+        r = self.report_rules
+        if r is not None and not hasattr(r, "categories"):
+            r = r()   # type: ignore[operator]
+            object.__setattr__(self, "report_rules", r)
+        return r   # type: ignore[return-value]
+
+    @property
+    def takes_reports(self) -> bool:
+        """Whether rules/ has fault-report categories (without reading the areas)."""
+        return self.report_rules is not None
 
     @property
     def slugs(self) -> frozenset[str]:

@@ -71,18 +71,27 @@ def _name(name: str) -> str:
 
 # -- production: dnspython ------------------------------------------------------------------------
 class DnsResolver:
-    """DNS through dnspython, each query bounded by `timeout` seconds."""
+    """DNS through dnspython, each query bounded by `timeout` seconds.
 
-    def __init__(self, timeout: float = 5.0, nameservers: Sequence[str] | None = None):
+    `nameservers`: addresses, or (address, port) pairs (`[classify] nameservers`); none means
+    the system's resolvers from /etc/resolv.conf."""
+
+    def __init__(self, timeout: float = 5.0,
+                 nameservers: Sequence[str | tuple[str, int]] | None = None):
+        import dns.nameserver
         import dns.resolver
         self.timeout = timeout
-        try:
-            self._resolver = dns.resolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            # No /etc/resolv.conf: every question is then a temperror, never a pass.
-            self._resolver = dns.resolver.Resolver(configure=False)
         if nameservers:
-            self._resolver.nameservers = list(nameservers)
+            self._resolver = dns.resolver.Resolver(configure=False)
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*((n,) if isinstance(n, str) else n))
+                for n in nameservers]
+        else:
+            try:
+                self._resolver = dns.resolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                # No /etc/resolv.conf: every question is then a temperror, never a pass.
+                self._resolver = dns.resolver.Resolver(configure=False)
         self._resolver.lifetime = timeout
         self._resolver.timeout = min(timeout, 2.0)
         # Answers (and NXDOMAIN) kept for their TTL, as a caching resolver keeps them: the
