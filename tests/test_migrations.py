@@ -107,3 +107,23 @@ def test_a_command_on_a_current_database_does_not_import_alembic(site: Site) -> 
                        timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().strip() == "False"
+
+
+def test_the_clock_check_reads_only_its_covering_index(store) -> None:  # type: ignore[no-untyped-def]
+    """The reminder sweep's check of every running clock (`Clock.stale`) is answered from
+    ix_threads_clock alone, its groups in index order (migration 0012): no read of the thread
+    rows and no sort, at 100,000 threads 0.018 s of CPU where it took 0.12 (bench/README.md)."""
+    from mailflow.clock import Clock
+    _, _, groups = Clock.clock_groups()
+    with store.read() as tx:
+        sql = groups.compile(dialect=tx.c.dialect, compile_kwargs={"literal_binds": True})
+        plan = " ".join(str(r) for r in tx.c.exec_driver_sql(
+            ("EXPLAIN QUERY PLAN " if tx.c.dialect.name == "sqlite" else "EXPLAIN ") + str(sql)))
+    if tx.c.dialect.name == "sqlite":
+        assert "COVERING INDEX ix_threads_clock" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+    else:   # an empty table: the planner may scan it; the index must at least exist
+        with store.read() as tx:
+            names = {r[0] for r in tx.c.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'threads'")}
+        assert "ix_threads_clock" in names and "ix_threads_state" not in names, names
