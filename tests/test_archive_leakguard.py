@@ -62,3 +62,18 @@ def test_one_guard_over_many_files_finds_what_a_substring_search_finds(
             i = rnd.randint(0, len(text))
             text = text[:i] + v + text[i:]
         assert (guard.find(text.encode()) is not None) == naive(values, text.encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(value, max_size=8), data=st.binary(max_size=80),
+       seed=st.integers(0, 2**32))
+def test_the_guard_finds_values_in_any_bytes(values: list[str], data: bytes, seed: int) -> None:
+    """Any bytes (an attachment, a page with control characters or 8-bit text): the runs of
+    [a-z0-9] are found as a substring search would (`_RUN_BYTES` maps every other byte)."""
+    rnd = random.Random(seed)
+    if values and rnd.random() < 0.6:
+        v = rnd.choice(values).encode()
+        i = rnd.randint(0, len(data))
+        data = data[:i] + (v.upper() if rnd.random() < 0.3 else v) + data[i:]
+    guard = LeakGuard([(v, f"[{v}]") for v in values])
+    assert (guard.find(data) is not None) == naive(values, data)

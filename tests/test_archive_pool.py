@@ -15,7 +15,7 @@ from mailflow import config
 from mailflow.archive import build as build_mod
 from mailflow.archive import pool
 from mailflow.archive.cachedb import INDEX_FILE
-from mailflow.archive.writer import CACHE_DIR
+from mailflow.archive.writer import CACHE_DIR, LeakError
 from mailflow.errors import ConfigError
 from test_archive_build import TODAY, World, make_world
 from test_archive_incremental import published
@@ -213,3 +213,40 @@ def test_a_view_from_the_message_summaries_is_the_view_from_whole_messages(
             assert view(summaries[t.id]) == view(tx.messages(t.id))
             made += 1
     assert made >= 2
+
+
+@pytest.mark.parametrize("where", ["page", "attachment"])
+def test_a_private_value_in_a_file_a_worker_made_fails_the_build(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A view worker checks (and in a full build writes) its thread's files itself
+    (`Writer.ahead`): a private value in one of them fails the build as in the build's own
+    process, and nothing is published."""
+    out = tmp_path / "out"
+    build_mod.build(world.mf, out, full=True, dns_txt=world.dns, today=TODAY, search=False)
+    before = published(out)
+    used = _in_workers(monkeypatch)
+    leak = f"Reply to {world.secrets[0]}".encode()
+    if where == "page":
+        real_files = build_mod._thread_files
+        monkeypatch.setattr(build_mod, "_thread_files", lambda r, sv, t, *a: [
+            *real_files(r, sv, t, *a), (f"{t.path}notes.txt", leak)])
+    else:
+        real_view = build_mod._thread_view
+
+        def leaky(*a: Any, **kw: Any) -> Any:
+            view, files = real_view(*a, **kw)
+            files.files.append((f"{view.path}attachments/leak.txt", leak))
+            return view, files
+
+        monkeypatch.setattr(build_mod, "_thread_view", leaky)
+    for full in (True, False):
+        with pytest.raises(LeakError):
+            build_mod.build(world.mf, out, full=full, dns_txt=world.dns, today=TODAY,
+                            search=False)
+        assert published(out) == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.new")]
+        # An incremental build makes views again only when something changed (a rule).
+        rules = world.mf.settings.site.rules / "redactions.toml"
+        rules.write_text((rules.read_text() if rules.exists() else "")
+                         + '\n[[redaction]]\ntext = "tonnes"\nreplacement = "[amount]"\n')
+    assert len(used) == 2 and all(n >= 2 for n in used)   # both builds used the workers

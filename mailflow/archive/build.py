@@ -1144,22 +1144,26 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
                     C.SiteView, name=site.settings.site.name, base_url=base_url, today=today,
                     threads=(), authorities=(), reports=None)
                 made = _made_views(site, to_make, rules, verify, today,
-                                   lambda: page_site(reports=_report_lists(site, report_views)))
+                                   lambda: page_site(reports=_report_lists(site, report_views)),
+                                   writer)
                 with contextlib.closing(made):
                     for (slot, inp, fp, probe), (view, files, transient, extra) in zip(to_make,
                                                                                         made):
                         t = inp.thread
                         writer.owner = str(t.id)
-                        written = {rel: writer.write(rel, data) for rel, data in files}
+                        # Checked (and in a fresh folder written) where the view was made.
+                        written = {f[0]: writer.put_checked(*f) for f in files}
                         if not transient:   # a DKIM answer that may change is not kept
                             cache.put(t, fp, view, written, extra[1] if extra else None)
                             _cached_probe(cache, t, probe)
                             if extra is not None:   # a worker rendered its pages: kept by
-                                # `_write_pages` (`keep_pages`)
+                                # `_write_pages` (`keep_pages`), with its data line and summary
                                 pages_key = _pages_key(psalt, fp, view.list_state)
                                 cache.put_pages(str(t.id), pages_key, {
-                                    rel: writer.write(rel, data) for rel, data in extra[0]})
+                                    f[0]: writer.put_checked(*f) for f in extra[0]})
                                 cache.written_pages[str(t.id)] = pages_key
+                                e = cache.fresh[str(t.id)]
+                                e["line"], e["summary"] = extra[2], extra[3]
                         writer.owner = ""
                         views[slot] = view
                 del to_make
@@ -1250,10 +1254,13 @@ def _thread_view(site: Site, inp: C.ThreadInput, rules: list[Any], verify: C.Ver
                          law=site.rules.laws.get(t.law), red=red, verify=verify, today=today)
 
 
-# A view, its files (attachments), whether a DKIM answer was transient, and when a worker made
-# it, its own pages (`_thread_files`) and its JSON for the cache (`_view_json`).
-ViewMade = tuple[C.ThreadView, list[tuple[str, bytes]], bool,
-                 tuple[list[tuple[str, Any]], str] | None]
+# A view, its files (attachments, as `Writer.checked` or `Writer.ahead` answer), whether a
+# DKIM answer was transient, and when a worker made it (not transient), its own pages
+# (`_thread_files`, as `Writer.ahead` answers), its JSON for the cache (`_view_json`), its
+# line of the data dump and its summary (`_write_pages`).
+Checked = tuple[str, bytes | None, str]
+ViewMade = tuple[C.ThreadView, list[Checked], bool,
+                 tuple[list[Checked], str, str, str] | None]
 
 
 def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists | None:
@@ -1267,17 +1274,19 @@ def _report_lists(site: Site, report_views: list[R.ReportView]) -> R.ReportLists
 
 def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
                 rules: list[Any], verify: DkimCache, today: date,
-                page_site: Callable[[], C.SiteView]) -> Iterator[ViewMade]:
+                page_site: Callable[[], C.SiteView], writer: Writer) -> Iterator[ViewMade]:
     """The views of `to_make`, in order: in worker processes when there are many of them
     (`pool`), else here. A view is made from the message summaries the fingerprint was
     made from (`reading.MessageSummary`: every column `thread_view` reads, from the build's
     transaction), and for a worker the raw bytes of the messages it shows are read here. A
     worker also renders each
     thread's own pages (`_thread_files`; `page_site`: the site as those pages see it), the
-    largest part of `_write_pages`."""
+    largest part of `_write_pages`, and checks every file it makes (`Writer.ahead`, with the
+    build's guard: in a fresh folder it writes them too), its data line and summary: what
+    the build's own process did for each thread, the critical path of a full build."""
     workers = pool.workers_for(site.settings)
     if len(to_make) < pool.POOL_MIN or workers < 2:
-        return _views_here(site, to_make, rules, verify, today)
+        return _views_here(site, to_make, rules, verify, today, writer)
     get_raw = to_make[0][1].raw
     sv = page_site()
 
@@ -1306,8 +1315,17 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
             transient = verify.transient
             view, files = _thread_view(site, C.ThreadInput(t, messages, events, raws.__getitem__),
                                        rules, check, today)
-            out.append((view, files.files, verify.transient != transient,
-                        (_thread_files(r, sv, view), _view_json(view))))
+            moved = verify.transient != transient
+            made = [writer.ahead(rel, data) for rel, data in files.files]
+            # A transient view is not cached: `_write_pages` renders its pages.
+            if moved:
+                out.append((view, made, moved, None))
+                continue
+            data = thread_json(view, sv.base_url)
+            out.append((view, made, moved, (
+                [writer.ahead(rel, b) for rel, b in _thread_files(r, sv, view, data)],
+                _view_json(view), json.dumps(data, ensure_ascii=False) + "\n",
+                ThreadSummary.encode(view))))
         return out, answers
 
     def merge(answers: dict[str, Any]) -> None:
@@ -1318,7 +1336,7 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
     def counted() -> Iterator[ViewMade]:
         with contextlib.closing(pool.in_workers(
                 to_make, prepare, work, merge, workers,
-                lambda: _views_here(site, to_make, rules, verify, today))) as it:
+                lambda: _views_here(site, to_make, rules, verify, today, writer))) as it:
             for made in it:
                 verify.transient += made[2]
                 yield made
@@ -1327,11 +1345,13 @@ def _made_views(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | N
 
 
 def _views_here(site: Site, to_make: list[tuple[int, C.ThreadInput, str, str | None]],
-                rules: list[Any], verify: DkimCache, today: date) -> Iterator[ViewMade]:
+                rules: list[Any], verify: DkimCache, today: date,
+                writer: Writer) -> Iterator[ViewMade]:
     for _, inp, _, _ in to_make:
         transient = verify.transient
         view, files = _thread_view(site, inp, rules, verify, today)
-        yield view, files.files, verify.transient != transient, None
+        yield (view, [writer.checked(rel, data) for rel, data in files.files],
+               verify.transient != transient, None)
 
 
 def _report(site: Site, inp: C.ThreadInput, messages_of: Callable[[int], list[Any]],
@@ -1584,13 +1604,16 @@ def _renderer(site: Site, sv: C.SiteView) -> Renderer:
     return r
 
 
-def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView) -> list[tuple[str, Any]]:
+def _thread_files(r: Renderer, sv: C.SiteView, t: C.ThreadView,
+                  data: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     """A thread's own files: its page, JSON twin and feed. They show the thread and only
     the site's name, address and whether it takes fault reports, so a view worker renders
-    them as `_write_pages` would (`_made_views`)."""
+    them as `_write_pages` would (`_made_views`). `data`: `thread_json(t, sv.base_url)`."""
     base = sv.base_url
+    if data is None:
+        data = thread_json(t, base)
     return [(f"{t.path}index.html", r.page("thread.html", f"{t.path}index.html", t=t)),
-            (f"{t.path}index.json", _json(thread_json(t, base))),
+            (f"{t.path}index.json", _json(data)),
             (f"{t.path}feed.atom", feeds.atom(
                 title=t.title, base_url=base, page=t.path, feed=f"{t.path}feed.atom",
                 entries=feeds.thread_entries([t]), author=sv.name))]
@@ -1642,11 +1665,15 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     for t in index.fresh:
         key = str(t.id)
         pages_key = None
-        line = lines[t.id] = json.dumps(thread_json(t, base), ensure_ascii=False) + "\n"
         e = cache.fresh.get(key) if cache is not None else None
+        line = e.get("line") if e is not None else None   # a view worker's (`_made_views`)
+        if line is None:
+            line = json.dumps(thread_json(t, base), ensure_ascii=False) + "\n"
+        lines[t.id] = line
         if e is not None:
             pages_key = _pages_key(salt, e["fp"], t.list_state)
-            e["summary"] = ThreadSummary.encode(t)
+            if e.get("summary") is None:
+                e["summary"] = ThreadSummary.encode(t)
             e["line"] = line
         pages_keys[t.id] = pages_key
         w.owner = key

@@ -22,6 +22,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import DOMAIN, JANE, Site, compose
 from mailflow.archive import writer as writer_mod
@@ -186,6 +188,25 @@ def test_safe_rel_refuses_what_no_archive_path_may_contain() -> None:
         with pytest.raises(ValueError):
             safe_rel(bad)
     assert safe_rel("request/1-x/attachments/2/3-file.txt") == "request/1-x/attachments/2/3-file.txt"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(rel=st.one_of(
+    st.text(alphabet="aZ0_-./", max_size=12),
+    st.lists(st.sampled_from(["pagefind", ".mailflow-cache", "request", "..", ".", "", "a.b",
+                              ".x", "-", "_", "x" * 255, "x" * 256, "é", "a:b"]),
+             max_size=4).map("/".join)))
+def test_safe_rel_fast_path_answers_as_the_full_check(rel: str) -> None:
+    """`safe_rel` accepts plain ASCII paths without pathlib: exactly as `_safe_rel` would."""
+    try:
+        expected: str | None = writer_mod._safe_rel(rel)
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = safe_rel(rel)
+    except ValueError:
+        got = None
+    assert got == expected
 
 
 def test_archive_files_are_fsynced_before_rename_and_their_folders_after(
