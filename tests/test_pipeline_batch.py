@@ -58,6 +58,23 @@ def _outcomes(results: list[Result | Exception]) -> list[str]:
             for r in results]
 
 
+def _fail_on(monkeypatch: pytest.MonkeyPatch, p: Pipeline, subject: str | None,
+             error: Exception) -> list[str]:
+    """Make `p` raise `error` while accepting the reply with this subject (None: every reply);
+    the subjects it was asked to accept, in order, are returned (filled as it runs)."""
+    real = p.accept_response
+    calls: list[str] = []
+
+    def accept(c, thread, pk):  # type: ignore[no-untyped-def]
+        calls.append(c.pm.subject)
+        if subject is None or c.pm.subject == subject:
+            raise error
+        return real(c, thread, pk)
+
+    monkeypatch.setattr(p, "accept_response", accept)
+    return calls
+
+
 def test_a_batch_stores_each_message_once_and_a_redo_changes_nothing(site: Site,
                                                                     mf: MfSite) -> None:
     tid, address = _sent_request(site, mf, "Batch budget")
@@ -261,16 +278,7 @@ def test_a_failing_message_in_the_optimistic_batch_stores_the_others_exactly_onc
     before = _counts(mf, tid)
     raws = _replies(address, 5, "redo")
     p = Pipeline(mf)
-    real = p.accept_response
-    calls: list[str] = []
-
-    def broken(c, thread, pk):  # type: ignore[no-untyped-def]
-        calls.append(c.pm.subject)
-        if c.pm.subject == "Re: redo 3":
-            raise RuntimeError("a bug in this message")
-        return real(c, thread, pk)
-
-    monkeypatch.setattr(p, "accept_response", broken)
+    calls = _fail_on(monkeypatch, p, "Re: redo 3", RuntimeError("a bug in this message"))
     savepoints = _savepoints(mf)
     items = _spool(mf, raws)
     with caplog.at_level(logging.INFO, logger="mailflow.pipeline"):
@@ -329,13 +337,7 @@ def test_a_lone_failing_message_is_not_applied_twice(site: Site, mf: MfSite,
     """Alone in its transaction, a failing message's rollback is its own: no second pass."""
     tid, address = _sent_request(site, mf, "Batch of one")
     p = Pipeline(mf)
-    calls: list[str] = []
-
-    def broken(c, thread, pk):  # type: ignore[no-untyped-def]
-        calls.append(c.pm.subject)
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(p, "accept_response", broken)
+    calls = _fail_on(monkeypatch, p, None, RuntimeError("a bug"))
     items = _spool(mf, _replies(address, 1, "alone"))
     assert _outcomes(p.process_items(mf.spool, items)) == ["RuntimeError"]
     assert calls == ["Re: alone 0"]
@@ -352,16 +354,8 @@ def test_a_database_error_in_the_optimistic_batch_gives_every_item_back(
     tid, address = _sent_request(site, mf, "Batch with a locked database")
     before = _counts(mf, tid)
     p = Pipeline(mf)
-    real = p.accept_response
-    calls: list[str] = []
-
-    def locked(c, thread, pk):  # type: ignore[no-untyped-def]
-        calls.append(c.pm.subject)
-        if c.pm.subject == "Re: locked 1":
-            raise OperationalError("INSERT …", {}, Exception("database is locked"))
-        return real(c, thread, pk)
-
-    monkeypatch.setattr(p, "accept_response", locked)
+    calls = _fail_on(monkeypatch, p, "Re: locked 1",
+                     OperationalError("INSERT …", {}, Exception("database is locked")))
     items = _spool(mf, _replies(address, 3, "locked"))
     with pytest.raises(StoreError):
         p.process_items(mf.spool, items)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mailflow.core.addresses import valid_slug
@@ -141,8 +141,8 @@ class Rules:
     @property
     def reports(self) -> ReportRules | None:
         r = self.report_rules
-        if r is not None and not hasattr(r, "categories"):
-            r = r()   # type: ignore[operator]
+        if callable(r):   # a ReportRules is a plain dataclass, never callable
+            r = r()
             object.__setattr__(self, "report_rules", r)
         return r   # type: ignore[return-value]
 
