@@ -43,6 +43,7 @@ class SpoolSettings:
     dir: Path
     keep_done_days: int
     max_attempts: int
+    processor_niceness: int = 10     # the daemon's processing child: nice(2) increment
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "dir": (str, "var/spool"),
         "keep_done_days": (int, 7),
         "max_attempts": (int, 5),
+        "processor_niceness": (int, 10),
     },
     "smtp": {
         "listen": (str, "127.0.0.1:2525"),
@@ -289,6 +291,13 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
 def _where(path: Path, table: str, key: str | None = None) -> str:
     return f"{path}: [{table}]" + (f" {key}" if key else "")
+
+
+def _niceness(path: Path, n: int) -> int:
+    if not 0 <= n <= 19:
+        raise ConfigError(f"{_where(path, 'spool', 'processor_niceness')}: must be from 0 (the "
+                          f"daemon's own priority) to 19 (the lowest), got {n}")
+    return n
 
 
 def _archive_workers(path: Path, n: int) -> int:
@@ -534,7 +543,8 @@ def from_dict(data: dict[str, Any], path: Path) -> Settings:
         database=DatabaseSettings(url=db_url),
         spool=SpoolSettings(dir=_resolve(base, spool["dir"]),
                             keep_done_days=spool["keep_done_days"],
-                            max_attempts=spool["max_attempts"]),
+                            max_attempts=spool["max_attempts"],
+                            processor_niceness=_niceness(path, spool["processor_niceness"])),
         smtp=SmtpSettings(listen_host=listen_host, listen_port=listen_port,
                           hostname=smtp["hostname"] or domain,
                           max_message_size=smtp["max_message_size"],

@@ -180,7 +180,8 @@ class Daemon:
         return [sys.executable, "-m", "mailflow.processor",
                 "--config", str(self.site.settings.path), "--instance", self.registry.id,
                 "--parent", str(os.getpid()), "--log-level", str(root.getEffectiveLevel()),
-                "--log-format", fmt, "--no-recover"]
+                "--log-format", fmt, "--no-recover",
+                "--nice", str(self.site.settings.spool.processor_niceness)]
 
     async def start_processor(self) -> asyncio.subprocess.Process:
         """Start the processor with this very mailflow (its package first on the path, so a

@@ -32,6 +32,8 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     ('[outbound]\ntransport = "carrier-pigeon"\n', ["transport", "maildir, smtp"]),
     ('[outbund]\n', ["unknown table", "outbound"]),
     ('[outbound]\nretry_schedule = [60, -1]\n', ["retry_schedule"]),
+    ('[spool]\nprocessor_niceness = 20\n', ["[spool] processor_niceness", "0", "19", "got 20"]),
+    ('[spool]\nprocessor_niceness = -5\n', ["[spool] processor_niceness", "got -5"]),
 ])
 def test_wrong_keys_and_values_are_named(tmp_path: Path, extra: str, words: list[str]) -> None:
     p = write(tmp_path, GOOD + extra)

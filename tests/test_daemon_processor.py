@@ -79,6 +79,27 @@ def test_processing_runs_in_a_child_and_a_dead_one_is_replaced(site: Site) -> No
         assert d.stop(signal.SIGTERM) == 0
 
 
+def nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[16])
+
+
+def test_the_processor_runs_at_the_configured_niceness(site: Site) -> None:
+    """`[spool] processor_niceness`: 10 by default (answering clients first), 0 on a
+    machine where other busy work would starve it (the suite sets 0 for its sites)."""
+    base = nice_of(os.getpid())    # (whatever this suite runs at: nice(2) adds to it)
+    for value in (7, 0):
+        site.set("spool", "processor_niceness", str(value))
+        d = Daemon(site)
+        try:
+            pid = processor_of(d)     # (found as it starts: it lowers itself a moment later)
+            want = min(base + value, 19)
+            wait_for(lambda: nice_of(pid) == want, timeout=15, what=f"the processor at nice {want}")
+            assert nice_of(d.proc.pid) == base
+        finally:
+            assert d.stop(signal.SIGTERM) == 0
+
+
 def test_sigterm_to_the_daemon_alone_stops_its_processor(site: Site) -> None:
     """systemd may signal only the main process; the processor must stop with it."""
     d = Daemon(site)
