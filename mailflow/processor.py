@@ -262,6 +262,25 @@ class Processor:
                 return
         if any(counts.values()):
             log.info("outbox: %s", counts)
+        if counts.get("retry"):
+            self._spawn(self._flush_when_due())
+
+    async def _flush_when_due(self) -> None:
+        """A row given back to be tried again before the next sweep (one whose composing
+        clashed with another transaction is due in seconds) is sent when it is due."""
+        def next_due() -> datetime | None:
+            with self.site.store.read() as tx:
+                return tx.next_outbox_due()
+        try:
+            due = await asyncio.to_thread(next_due)
+        except Exception:  # noqa: BLE001 - the next sweep sends it
+            return
+        if due is None:
+            return
+        wait = (due - datetime.now(timezone.utc)).total_seconds()
+        if wait < OUTBOX_SWEEP_SECONDS:
+            await asyncio.sleep(max(0.0, wait))
+            await self.flush_outbox()
 
     async def sweep_reminders(self) -> None:
         """Send what is due; a missed window (the daemon was down) sends late, never not."""

@@ -244,3 +244,43 @@ def test_the_forward_is_what_the_pipeline_used_to_compose(site: Site, mf: MfSite
     att, = list(got.iter_attachments())
     assert att.get_filename() == "figures.pdf"
     assert att.get_content() == b"%PDF-1.4 figures"
+
+
+def test_a_clash_with_another_transaction_while_composing_is_tried_again_in_seconds(
+        site: Site, mf: MfSite) -> None:
+    """PostgreSQL aborts one of two transactions that lock the same rows in opposite orders
+    (or, with `lock_timeout`, one that waits too long). Composing a forward stores a message
+    on its thread, which locks the thread's change marker; when that clashes, nothing is
+    wrong with the row: it is given back for a try in seconds, not counted as an attempt
+    (it used to wait the retry schedule's 300 s: the three-daemon crash test found it)."""
+    if mf.store.engine.dialect.name != "postgresql":
+        pytest.skip("a lock wait with a timeout: PostgreSQL's; SQLite's writers queue whole")
+    from sqlalchemy import text
+    tid, address = _ready(site, mf, "Clashing senders")
+    row_id = _reply(mf, address, "Clashing senders")
+    db = mf.store.engine.url.database
+    with mf.store.engine.begin() as c:
+        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
+    mf.store.engine.dispose()          # new connections take the setting
+    holder = mf.store.engine.connect()
+    try:
+        holder.begin()
+        assert holder.execute(text("SELECT thread_id FROM thread_changes WHERE thread_id = :t "
+                                   "FOR UPDATE"), {"t": tid}).all()
+        before = utcnow()
+        assert _deliver(mf, [row_id]) == {"sent": 0, "retry": 1, "failed": 0}
+        with mf.store.read() as tx:
+            row = next(r for r in tx.outbox_rows() if r.id == row_id)
+        assert row.state == "queued" and row.compose == "forward" and row.attempts == 0
+        assert "clashed with another transaction" in (row.last_error or "")
+        assert row.next_attempt_at is not None
+        assert before < row.next_attempt_at <= utcnow() + O.CONFLICT_RETRY
+        assert _forwards(mf, tid) == []
+    finally:
+        holder.rollback()
+        holder.close()
+    from mailflow.delivery import _composer
+    soon = utcnow() + O.CONFLICT_RETRY
+    assert asyncio.run(O.deliver_due(mf.store, mf.transport, (300,), ids=[row_id],
+                                     now=lambda: soon, compose=_composer(mf)))["sent"] == 1
+    assert len(_forwards(mf, tid)) == 1 and len(_jane(site)) == 1

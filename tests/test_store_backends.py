@@ -228,3 +228,31 @@ def test_nul_in_mail_text_is_stored_on_both_stores(mf: MfSite) -> None:
         assert tx.thread(t.id).title == "New\ufffdtitle"  # type: ignore[union-attr]
         item = tx.queue_item(qid)
         assert item is not None and item.summary == "sum\ufffdmary"
+
+
+def test_a_busy_sqlite_database_is_a_conflict_and_a_missing_table_is_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`is_conflict` tells a clash between transactions (try again shortly) from an error in
+    the work itself, on the real errors."""
+    import sqlite3 as sq
+    from mailflow.errors import StoreError
+    from mailflow.store.repository import is_conflict
+    path = str(tmp_path / "busy.db")
+    a = sq.connect(path, timeout=0, isolation_level=None)
+    b = sq.connect(path, timeout=0, isolation_level=None)
+    try:
+        a.execute("CREATE TABLE t (x)")
+        a.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sq.OperationalError) as busy:
+            b.execute("BEGIN IMMEDIATE")
+        assert is_conflict(busy.value)
+        try:
+            raise StoreError("database error") from busy.value
+        except StoreError as wrapped:
+            assert is_conflict(wrapped)
+        with pytest.raises(sq.OperationalError) as missing:
+            b.execute("SELECT * FROM nowhere")
+        assert not is_conflict(missing.value)
+        assert not is_conflict(ValueError("database is locked"))
+    finally:
+        a.close()
+        b.close()

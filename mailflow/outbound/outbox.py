@@ -28,10 +28,13 @@ from mailflow.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailflow.outbound.compose import Outgoing, build
 from mailflow.outbound.signing import Signer
 from mailflow.outbound.transports import MaybeDeliveredError, Transport
-from mailflow.store.repository import OutboxRow, Store, Tx, utcnow
+from mailflow.store.repository import OutboxRow, Store, Tx, is_conflict, utcnow
 
 log = logging.getLogger("mailflow.outbox")
 LEASE = timedelta(minutes=10)
+# A row whose composing clashed with another transaction (`is_conflict`) is tried again this
+# soon, not on the retry schedule: nothing is wrong with it.
+CONFLICT_RETRY = timedelta(seconds=2)
 GIVE_UP_AFTER = timedelta(days=5)
 MAYBE = "maybe delivered"
 
@@ -113,7 +116,10 @@ async def deliver_due(store: Store, transport: Transport, retry_schedule: Sequen
         with store.tx() as tx:
             rows = tx.claim_outbox(now(), LEASE, ids=ids)
             batch = []
-            for r in rows:
+            # Composing stores a message on the row's thread, which locks the thread's row
+            # of `thread_changes` until commit: taken in thread order, two senders (or a
+            # sender and the pipeline) wait for each other instead of deadlocking.
+            for r in sorted(rows, key=lambda r: (r.thread_id or 0, r.id)):
                 msg = tx.message(r.message_pk)
                 assert msg is not None
                 if r.compose is not None:
@@ -154,6 +160,16 @@ def _compose(tx: Tx, row: OutboxRow, queued_at: datetime, compose: Composer | No
             return pk
     except Exception as e:  # noqa: BLE001 - this row waits, the others go on
         tx.forget()
+        if is_conflict(e):
+            # Not the row's fault: another transaction held what composing needed. Again in
+            # a moment, without using up one of its attempts (it once waited 300 s here).
+            log.warning("outbox %s: composing the %s clashed with another transaction (%s); "
+                        "again in %d s", row.id, row.compose, type(getattr(e, "orig", e)).__name__,
+                        CONFLICT_RETRY.total_seconds())
+            tx.outbox_requeue(row.id, f"composing the {row.compose} clashed with another "
+                              "transaction; trying again", now() + CONFLICT_RETRY)
+            counts["retry"] += 1
+            return None
         log.exception("outbox %s: could not compose the %s", row.id, row.compose)
         error = f"composing the {row.compose}: {type(e).__name__}: {e}"
         at = next_attempt(row.attempts + 1, queued_at, now(), retry_schedule, give_up_after)

@@ -660,6 +660,13 @@ class Tx:
         self.c.execute(_OUTBOX_SENT, {"row_id": row_id, "sent_now": utcnow(),
                                       "sent_result": result})
 
+    def outbox_requeue(self, row_id: int, note: str, at: datetime) -> None:
+        """Give a claimed row back for another try at `at`, not counted as an attempt (the
+        try never got as far as the row's own work: a database conflict)."""
+        self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
+            state="queued", last_error=note, next_attempt_at=at, claimed_until=None,
+            claimed_by=None))
+
     def outbox_retry(self, row_id: int, error: str, at: datetime) -> None:
         self.c.execute(update(outbox).where(outbox.c.id == row_id).values(
             state="queued", last_error=error, next_attempt_at=at, claimed_until=None,
@@ -869,6 +876,24 @@ class Tx:
             "outbox_failed": n(outbox, outbox.c.state == "failed"),
             "queue_open": n(queue_items, queue_items.c.state == "open"),
         }
+
+
+# PostgreSQL's deadlock_detected, serialization_failure, lock_not_available.
+_CONFLICT_STATES = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_conflict(e: BaseException) -> bool:
+    """Whether `e` is a clash between concurrent transactions, not a problem with what was
+    being written: PostgreSQL chose this one to abort (a deadlock, a serialization failure,
+    a lock wait over `lock_timeout`), or SQLite's write lock stayed busy. Trying the same
+    work again shortly is the cure."""
+    if isinstance(e, StoreError) and isinstance(e.__cause__, BaseException):
+        e = e.__cause__
+    if not isinstance(e, (OperationalError, sqlite3.OperationalError)):
+        return False
+    orig = getattr(e, "orig", e)
+    return (getattr(orig, "sqlstate", None) in _CONFLICT_STATES
+            or "database is locked" in str(orig))
 
 
 class Store:
