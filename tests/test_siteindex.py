@@ -96,3 +96,84 @@ def test_updates_equal_an_index_made_from_scratch() -> None:
             a.replace(swapped.get)
             same(a, list(threads.values()))
             assert not set(swapped) & a.view_ids
+
+
+def shown(t: T) -> tuple[object, ...]:
+    """What a listing page shows of a thread (a kept summary shows what its view did)."""
+    return (t.id, t.sent, t.list_state, t.authority, t.top, t.responses)
+
+
+def pages_of(a: SiteIndex, size: int) -> dict[tuple[str, object, int], list[tuple[object, ...]]]:
+    """Every page of every list the archive pages (state and authority lists in pages of
+    `size`, the id parts of 7 each as one page), as shown."""
+    out: dict[tuple[str, object, int], list[tuple[object, ...]]] = {}
+    lists = [("state", s, a.state(s)) for s in ("waiting-response", "successful", "overdue",
+                                                "refused")]
+    lists += [("slug", slug, items) for slug, items in a.slugs().items()]
+    for kind, name, items in lists:
+        for n in range(max(1, -(-len(items) // size))):
+            out[(kind, name, n)] = [shown(t) for t in items[n * size:(n + 1) * size]]
+    for n, items in a.id_parts(7):
+        out[("part", n, 0)] = [shown(t) for t in items]
+    return out
+
+
+def test_changed_pages_names_every_page_that_changed() -> None:
+    """A page `changed_pages` does not name shows what it showed at the last `settle`; a
+    reply that moves a thread nowhere names one page of each list it is in."""
+    rnd = random.Random(11)
+    size = 10
+    threads = {i: made(rnd, i, summary=True) for i in range(1, 150)}
+    a = index(list(threads.values()))
+    a.id_parts(7)
+    assert a.changed_pages("state", "overdue", size) == (set(), 0)   # new: all of it
+    a.settle()
+    before = pages_of(a, size)
+    checked_in_place, fresh = 0, True
+    for step in range(240):
+        touched = set(rnd.sample(sorted(threads), rnd.randrange(1, 4)))
+        now = []
+        for tid in sorted(touched):
+            roll = rnd.random()
+            if roll < 0.5:      # a reply: more responses, a new page key, the same places
+                t = replace(threads[tid], responses=threads[tid].responses + 1,
+                            pages_key=f"pk{tid}-{step}")
+                if rnd.random() < 0.5:      # ... and the site's newest message
+                    t = replace(t, top=(datetime(2027, 1, 1, tzinfo=timezone.utc)
+                                        + timedelta(minutes=step), tid * 10))
+            elif roll < 0.6:
+                del threads[tid]
+                continue
+            elif roll < 0.8:
+                t = replace(threads[tid], list_state="refused")
+            else:
+                t = made(rnd, tid, summary=True)
+            threads[tid] = t
+            now.append(t)
+        if step % 7 == 0:
+            t = made(rnd, max(threads) + 1, summary=True)
+            touched.add(t.id)
+            threads[t.id] = t
+            now.append(t)
+        a.update(touched, now)
+        same(a, list(threads.values()))
+        after = pages_of(a, size)
+        for (kind, name, n), items in after.items():
+            pages, start = a.changed_pages(kind, name, 7 if kind == "part" else size)
+            if n not in pages and (start is None or n < start):
+                assert before.get((kind, name, n)) == items, (step, kind, name, n)
+        held = {t[0]: t for page in before.values() for t in page}
+        if (fresh and len(touched) == 1 and len(now) == 1
+                and held.get(now[0].id, (None,))[:4] == shown(now[0])[:4]):
+            t = now[0]      # a reply right after a settle: one page of each of its lists
+            for kind, name, page_size in (("state", t.list_state, size),
+                                          ("slug", t.authority, size), ("part", t.id // 7, 7)):
+                pages, start = a.changed_pages(kind, name, page_size)
+                assert start is None and len(pages) == 1, (kind, pages, start)
+            checked_in_place += 1
+        fresh = False
+        if step % 3 == 0:       # the builder wrote the pages: they show what is held now
+            a.replace(lambda tid: None)
+            before = pages_of(a, size)
+            fresh = True
+    assert checked_in_place > 5

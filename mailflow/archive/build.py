@@ -1188,7 +1188,7 @@ def _build_into(site: Site, root: Path, base_url: str, today: date,
         dkey = site.settings.site.secret.encode("utf-8")
         if known is None:
             writer.check_kept(writer.guard)
-        elif not digests <= known:
+        elif digests is not known and not digests <= known:   # (the set kept: no scan)
             writer.check_kept(LeakGuard([(v, label) for v, label in secrets
                                          if _secret_digest(v, dkey) not in known]))
         index.begin()
@@ -1499,6 +1499,22 @@ class _Listings:
             self.new[rel] = hit       # type: ignore[assignment]
         return True
 
+    def keep_unchanged(self, rels: list[str]) -> bool:
+        """Keep all of `rels` as the last build made them, without keying them: the site
+        index says nothing they show has changed since (`SiteIndex.changed_pages`). False
+        (nothing kept) if one was not made under a key then."""
+        hits = [self.old.get(rel) for rel in rels]
+        if None in hits:
+            return False
+        for rel, hit in zip(rels, hits):
+            self.w.keep(rel, hit[1], checked=True)   # type: ignore[index]
+            self.new[rel] = hit       # type: ignore[assignment]
+        return True
+
+    def old_key(self, rel: str) -> str | None:
+        hit = self.old.get(rel)
+        return hit[0] if hit is not None else None
+
     def put(self, rel: str, key: str | None, digest: str) -> None:
         if key is not None:
             self.new[rel] = [key, digest]
@@ -1686,16 +1702,29 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         finally:
             w.owner = ""
     listings = _Listings(cache, salt, w, pages_keys)
+
+    def unchanged(kind: str, name: Any, page: int | None, size: int = PAGE_SIZE) -> bool:
+        """Whether the site index says the list's page (0 the first; None: all of them)
+        shows exactly what the last build's did (see `SiteIndex.changed_pages`)."""
+        if cache is None:
+            return False
+        pages, start = index.changed_pages(kind, name, size)  # type: ignore[union-attr]
+        if page is None:
+            return not pages and start is None
+        return page not in pages and (start is None or page < start)
+
     w.write("body/index.html", r.page("authorities.html", "body/index.html"))
     for a in sv.authorities:
         chunks = _chunks(a.threads)
         own = [page_path(a.path, 1), f"{a.path}feed.atom", f"{a.path}index.json"]
         # Its first page (record, contact details), JSON (every request) and feed: rendered
         # when one of its requests or its entry in the rules changed (always with reports).
-        akey = None if a.reports else listings.key(
+        # None of its requests changed since the last build: kept, under the same key.
+        same = not a.reports and unchanged("slug", a.slug, None) and listings.keep_unchanged(own)
+        akey = None if a.reports else listings.old_key(own[0]) if same else listings.key(
             a.path, a.threads, [a.name, a.url, list(a.emails), a.law_name, list(a.tags),
                                 len(chunks)])
-        if not listings.keep_all(own, akey):
+        if not same and not listings.keep_all(own, akey):
             listings.put(own[0], akey, w.write(own[0], r.page(
                 "authority.html", own[0], a=a, threads=chunks[0], page=1, pages=len(chunks))))
             data = (authority_json(a, base) if a.reports
@@ -1719,6 +1748,8 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
                          else w.write(own[2], _json(data)))
         for n, chunk in enumerate(chunks[1:], 2):
             path = page_path(a.path, n)
+            if unchanged("slug", a.slug, n - 1) and listings.keep_unchanged([path]):
+                continue
             listings.write(path, chunk, [a.name, len(chunks)], lambda path=path, chunk=chunk,
                            n=n, a=a: r.page("authority.html", path, a=a, threads=chunk,
                                             page=n, pages=len(chunks)))
@@ -1739,6 +1770,8 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         chunks = _chunks(by_state[key])
         for n, chunk in enumerate(chunks, 1):
             path = page_path(first, n)
+            if unchanged("state", key, n - 1) and listings.keep_unchanged([path]):
+                continue
             listings.write(path, chunk, [words, len(chunks)], lambda path=path, chunk=chunk,
                            n=n, words=words, first=first: r.page(
                                "list.html", path, words=words, threads=chunk, page=n,
@@ -1753,12 +1786,15 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     # keys (hence their paths and days of last activity) are unchanged.
     for n, ts in index.id_parts(SITEMAP_PART):
         rel = f"sitemap/threads-{n}.xml"
+        parts.append(rel)
+        if unchanged("part", n, None, SITEMAP_PART) and listings.keep_unchanged([rel]):
+            continue
         listings.write(rel, ts, [SITEMAP_PART], lambda ts=ts: feeds.sitemap(
             sv, [(t.path, t.last_activity.date()) for t in ts]))
-        parts.append(rel)
     w.write("sitemap.xml", feeds.sitemap_index(sv, parts))
     w.write("robots.txt", feeds.robots(base))
-    _write_data(sv, w, cache, listings, lines, index.id_parts(DUMP_PART))
+    _write_data(sv, w, cache, listings, lines, index.id_parts(DUMP_PART),
+                lambda n: unchanged("part", n, None, DUMP_PART))
     listings.save()
 
 
@@ -1792,8 +1828,8 @@ def _multiline(guard: Any) -> bool:
 
 
 def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: _Listings,
-                lines: dict[int, str], parts: list[tuple[int, list[Any]]] | None = None
-                ) -> None:
+                lines: dict[int, str], parts: list[tuple[int, list[Any]]] | None = None,
+                unchanged: Callable[[int], bool] | None = None) -> None:
     """Every request as data, in parts of DUMP_PART ids (`data/threads-<n>.jsonl.gz`), and
     `data/index.json` listing them. A part whose requests' page keys did not change is kept;
     in a part written again, a kept thread's line is the one an earlier build wrote and
@@ -1807,8 +1843,12 @@ def _write_data(sv: C.SiteView, w: Writer, cache: ThreadCache | None, listings: 
     listed = []
     for n, ts in parts:
         rel = f"data/threads-{n}.jsonl.gz"
-        key = listings.key(rel, ts, [DUMP_PART])
-        if not listings.keep_all([rel], key):
+        if unchanged is not None and unchanged(n) and listings.keep_unchanged([rel]):
+            key, kept_now = None, True
+        else:
+            key = listings.key(rel, ts, [DUMP_PART])
+            kept_now = listings.keep_all([rel], key)
+        if not kept_now:
             kept = [str(t.id) for t in ts if isinstance(t, ThreadSummary)]
             stored = cache.index.lines(kept) if cache is not None and kept else {}
             all_lines, scan, old = [], [], []

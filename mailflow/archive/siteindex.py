@@ -24,14 +24,20 @@ def order_key(t: Any) -> tuple[int, int]:
 
 
 class _Sorted:
-    """Items kept in ascending order of a unique key, with their keys alongside."""
+    """Items kept in ascending order of a unique key, with their keys alongside, and what
+    changed since the last `settle` (the builder's last build): positions whose item was
+    replaced in place (`marks`), the first position where one went in or out (`shift`: every
+    later item moved), and the length then (`base`; None for a group made since)."""
 
-    __slots__ = ("keys", "items")
+    __slots__ = ("keys", "items", "marks", "shift", "base")
 
     def __init__(self, pairs: Iterable[tuple[Any, Any]] = ()):
         pairs = sorted(pairs, key=lambda p: p[0])
         self.keys = [k for k, _ in pairs]
         self.items = [t for _, t in pairs]
+        self.marks: set[int] = set()
+        self.shift: int | None = None
+        self.base: int | None = None
 
     def add(self, key: Any, item: Any) -> None:
         i = bisect.bisect_left(self.keys, key)
@@ -39,6 +45,7 @@ class _Sorted:
             raise ValueError(f"key {key!r} twice in a site index")
         self.keys.insert(i, key)
         self.items.insert(i, item)
+        self._shifted(i)
 
     def remove(self, key: Any) -> None:
         i = bisect.bisect_left(self.keys, key)
@@ -46,9 +53,46 @@ class _Sorted:
             raise KeyError(key)
         del self.keys[i]
         del self.items[i]
+        self._shifted(i)
+
+    def put_in_place(self, key: Any, item: Any, mark: bool) -> None:
+        """`item` in place of the one under `key` (the same place in the order)."""
+        i = bisect.bisect_left(self.keys, key)
+        if i == len(self.keys) or self.keys[i] != key:
+            raise KeyError(key)
+        self.items[i] = item
+        if mark:
+            self.marks.add(i)
+
+    def _shifted(self, i: int) -> None:
+        if self.shift is None or i < self.shift:
+            self.shift = i
+
+    def settle(self) -> None:
+        self.marks.clear()
+        self.shift = None
+        self.base = len(self.items)
+
+    def changed_pages(self, size: int) -> tuple[set[int], int | None]:
+        """The pages of `size` items (0 the first) that may hold other items, or the same
+        ones changed, than at the last `settle`: (those pages, and every page from this one
+        on). A change in the number of pages changes them all (each shows the count)."""
+        if self.base is None:
+            return set(), 0
+        if _pages(len(self.items), size) != _pages(self.base, size):
+            return set(), 0
+        return ({m // size for m in self.marks},
+                None if self.shift is None else self.shift // size)
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+_NOWHERE = object()
+
+
+def _pages(n: int, size: int) -> int:
+    return max(1, -(-n // size))
 
 
 class SiteIndex:
@@ -111,15 +155,88 @@ class SiteIndex:
         """Take out the threads `touched` (looked at again by this build) and the views the
         last build added that `replace` did not (next time they are kept summaries), then
         add `now`: what this build has for them (a view, a kept summary, or nothing for a
-        thread no longer public)."""
+        thread no longer public). A thread still held is moved only in the orders where it
+        sorts elsewhere (`_move`): a reply moves it among the newest, not in the lists by
+        date, so only the list pages showing it count as changed there."""
+        now = list(now)
+        by_id = {t.id: t for t in now}
+        moved: set[int] = set()
         for tid in set(touched) | self._views:
-            self._take(tid)
+            t = by_id.get(tid)
+            if t is not None and tid in self.objs:
+                self._move(tid, t, mark=True)
+                moved.add(tid)
+            else:
+                self._take(tid)
         added = []
         for t in now:
-            self._put(t)
+            if t.id not in moved:
+                self._put(t)
             if t.id in self._views:
                 added.append((self.keys[t.id][0], t))
         self.fresh = [t for _, t in sorted(added, key=lambda p: p[0])]
+
+    def _places(self, tid: int, keys: tuple[Any, ...]) -> dict[tuple[Any, ...], Any]:
+        """Where a thread with these sort keys stands: group -> its key there."""
+        key, top, state, slug = keys
+        out: dict[tuple[Any, ...], Any] = {("order",): key, ("state", state): key,
+                                           ("slug", slug): key}
+        if top is not None:
+            out[("tops",)] = top
+            out[("slug_tops", slug)] = top
+        for size in self.parts:
+            out[("part", size, tid // size)] = tid
+        return out
+
+    def _group(self, where: tuple[Any, ...], make: bool) -> tuple[_Sorted | None,
+                                                                   dict[Any, _Sorted] | None]:
+        """The group named `where` (made, if `make`), and the dict holding it (None for the
+        site-wide ones)."""
+        if where[0] == "order":
+            return self.order, None
+        if where[0] == "tops":
+            return self.tops, None
+        groups = (self.by_state if where[0] == "state" else self.by_slug if where[0] == "slug"
+                  else self.slug_tops if where[0] == "slug_tops" else self.parts[where[1]])
+        name = where[-1]
+        group = groups.get(name)
+        if group is None and make:
+            group = groups[name] = _Sorted()
+        return group, groups
+
+    def _move(self, tid: int, t: Any, mark: bool) -> None:
+        """Put `t` in the place of the held thread `tid`: in place in each order where it
+        sorts the same, out and in again where it does not. `mark`: its content may differ,
+        so the pages showing it change (`changed_pages`); a kept summary standing for the
+        view just written does not."""
+        old = self.objs[tid]
+        keys = (order_key(t), self._top(t), t.list_state, t.authority)
+        before, after = self._places(tid, self.keys[tid]), self._places(tid, keys)
+        for where, k in before.items():
+            group, groups = self._group(where, make=False)
+            assert group is not None
+            if after.get(where, _NOWHERE) == k:
+                group.put_in_place(k, t, mark)
+                continue
+            group.remove(k)
+            if groups is not None and not group:
+                del groups[where[-1]]
+        for where, k in after.items():
+            if before.get(where, _NOWHERE) != k:
+                group, _ = self._group(where, make=True)
+                group.add(k, t)    # type: ignore[union-attr]
+        self.objs[tid] = t
+        self.responses += self._responses(t) - self._responses(old)
+        if mark or keys[3] != self.keys[tid][3]:
+            self.records.pop(self.keys[tid][3], None)
+            self.records.pop(keys[3], None)
+        self.keys[tid] = keys
+        self._views.discard(tid)
+        self.pages_keys.pop(tid, None)
+        if self._summary(t):
+            self.pages_keys[tid] = t.pages_key
+        else:
+            self._views.add(tid)
 
     def _take(self, tid: int) -> None:
         t = self.objs.pop(tid, None)
@@ -155,31 +272,41 @@ class SiteIndex:
     def replace(self, found: Callable[[int], Any]) -> None:
         """Put what stands for each view held now in its place (`found(id)`: the kept
         summary the builder made of it, or None to leave it): after a build that made many
-        views (a full build), the next one then replaces the few it looks at, not all."""
+        views (a full build), the next one then replaces the few it looks at, not all.
+        Then `settle`: the pages just written show what the index holds."""
         for tid in list(self._views):
             t = found(tid)
             if t is None:
                 continue
-            old = self.objs[tid]
-            keys = (order_key(t), self._top(t), t.list_state, t.authority)
-            if keys != self.keys[tid] or self._responses(t) != self._responses(old):
-                self._take(tid)     # not the same place: out and in again
-                self._put(t)
-                continue
-            key, top, state, slug = keys
-            self.objs[tid] = t
-            for group, k in ((self.order, key), (self.by_state[state], key),
-                             (self.by_slug[slug], key),
-                             *(((self.tops, top), (self.slug_tops[slug], top))
-                               if top is not None else ()),
-                             *((parts[tid // size], tid) for size, parts in self.parts.items())):
-                group.items[bisect.bisect_left(group.keys, k)] = t
-            self._views.discard(tid)
-            if self._summary(t):
-                self.pages_keys[tid] = t.pages_key
-            else:
-                self._views.add(tid)
+            self._move(tid, t, mark=False)
         self.fresh = []
+        self.settle()
+
+    def settle(self) -> None:
+        """What the builder wrote now shows every list as it stands: no page has changed
+        since (`changed_pages`)."""
+        for group in self._groups():
+            group.settle()
+
+    def _groups(self) -> Iterable[_Sorted]:
+        yield self.order
+        yield self.tops
+        yield from self.by_state.values()
+        yield from self.by_slug.values()
+        yield from self.slug_tops.values()
+        for parts in self.parts.values():
+            yield from parts.values()
+
+    def changed_pages(self, kind: str, name: Any, size: int) -> tuple[set[int], int | None]:
+        """`_Sorted.changed_pages` of a list: kind "state" (a list state's threads), "slug"
+        (an authority's) or "part" (the threads of ids name*size to name*size+size-1, as one
+        page). A list that is empty, or was not there at the last `settle`, changed whole."""
+        group = (self.by_state.get(name) if kind == "state" else
+                 self.by_slug.get(name) if kind == "slug" else
+                 self.parts.get(size, {}).get(name))
+        if group is None:
+            return set(), 0
+        return group.changed_pages(size)
 
     @staticmethod
     def _drop(groups: dict[Any, _Sorted], name: Any, key: Any) -> None:
