@@ -463,8 +463,12 @@ class Writer:
         own = not self.index.in_transaction
         self.index.begin()
         self.index.delete_files(removed)
+        # A kept file's row stands as the last build wrote it (the same digest, the same
+        # owner): only the files produced now are written (about 330 rows a build fewer at
+        # 10,000 threads: the listing pages kept).
+        kept = set(self.kept)
         self.index.put_files((rel, digest, self.owners[rel])
-                             for rel, digest in self.manifest.items())
+                             for rel, digest in self.manifest.items() if rel not in kept)
         if own:
             self.index.commit()
         self.result.kept_whole = self.index.manifest_size() - len(self.manifest)
