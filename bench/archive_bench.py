@@ -13,8 +13,11 @@ exactly mailflow's logic: reading the store, parsing and redacting every message
 attachments, the leak check of every file, staging and the manifest, the thread cache.
 
 The incremental update: one authority reply to one thread goes through the real pipeline,
-then `build` (not full) brings the published site up to date. It is measured on a site of a
-tenth of the size first, then on the full one, to show whether it depends on the site's size.
+then `build` (not full) brings the published site up to date, in the same process, as the
+daemon does; six times (`_one_reply` answers the newest request still waiting). The figure
+is the median of the last five (the first after a full build also compiles the templates
+here: it is in the notes). It is measured on a site of a tenth of the size first, then on
+the full one, to show whether it depends on the site's size.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from bench.common import Row, Section, Timer, fmt_rate, fmt_s, make_site, open_s
 from bench.world import authority_reply, bulk_archive_site, RealThread
 
 NAME = "archive"
+INCREMENTAL_ROUNDS = 5    # incremental builds after the first, each after one more reply
 
 
 def _cpu() -> float:
@@ -167,19 +171,31 @@ def run(tmp: Path, quick: bool, profile: Any = None, *, size: int | None = None)
         if big:
             sec.rows.append(Row("archive", f"full build time, {label}", fmt_s(full.seconds),
                                 "", "", "< 60 s", full.seconds < 60))
-        # Incremental: one new message, then bring the site up to date.
-        tid = _one_reply(site, 900_000 + size)
-        cpu0 = time.process_time()
-        with Timer() as inc:
-            rep2 = build(site, out, full=False, dns_txt=no_dns, today=today, search=False)
-        cpu = time.process_time() - cpu0
-        incremental.append((counts["threads"], inc.seconds, len(rep2.written_paths)))
+        # Incremental: one new message, then bring the site up to date; again for other
+        # threads, as the daemon does after each message. The first build after the full
+        # one also compiles the templates in this process (the full build rendered in its
+        # workers); the median of the next ones is the figure (one build varied ±30 % from
+        # run to run on this kind of machine).
+        rounds = []
+        for n in range(1 if quick else INCREMENTAL_ROUNDS + 1):
+            tid = _one_reply(site, 900_000 + size * 10 + n)
+            cpu0 = time.process_time()
+            with Timer() as inc:
+                rep2 = build(site, out, full=False, dns_txt=no_dns, today=today, search=False)
+            rounds.append((inc.seconds, time.process_time() - cpu0, tid, rep2))
+        first = rounds[0]
+        rest = sorted(rounds[1:] or rounds, key=lambda r: r[0])
+        seconds, cpu, tid, rep2 = rest[len(rest) // 2]
+        incremental.append((counts["threads"], seconds, len(rep2.written_paths)))
         sec.rows.append(Row(
-            "archive", f"incremental after 1 message, {label}", fmt_s(inc.seconds),
-            f"{fmt_s(full.seconds)} (full build)", f"{inc.seconds / full.seconds:.1%} of full",
-            "< 0.5 s" if big else "", (inc.seconds < 0.5) if big else None,
-            f"{len(rep2.written_paths)} files rewritten, {rep2.unchanged:,} unchanged "
-            f"(thread {tid}); CPU {fmt_s(cpu)}"))
+            "archive", f"incremental after 1 message, {label}", fmt_s(seconds),
+            f"{fmt_s(full.seconds)} (full build)", f"{seconds / full.seconds:.1%} of full",
+            "< 0.5 s" if big else "", (seconds < 0.5) if big else None,
+            f"median of {len(rest)} (one reply each, to {len({r[2] for r in rest})} "
+            f"thread(s): {fmt_s(rest[0][0])} to {fmt_s(rest[-1][0])}); the first after the "
+            f"full build "
+            f"{fmt_s(first[0])}; {len(rep2.written_paths)} files rewritten, "
+            f"{rep2.unchanged:,} unchanged (thread {tid}); CPU {fmt_s(cpu)}"))
     # Pagefind on the big site, by itself.
     with Timer() as pf:
         status = run_pagefind(out)
