@@ -46,6 +46,7 @@ import logging
 import os
 import signal
 import sys
+import random
 import time
 from collections.abc import Coroutine
 from datetime import datetime, timezone
@@ -59,6 +60,7 @@ from mailflow.instances import Registry
 from mailflow.pipeline import Pipeline
 from mailflow.reminders import Reminders
 from mailflow.site import Site
+from mailflow.store.repository import is_conflict
 
 log = logging.getLogger("mailflow.processor")
 
@@ -173,6 +175,13 @@ class Processor:
             results = await asyncio.to_thread(self.pipeline.process_items, spool, items)
         except Exception as e:  # noqa: BLE001 - given back to the spool by process_items
             log.warning("%d spool items not processed yet: %s", len(items), e)
+            if is_conflict(e):
+                # A deadlock with another daemon's batch (PostgreSQL chose this one): nothing
+                # of it was written and the database is fine. Again in a moment (the other
+                # goes first), not at the next sweep of the spool, 30 s away.
+                await asyncio.sleep(random.uniform(0.05, 0.5))
+                for item in items:
+                    self.queue(item.id)
             return
         outbox_ids = [o for r in results if not isinstance(r, BaseException)
                       for o in r.outbox_ids]
