@@ -1519,7 +1519,12 @@ class _Listings:
         if key is not None:
             self.new[rel] = [key, digest]
 
-    def write(self, rel: str, threads: Any, words: Any, render: Callable[[], str]) -> None:
+    def write(self, rel: str, threads: Any, words: Any, render: Callable[[], str],
+              same: bool = False) -> None:
+        """Keep or render one file. `same`: the site index says it shows what it showed
+        (`keep_unchanged`); otherwise it is keyed, and kept only under the same key."""
+        if same and self.keep_unchanged([rel]):
+            return
         key = self.key(rel, threads, words)
         if not self.keep_all([rel], key):
             self.put(rel, key, self.w.write(rel, render()))
@@ -1748,11 +1753,10 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
                          else w.write(own[2], _json(data)))
         for n, chunk in enumerate(chunks[1:], 2):
             path = page_path(a.path, n)
-            if unchanged("slug", a.slug, n - 1) and listings.keep_unchanged([path]):
-                continue
             listings.write(path, chunk, [a.name, len(chunks)], lambda path=path, chunk=chunk,
                            n=n, a=a: r.page("authority.html", path, a=a, threads=chunk,
-                                            page=n, pages=len(chunks)))
+                                            page=n, pages=len(chunks)),
+                           same=unchanged("slug", a.slug, n - 1))
         lastmod = _AUTHORITY_LASTMOD.get(akey) if akey is not None else None
         if lastmod is None:
             lastmod = max([*(t.last_activity.date() for t in a.threads),
@@ -1770,12 +1774,11 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
         chunks = _chunks(by_state[key])
         for n, chunk in enumerate(chunks, 1):
             path = page_path(first, n)
-            if unchanged("state", key, n - 1) and listings.keep_unchanged([path]):
-                continue
             listings.write(path, chunk, [words, len(chunks)], lambda path=path, chunk=chunk,
                            n=n, words=words, first=first: r.page(
                                "list.html", path, words=words, threads=chunk, page=n,
-                               pages=len(chunks), first=first))
+                               pages=len(chunks), first=first),
+                           same=unchanged("state", key, n - 1))
         sitemap.append((first, None))
     w.write("search/index.html", r.page("search.html", "search/index.html", csp=SEARCH_CSP))
     w.write("static/style.css", r.static("style.css"))
@@ -1787,10 +1790,9 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
     for n, ts in index.id_parts(SITEMAP_PART):
         rel = f"sitemap/threads-{n}.xml"
         parts.append(rel)
-        if unchanged("part", n, None, SITEMAP_PART) and listings.keep_unchanged([rel]):
-            continue
         listings.write(rel, ts, [SITEMAP_PART], lambda ts=ts: feeds.sitemap(
-            sv, [(t.path, t.last_activity.date()) for t in ts]))
+            sv, [(t.path, t.last_activity.date()) for t in ts]),
+            same=unchanged("part", n, None, SITEMAP_PART))
     w.write("sitemap.xml", feeds.sitemap_index(sv, parts))
     w.write("robots.txt", feeds.robots(base))
     _write_data(sv, w, cache, listings, lines, index.id_parts(DUMP_PART),
