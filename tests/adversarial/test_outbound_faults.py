@@ -202,8 +202,22 @@ class Clock:
         return self.t
 
 
+_OPENED: list[MfSite] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_opened_sites() -> Iterator[None]:
+    """Each test's site is closed after it: left to the garbage collector, its engine's
+    PostgreSQL connections were deleted while still open (ResourceWarning)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def make_site(site: Site) -> MfSite:
-    return MfSite.open(site.config)
+    s = MfSite.open(site.config)
+    _OPENED.append(s)
+    return s
 
 
 def queue_one(mf: MfSite, text: str = "Please send me the file.") -> int:
