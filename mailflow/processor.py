@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", type=int, default=logging.INFO)
     ap.add_argument("--log-format", choices=["text", "json"], default=None)
     ap.add_argument("--nice", type=int, default=NICENESS,
-                    help="lower this process's priority by this much (`[spool] processor_niceness`)")
+                    help="lower this process's priority by this much "
+                         "(`[spool] processor_niceness`)")
     ap.add_argument("--no-recover", action="store_true",
                     help="leave work/ alone at start (the daemon that starts this recovered it)")
     args = ap.parse_args(argv)

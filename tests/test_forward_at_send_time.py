@@ -329,3 +329,36 @@ def test_a_batch_that_clashes_with_another_transaction_is_processed_again_at_onc
         assert len([m for m in tx.messages(tid) if m.direction == "in"
                     and (m.subject or "").startswith("Re: part")]) == 3
     assert mf.spool.pending() == []
+
+
+def test_the_processor_sends_a_row_given_back_for_seconds_when_it_falls_due(
+        site: Site, mf: MfSite) -> None:
+    """A forward given back after a clash is due in 2 s; the processor flushes again then,
+    not at its next 30 s sweep of the outbox."""
+    if mf.store.engine.dialect.name != "postgresql":
+        pytest.skip("a lock wait with a timeout: PostgreSQL's")
+    from sqlalchemy import text
+    from mailflow.processor import Processor
+    tid, address = _ready(site, mf, "Due in seconds")
+    _reply(mf, address, "Due in seconds")
+    db = mf.store.engine.url.database
+    with mf.store.engine.begin() as c:
+        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
+    mf.store.engine.dispose()
+    holder = mf.store.engine.connect()
+    p = Processor(mf, recover=False)
+
+    async def go() -> None:
+        holder.begin()
+        holder.execute(text("SELECT 1 FROM thread_changes WHERE thread_id = :t FOR UPDATE"),
+                       {"t": tid})
+        await p.flush_outbox()           # the compose clashes: the row is due again in 2 s
+        assert _forwards(mf, tid) == [] and p._tasks   # ... and a flush is planned for then
+        holder.rollback()
+        await asyncio.wait_for(asyncio.gather(*list(p._tasks)), 20)
+
+    try:
+        asyncio.run(go())
+    finally:
+        holder.close()
+    assert len(_forwards(mf, tid)) == 1 and len(_jane(site)) == 1

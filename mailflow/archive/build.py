@@ -1710,10 +1710,9 @@ def _write_pages(site: Site, sv: C.SiteView, w: Writer, cache: ThreadCache | Non
 
     def unchanged(kind: str, name: Any, page: int | None, size: int = PAGE_SIZE) -> bool:
         """Whether the site index says the list's page (0 the first; None: all of them)
-        shows exactly what the last build's did (see `SiteIndex.changed_pages`)."""
-        if cache is None:
-            return False
-        pages, start = index.changed_pages(kind, name, size)  # type: ignore[union-attr]
+        shows exactly what the last build's did (see `SiteIndex.changed_pages`: an index
+        made from scratch, as without a cache, says every page changed)."""
+        pages, start = index.changed_pages(kind, name, size)
         if page is None:
             return not pages and start is None
         return page not in pages and (start is None or page < start)

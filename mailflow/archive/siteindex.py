@@ -213,18 +213,14 @@ class SiteIndex:
         keys = (order_key(t), self._top(t), t.list_state, t.authority)
         before, after = self._places(tid, self.keys[tid]), self._places(tid, keys)
         for where, k in before.items():
-            group, groups = self._group(where, make=False)
-            assert group is not None
             if after.get(where, _NOWHERE) == k:
-                group.put_in_place(k, t, mark)
-                continue
-            group.remove(k)
-            if groups is not None and not group:
-                del groups[where[-1]]
+                group, _ = self._group(where, make=False)
+                group.put_in_place(k, t, mark)  # type: ignore[union-attr]
+            else:
+                self._out(where, k)
         for where, k in after.items():
             if before.get(where, _NOWHERE) != k:
-                group, _ = self._group(where, make=True)
-                group.add(k, t)    # type: ignore[union-attr]
+                self._in(where, k, t)
         self.objs[tid] = t
         self.responses += self._responses(t) - self._responses(old)
         if mark or keys[3] != self.keys[tid][3]:
@@ -238,36 +234,35 @@ class SiteIndex:
         else:
             self._views.add(tid)
 
+    def _out(self, where: tuple[Any, ...], key: Any) -> None:
+        """Take the item under `key` out of the group `where` (an emptied named group goes)."""
+        group, groups = self._group(where, make=False)
+        assert group is not None
+        group.remove(key)
+        if groups is not None and not group:
+            del groups[where[-1]]
+
+    def _in(self, where: tuple[Any, ...], key: Any, t: Any) -> None:
+        self._group(where, make=True)[0].add(key, t)  # type: ignore[union-attr]
+
     def _take(self, tid: int) -> None:
         t = self.objs.pop(tid, None)
         self._views.discard(tid)
         if t is None:
             return
-        key, top, state, slug = self.keys.pop(tid)
+        keys = self.keys.pop(tid)
         self.responses -= self._responses(t)
         self.pages_keys.pop(tid, None)
-        self.records.pop(slug, None)
-        self.order.remove(key)
-        self._drop(self.by_state, state, key)
-        self._drop(self.by_slug, slug, key)
-        if top is not None:
-            self.tops.remove(top)
-            self._drop(self.slug_tops, slug, top)
-        for size, parts in self.parts.items():
-            self._drop(parts, tid // size, tid)
+        self.records.pop(keys[3], None)
+        for where, k in self._places(tid, keys).items():
+            self._out(where, k)
 
     def _put(self, t: Any) -> None:
         self._note(t)
-        key, top, state, slug = self.keys[t.id]
-        self.records.pop(slug, None)
-        self.order.add(key, t)
-        self.by_state.setdefault(state, _Sorted()).add(key, t)
-        self.by_slug.setdefault(slug, _Sorted()).add(key, t)
-        if top is not None:
-            self.tops.add(top, t)
-            self.slug_tops.setdefault(slug, _Sorted()).add(top, t)
-        for size, parts in self.parts.items():
-            parts.setdefault(t.id // size, _Sorted()).add(t.id, t)
+        keys = self.keys[t.id]
+        self.records.pop(keys[3], None)
+        for where, k in self._places(t.id, keys).items():
+            self._in(where, k, t)
 
     def replace(self, found: Callable[[int], Any]) -> None:
         """Put what stands for each view held now in its place (`found(id)`: the kept
@@ -307,13 +302,6 @@ class SiteIndex:
         if group is None:
             return set(), 0
         return group.changed_pages(size)
-
-    @staticmethod
-    def _drop(groups: dict[Any, _Sorted], name: Any, key: Any) -> None:
-        group = groups[name]
-        group.remove(key)
-        if not group:
-            del groups[name]
 
     @property
     def view_ids(self) -> set[int]:
