@@ -31,7 +31,8 @@ Zone = dict[str, dict[str, list[Any]]]
 
 class DnsServer:
     def __init__(self, zone: Zone | None = None, fail: set[str] | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, ttl: int = 300) -> None:
+        self.ttl = ttl   # of every record; an NXDOMAIN carries no SOA (negative TTL 300 s)
         self.zone = {k.lower().rstrip("."): v for k, v in (zone or {}).items()}
         self.fail = {f.lower().rstrip(".") for f in (fail or set())}
         self.asked: Counter[tuple[str, str]] = Counter()
@@ -39,6 +40,7 @@ class DnsServer:
         self.sock.bind((host, port))
         self.address, self.port = self.sock.getsockname()[:2]
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def answer(self, wire: bytes) -> bytes | None:
         try:
@@ -63,13 +65,18 @@ class DnsServer:
             if records:
                 texts = [_text(rdtype, r) for r in records]
                 response.answer.append(dns.rrset.from_text_list(
-                    q.name, 300, dns.rdataclass.IN, rdtype, texts))
+                    q.name, self.ttl, dns.rdataclass.IN, rdtype, texts))
         return response.to_wire()
 
     def serve_forever(self) -> None:
-        while True:
+        # Closing the socket does not wake a recvfrom blocked in another thread (each test
+        # waited out the join's 5 s): the loop looks at `_stop` every 0.1 s instead.
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
             try:
                 wire, peer = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
             except OSError:   # closed
                 return
             out = self.answer(wire)
@@ -82,9 +89,10 @@ class DnsServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sock.close()
+        self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.sock.close()
 
 
 def _text(rdtype: str, record: Any) -> str:

@@ -8,6 +8,7 @@ and check that the resolver, the config and the pipeline all use it.
 from __future__ import annotations
 
 import email.policy
+import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -37,6 +38,47 @@ def test_the_resolver_asks_the_configured_server() -> None:
         r.txt(ORG)                                                         # from the cache
         assert server.asked[(ORG, "TXT")] == 1
         assert server.asked[("nowhere.org.uk", "TXT")] == 1
+
+
+def test_answers_are_kept_for_their_ttl_and_failures_not_at_all() -> None:
+    """The resolver's own cache in front of dnspython's keeps an answer, an empty answer and
+    an NXDOMAIN until they expire, never longer, and never a failure (the next message must
+    ask again)."""
+    zone = {ORG: {"TXT": ["v=spf1 -all"]}, f"short.{ORG}": {"TXT": ["v=spf1 ?all"]}}
+    with DnsServer(zone, fail={"broken.org.uk"}, ttl=300) as server, \
+            DnsServer({f"short.{ORG}": {"TXT": ["v=spf1 ?all"]}}, ttl=1) as brief:
+        r = DnsResolver(timeout=2.0, nameservers=[(server.address, server.port)])
+        for _ in range(3):
+            assert r.txt(ORG) == ["v=spf1 -all"]
+            assert r.a(ORG) == []                                   # no data: void, kept
+            assert r.txt("nowhere.org.uk") == []                    # NXDOMAIN: void, kept
+            with pytest.raises(DnsTempError):
+                r.txt("broken.org.uk")                              # SERVFAIL: not kept
+        assert server.asked[(ORG, "TXT")] == 1
+        assert server.asked[(ORG, "A")] == 1
+        assert server.asked[("nowhere.org.uk", "TXT")] == 1
+        assert server.asked[("broken.org.uk", "TXT")] >= 3
+
+        r = DnsResolver(timeout=2.0, nameservers=[(brief.address, brief.port)])
+        assert r.txt(f"short.{ORG}") == ["v=spf1 ?all"]
+        assert r.txt(f"short.{ORG}") == ["v=spf1 ?all"]
+        assert brief.asked[(f"short.{ORG}", "TXT")] == 1
+        time.sleep(1.2)                                             # past its TTL of 1 s
+        assert r.txt(f"short.{ORG}") == ["v=spf1 ?all"]
+        assert brief.asked[(f"short.{ORG}", "TXT")] == 2
+
+
+def test_the_resolvers_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CACHE_SIZE names the oldest half of the answers goes; what is asked still answers."""
+    import mailflow.mail.authenticate as A
+    monkeypatch.setattr(A, "CACHE_SIZE", 8)
+    with DnsServer({f"n{i}.{ORG}": {"TXT": [f"t{i}"]} for i in range(20)}) as server:
+        r = DnsResolver(timeout=2.0, nameservers=[(server.address, server.port)])
+        for i in range(20):
+            assert r.txt(f"n{i}.{ORG}") == [f"t{i}"]
+            assert len(r._answers) <= 8
+        assert r.txt(f"n19.{ORG}") == ["t19"]
+        assert server.asked[(f"n19.{ORG}", "TXT")] == 1
 
 
 def _config(tmp_path: Path, line: str) -> Path:

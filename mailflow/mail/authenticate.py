@@ -52,6 +52,7 @@ HEADER_LIMIT = 1 << 20   # a signed message's header section past this is not ve
 # Names that never exist on the public internet (RFC 2606, RFC 6761). Answered as NXDOMAIN
 # without a query, so test suites and demos (ask.example, gov.example) never reach the network.
 RESERVED_TLDS = frozenset({"example", "invalid", "localhost", "test"})
+CACHE_SIZE = 10_000      # DNS answers kept (by name and type)
 
 
 class DnsTempError(Exception):
@@ -96,27 +97,60 @@ class DnsResolver:
         self._resolver.timeout = min(timeout, 2.0)
         # Answers (and NXDOMAIN) kept for their TTL, as a caching resolver keeps them: the
         # same few senders' SPF and DMARC records are asked for message after message.
-        self._resolver.cache = dns.resolver.LRUCache(10_000)
+        self._resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
+        # In front of it, the same answers by (name, type) until the same expiry: a hit in
+        # dnspython's cache still costs a resolution's set-up, about 50 µs, and a message
+        # asks several names (tests/test_dns_nameservers.py; bench/README.md, seventh round).
+        self._answers: dict[tuple[str, str], tuple[float, list[Any]]] = {}
 
     def _query(self, name: str, rdtype: str) -> list[Any]:
-        import dns.exception
-        import dns.name
-        import dns.resolver
         name = _name(name)
         if not name or name.rpartition(".")[2] in RESERVED_TLDS:
             return []
+        key = (name, rdtype)
+        hit = self._answers.get(key)
+        if hit is not None:
+            if hit[0] > time.time():
+                return hit[1]
+            del self._answers[key]
+        records, expires = self._resolve(name, rdtype)
+        if expires is not None and expires > time.time():
+            if len(self._answers) >= CACHE_SIZE:
+                self._forget_expired()
+            self._answers[key] = (expires, records)
+        return records
+
+    def _forget_expired(self) -> None:
+        """Room in the front cache: the expired answers go, or the older half when none has
+        expired (a dict keeps the order answers came in)."""
+        now = time.time()
+        for key in [k for k, (expires, _) in self._answers.items() if expires <= now]:
+            del self._answers[key]
+        if len(self._answers) >= CACHE_SIZE:
+            for key in list(self._answers)[:CACHE_SIZE // 2]:
+                del self._answers[key]
+
+    def _resolve(self, name: str, rdtype: str) -> tuple[list[Any], float | None]:
+        """The records, and until when they may be reused: dnspython's own expiry, the
+        answer's smallest TTL (for NXDOMAIN, the negative TTL of RFC 2308, as dnspython's
+        cache computes it). None: not to be kept (not a DNS name)."""
+        import dns.exception
+        import dns.name
+        import dns.resolver
         try:
             answer = self._resolver.resolve(name + ".", rdtype, lifetime=self.timeout,
                                             raise_on_no_answer=False, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
+        except dns.resolver.NXDOMAIN as e:
+            return [], _nxdomain_expiry(e)
+        except dns.resolver.NoAnswer:
+            return [], None
         except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong,
                 dns.name.BadEscape) as e:
             log.debug("not a DNS name %r: %s", name, e)
-            return []
+            return [], None
         except dns.exception.DNSException as e:
             raise DnsTempError(f"{rdtype} {name}: {type(e).__name__}") from None
-        return list(answer.rrset or [])
+        return list(answer.rrset or []), answer.expiration
 
     def txt(self, name: str) -> list[str]:
         return [b"".join(r.strings).decode("utf-8", "replace") for r in self._query(name, "TXT")]
@@ -130,6 +164,20 @@ class DnsResolver:
     def mx(self, name: str) -> list[tuple[int, str]]:
         return [(int(r.preference), r.exchange.to_text(omit_final_dot=True))
                 for r in self._query(name, "MX")]
+
+
+def _nxdomain_expiry(e: Any) -> float | None:
+    """When an NXDOMAIN answer expires, computed as dnspython computes it for its own cache;
+    None when that cannot be told."""
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.resolver
+    try:
+        (qname, response), = e.responses().items()
+        return dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN,
+                                   response).expiration
+    except Exception:  # noqa: BLE001 - several names, or no response: not kept
+        return None
 
 
 # -- tests: a dict of answers -----------------------------------------------------------------------
