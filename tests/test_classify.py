@@ -192,6 +192,34 @@ def test_null_sender_with_bounce_body() -> None:
     assert c.kind is Kind.BOUNCE and c.permanent is True and "null envelope sender" in c.reason
 
 
+def test_bounce_wording_is_found_in_any_case_and_quoted_as_written() -> None:
+    """The body's wording and a bounce's permanence are searched in lower-cased text (with
+    patterns free of re.I, for speed): capitals still count, and the reason quotes the body
+    as it was written."""
+    c = run(make(subject="Note", from_addr="postmaster@council.example",
+                 text="Your message COULD NOT BE DELIVERED: User Unknown"))
+    assert c.kind is Kind.BOUNCE and c.permanent is True
+    assert "'COULD NOT BE DELIVERED'" in c.reason
+    c = run(make(subject="Undelivered Mail Returned to Sender", from_addr="MAILER-DAEMON@mx.example",
+                 text="Delivery Is Delayed. We Will Continue To Retry."))
+    assert c.kind is Kind.BOUNCE and c.permanent is False
+    # a letter lower() lengthens ("İ" becomes two): the lowered words are quoted instead
+    c = run(make(subject="Note", from_addr="postmaster@council.example",
+                 text="İİ Your message could not be delivered"))
+    assert "'could not be delivered'" in c.reason
+
+
+def test_lowered_patterns_have_no_capital_letters() -> None:
+    """A capital in a pattern searched in lower-cased text could never match."""
+    import re
+
+    from mailflow.core.classify import _LOWERED
+    for pattern in _LOWERED:
+        assert not pattern.flags & re.I
+        letters = re.sub(r"\\[A-Za-z]", "", pattern.pattern)   # \s, \b, \d are not letters
+        assert letters == letters.lower(), pattern.pattern[:60]
+
+
 # --------------------------------------------------------------------------- auto-reply
 
 @pytest.mark.parametrize("value", ["auto-replied", "auto-generated", "auto-notified"])
