@@ -115,6 +115,11 @@ def measure(folder: Path, database: str, n_threads: int, n_msgs: int, profile: A
             c.execute(f'ALTER DATABASE "{db_name(url)}" SET synchronous_commit = off')
     site = open_site(config)
     threads = make_threads(site, n_threads)
+    try:   # as the processor does once it has started (mailflow.processor._main)
+        from mailflow.heap import settle
+        settle()
+    except ImportError:   # mailflow as committed before it did (--commit)
+        pass
     corpus = mixed_corpus(threads, n_msgs)
     kinds = Counter(k for k, *_ in corpus)
     total_bytes = sum(len(raw) for _, raw, _, _ in corpus)

@@ -53,6 +53,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from mailflow import heap
 from mailflow.archive.build import ArchiveBusy, build as build_archive
 from mailflow.archive.queue import queue_withheld
 from mailflow.delivery import deliver
@@ -393,7 +394,9 @@ async def _stdin_reader() -> asyncio.StreamReader:
 
 async def _main(config: str, instance: str | None, recover: bool = True) -> None:
     site = Site.open(config)
-    await Processor(site, instance, recover=recover).run(await _stdin_reader())
+    processor = Processor(site, instance, recover=recover)
+    heap.settle()   # what it loaded to start is kept as long as it runs: out of full collections
+    await processor.run(await _stdin_reader())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import gc
 import gzip
 import hashlib
 import hmac
@@ -42,7 +41,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mailflow import __version__
+from mailflow import __version__, heap
 from mailflow.archive import context as C
 from mailflow.archive import feeds
 from mailflow.archive import maps
@@ -944,18 +943,12 @@ SETTLE_THREADS = 500
 
 
 def _settle() -> None:
-    """Collect the garbage, then leave every object alive out of the garbage collector's
-    future passes (`gc.freeze`). What a process keeps of a large site between builds (a row,
+    """`mailflow.heap.settle`: what a process keeps of a large site between builds (a row,
     an index row, a summary and site-index entries per thread, the caches) is long-lived,
     and Python walks all of it at every full collection, which it makes every few builds
     once enough new objects have survived: 120-140 ms of CPU at 10,000 threads, in whichever
-    build or message it falls on. Called when that memory was made from every thread (a
-    process's first build, a new day): it first unfreezes what the last call froze, so that
-    garbage among it (the memory this one replaces) is collected then; objects frozen are
-    still freed as usual when nothing refers to them."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
+    build or message it falls on."""
+    heap.settle()
 
 
 def _memory_key(site: Site, out: Path) -> tuple[str, str]:
