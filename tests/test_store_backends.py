@@ -107,6 +107,29 @@ def test_same_message_id_different_body_is_kept_and_flagged(mf: MfSite) -> None:
     assert responses[1].flags == ["same_message_id_different_body"]
 
 
+def test_the_same_message_id_on_another_thread_is_no_duplicate(mf: MfSite) -> None:
+    """A Message-ID is looked up by its own index and the thread checked after: the same
+    id on another thread neither hides this message nor flags it."""
+    first, req1 = start_request(mf)
+    ids = ingest(mf, compose(f"Jane <{JANE}>", f"camden@{DOMAIN}", "Parks", "And parks?"),
+                 f"camden@{DOMAIN}", JANE)
+    assert len(ids) == 1
+    with mf.store.tx() as tx:
+        (t,) = [t for t in tx.threads() if t.id != first]
+    confirm = f"confirm-{t.confirm_token}@{DOMAIN}"
+    ingest(mf, compose(f"Jane <{JANE}>", confirm, "Re", "Yes"), confirm, JANE)
+    req2 = f"request-{t.id}-{t.request_token}@{DOMAIN}"
+    ingest(mf, compose(f"FOI <{AUTHORITY}>", req1, "RE", "One.", msgid="<both@gov.example>"), req1)
+    ingest(mf, compose(f"FOI <{AUTHORITY}>", req2, "RE", "Two.", msgid="<both@gov.example>"), req2)
+    ingest(mf, compose(f"FOI <{AUTHORITY}>", req2, "RE", "Two.", msgid="<both@gov.example>"), req2)
+    with mf.store.tx() as tx:
+        for tid in (first, t.id):
+            (response,) = [m for m in tx.messages(tid) if m.kind == "response"]
+            assert response.flags == [] and response.message_id == "<both@gov.example>"
+        assert [m.thread_id for m in tx.thread_messages_with_id(t.id, "<both@gov.example>")] \
+            == [t.id]
+
+
 def test_outbox_claim_is_exclusive_and_leases_expire(mf: MfSite) -> None:
     start_request(mf)
     now = utcnow()
