@@ -35,6 +35,19 @@ def test_boundary_search_is_the_patterns(monkeypatch, false_candidates):
             (bs, raw, pos)
 
 
+@given(st.text(alphabet=st.sampled_from(["a", " ", "\t", "\r", "\n", "é", "\udc80",
+                                           "\u2028", "\x0b", "\xa0"]), max_size=16))
+def test_unfold_and_clean_shortcuts_are_the_substitutions(value):
+    """_unfold and _clean skip their regex substitution when it cannot change anything."""
+    import re
+    assert mp._unfold(value) == re.sub(r"[ \t]*(?:\r\n|\r|\n)[ \t]*|\t", " ", value).strip()
+    assert mp._clean(value) == re.sub("[\ud800-\udfff]", "\ufffd", value)
+    if not re.search("[\ud800-\udfff]", value):
+        assert mp._unsurrogate(value) == (value, False)
+    else:
+        assert "\udc80" not in mp._unsurrogate(value)[0]
+
+
 def test_fast_folding_is_compat32s():
     rnd = random.Random(2)
     alph = ["a", "b", " ", "  ", "\t", ":", "\n", "\r\n", "\n ", "\r\n\t", "\r\n ", "é", "=?",
