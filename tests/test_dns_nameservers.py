@@ -58,6 +58,10 @@ def test_answers_are_kept_for_their_ttl_and_failures_not_at_all() -> None:
         assert server.asked[(ORG, "A")] == 1
         assert server.asked[("nowhere.org.uk", "TXT")] == 1
         assert server.asked[("broken.org.uk", "TXT")] >= 3
+        # each kept by the resolver's own cache, not only by dnspython's behind it
+        assert {(ORG, "TXT"), (ORG, "A"), ("nowhere.org.uk", "TXT")} \
+            <= set(r._answers)
+        assert ("broken.org.uk", "TXT") not in r._answers
 
         r = DnsResolver(timeout=2.0, nameservers=[(brief.address, brief.port)])
         assert r.txt(f"short.{ORG}") == ["v=spf1 ?all"]

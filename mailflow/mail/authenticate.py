@@ -141,7 +141,7 @@ class DnsResolver:
             answer = self._resolver.resolve(name + ".", rdtype, lifetime=self.timeout,
                                             raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN as e:
-            return [], _nxdomain_expiry(e)
+            return [], _nxdomain_expiry(self._resolver, e)
         except dns.resolver.NoAnswer:
             return [], None
         except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong,
@@ -166,17 +166,17 @@ class DnsResolver:
                 for r in self._query(name, "MX")]
 
 
-def _nxdomain_expiry(e: Any) -> float | None:
-    """When an NXDOMAIN answer expires, computed as dnspython computes it for its own cache;
-    None when that cannot be told."""
+def _nxdomain_expiry(resolver: Any, e: Any) -> float | None:
+    """When an NXDOMAIN answer expires: the expiry of the answer dnspython's cache has just
+    kept for it (computing it again from the response cost as much as the query's own
+    parse). None when the cache does not hold it: then it is not kept either."""
     import dns.rdataclass
     import dns.rdatatype
-    import dns.resolver
     try:
-        (qname, response), = e.responses().items()
-        return dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN,
-                                   response).expiration
-    except Exception:  # noqa: BLE001 - several names, or no response: not kept
+        (qname,) = e.qnames()
+        cached = resolver.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        return cached.expiration if cached is not None else None
+    except Exception:  # noqa: BLE001 - several names, another cache: not kept
         return None
 
 
