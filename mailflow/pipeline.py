@@ -158,8 +158,9 @@ class Pipeline:
             with self.site.store.tx() as tx:
                 result = self._apply(tx, pre)
         except StoreError as e:
-            # The database is unavailable: nothing was written, try again later.
-            spool.retry(item, f"store: {e}")
+            # The database is unavailable: nothing was written, try again later (not the
+            # message's fault: not counted against spool.max_attempts).
+            spool.retry(item, f"store: {e}", counted=False)
             raise
         except Exception as e:  # noqa: BLE001 - any bug must leave the message safe
             log.exception("processing spool item %s failed", item.id)
@@ -204,7 +205,8 @@ class Pipeline:
             except StoreError:
                 for item in [i for later in chunks[n + 1:] for i in later]:
                     try:
-                        spool.retry(item, "store: an earlier batch could not be written")
+                        spool.retry(item, "store: an earlier batch could not be written",
+                                    counted=False)
                     except Exception:  # noqa: BLE001 - left claimed: recover() finds it
                         log.exception("could not give spool item %s back", item.id)
                 raise
@@ -251,7 +253,7 @@ class Pipeline:
             for i, _ in prepared:
                 outcome[i] = error
                 try:
-                    spool.retry(items[i], f"store: {error}")
+                    spool.retry(items[i], f"store: {error}", counted=False)
                 except Exception:  # noqa: BLE001 - left claimed: recover() finds it
                     log.exception("could not give spool item %s back", items[i].id)
             if error is e:

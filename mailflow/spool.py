@@ -80,6 +80,9 @@ STALE_TMP_SECONDS = 3600.0
 """A ``tmp/`` file this old belongs to a writer that died: no put() takes an hour."""
 ORPHAN_META_SECONDS = 3600.0
 """A ``.json`` without its ``.eml`` may be mid-move by a live claimer; only this old is it debris."""
+ERRORS_KEPT = 50
+"""An item's errors kept in its metadata: the last ones (a day's outage retried every 30 s
+would otherwise grow it by thousands)."""
 
 _DUE_SLACK_SECONDS = 1.0
 _FILE_MODE = 0o600  # raw mail holds citizens' private addresses
@@ -577,14 +580,24 @@ class Spool:
             raise SpoolError(f"cannot mark spool item {item.id} done: {e}") from e
         self._touch(item.eml)  # cleanup_done counts from now, not from arrival
 
-    def retry(self, item: SpoolItem, error: str, *, delay: float = 0.0) -> None:
+    def retry(self, item: SpoolItem, error: str, *, delay: float = 0.0,
+              counted: bool = True) -> None:
         """Give an item back for another attempt, with the reason kept for the admin.
 
         ``delay`` seconds keep it from being claimed again at once, so a transient outage
         (database down) is not a busy loop. The daemon decides when to ``fail`` instead.
+        ``counted=False``: the attempt failed for a reason that was not the message's (the
+        database unavailable, a deadlock with another daemon), so it does not bring the
+        message nearer to ``spool.max_attempts``: an hour's outage must not leave a later
+        bug one try to be looked at. The reason is kept all the same; of a long run of
+        them, the last ERRORS_KEPT.
         """
-        item.attempts += 1
-        item.errors.append(f"{_utc_now()} attempt {item.attempts}: {error}")
+        if counted:
+            item.attempts += 1
+            item.errors.append(f"{_utc_now()} attempt {item.attempts}: {error}")
+        else:
+            item.errors.append(f"{_utc_now()} not counted as an attempt: {error}")
+        del item.errors[:-ERRORS_KEPT]
         try:
             self._write_meta(item)
             if delay > 0:

@@ -10,6 +10,7 @@ and PostgreSQL (the `site` fixture runs both).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from datetime import timedelta
 
@@ -322,6 +323,9 @@ def test_a_batch_that_clashes_with_another_transaction_is_processed_again_at_onc
         queued.append(entry[0])
     assert sorted(queued) == sorted(ids)            # again at once, not at the next sweep
     assert sorted(mf.spool.pending()) == sorted(ids)
+    for id in ids:   # a clash is not the message's fault: no attempt counted
+        meta = json.loads((mf.spool.dirs["new"] / f"{id}.json").read_text())
+        assert meta["attempts"] == 0 and "not counted" in meta["errors"][-1]
     with mf.store.read() as tx:
         assert not [m for m in tx.messages(tid) if m.subject.startswith("Re: part")]
     asyncio.run(p.process_many(queued))

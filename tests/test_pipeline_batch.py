@@ -153,6 +153,9 @@ def test_a_failed_commit_gives_every_item_back(site: Site, mf: MfSite,
 
     monkeypatch.undo()
     items = [mf.spool.claim(i.id) for i in items]
+    # not the messages' fault: no attempt counted against spool.max_attempts
+    assert [i.attempts for i in items] == [0, 0, 0]  # type: ignore[union-attr]
+    assert all("store: database error" in i.errors[-1] for i in items)  # type: ignore[union-attr]
     assert _outcomes(p.process_items(mf.spool, items)) == ["response"] * 3  # type: ignore[arg-type]
 
 

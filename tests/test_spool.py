@@ -140,6 +140,27 @@ def test_retry_counts_attempts_and_keeps_errors(tmp_path: Path) -> None:
     assert meta["attempts"] == 2 and meta["size"] == len(RAW)
 
 
+def test_an_uncounted_retry_keeps_the_reason_not_the_attempt(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database down is not the message's fault: its retries do not bring it nearer
+    to max_attempts, and a long run of them keeps only the last ERRORS_KEPT reasons."""
+    import mailflow.spool as spool_module
+    monkeypatch.setattr(spool_module, "ERRORS_KEPT", 4)
+    spool = Spool(tmp_path)
+    spool.put(RAW, env())
+    item = spool.claim()
+    assert item is not None
+    spool.retry(item, "a bug")
+    for n in range(6):
+        item = spool.claim()
+        assert item is not None
+        spool.retry(item, f"store: down {n}", counted=False)
+    item = spool.claim()
+    assert item is not None and item.attempts == 1
+    assert len(item.errors) == 4 and "down 5" in item.errors[-1]
+    assert "not counted as an attempt" in item.errors[-1] and "a bug" not in item.errors[0]
+
+
 def test_retry_with_delay_is_not_claimed_until_due(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     a = spool.put(RAW, env())
