@@ -156,6 +156,7 @@ class Pipeline:
             pre = self._prepare(raw, item.envelope)
             del raw
             with self.site.store.tx() as tx:
+                tx.lock_threads(pre.threads)
                 result = self._apply(tx, pre)
         except StoreError as e:
             # The database is unavailable: nothing was written, try again later (not the
@@ -279,6 +280,7 @@ class Pipeline:
         raises `_Redo` (an item raised; the transaction is rolled back, nothing written),
         or the database's error (the same, and the batch must wait)."""
         with self.site.store.tx() as tx:
+            tx.lock_threads(t for _, pre in prepared for t in pre.threads)
             for i, pre in prepared:
                 said[i] = []
                 try:
@@ -295,6 +297,7 @@ class Pipeline:
         """Every prepared item in one transaction, each in a SAVEPOINT: an item that raises
         is rolled back alone (and put in `failed`), the others commit together."""
         with self.site.store.tx() as tx:
+            tx.lock_threads(t for _, pre in prepared for t in pre.threads)
             for i, pre in prepared:
                 said[i] = []
                 try:
@@ -369,7 +372,9 @@ class Pipeline:
         except ParseError as e:
             pm, parse_error = None, str(e)
         auth = self.authenticate(raw, pm, envelope) if pm is not None else None
-        return _Prepared(raw, envelope, pm, parse_error, auth)
+        threads = tuple(a.thread_id for a in self.our_recipients(envelope.rcpt_tos)
+                        if a.thread_id is not None)
+        return _Prepared(raw, envelope, pm, parse_error, auth, threads)
 
     def _apply(self, tx: Tx, pre: "_Prepared", said: list["_Said"] | None = None) -> Result:
         """Everything one message changes in the store, in the caller's transaction.
@@ -1176,6 +1181,7 @@ class _Prepared:
     pm: ParsedMessage | None
     parse_error: str
     auth: Authentication | None
+    threads: tuple[int, ...] = ()   # the threads its envelope recipients name (unverified)
 
 
 @dataclass

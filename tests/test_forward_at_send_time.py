@@ -335,6 +335,56 @@ def test_a_batch_that_clashes_with_another_transaction_is_processed_again_at_onc
     assert mf.spool.pending() == []
 
 
+def test_a_batch_takes_its_threads_in_id_order_before_writing(site: Site, mf: MfSite) -> None:
+    """Replies to two threads, the higher id first: the batch takes both threads'
+    `thread_changes` rows in id order before it writes anything, so while it waits for the
+    lower (held by another transaction) it holds nothing of the higher, which another batch
+    may then take: no deadlock. (It used to write the first message, locking its thread,
+    and then wait for the second's.)"""
+    if mf.store.engine.dialect.name != "postgresql":
+        pytest.skip("row locks: PostgreSQL's; SQLite's writers queue whole")
+    import time
+
+    from sqlalchemy import text
+    low, low_address = _ready(site, mf, "Lower thread")
+    high, high_address = _ready(site, mf, "Higher thread")
+    assert low < high
+    items = [mf.spool.claim(mf.spool.put(
+        compose(f"Camden FOI <{AUTHORITY}>", address, f"Re: {tag}", "Answer."),
+        Envelope(mail_from=AUTHORITY, rcpt_tos=[address], via="test")))
+        for address, tag in ((high_address, "high"), (low_address, "low"))]
+    holder = mf.store.engine.connect()
+    prober = mf.store.engine.connect()
+    outcome: list[object] = []
+    try:
+        holder.begin()
+        holder.execute(text("SELECT 1 FROM thread_changes WHERE thread_id = :t FOR UPDATE"),
+                       {"t": low})
+        batch = threading.Thread(target=lambda: outcome.append(
+            Pipeline(mf).process_items(mf.spool, items)))   # type: ignore[arg-type]
+        batch.start()
+        deadline = time.monotonic() + 20
+        while True:   # until the batch waits for the lower thread's row
+            waiting = prober.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")).scalar()
+            prober.rollback()
+            if waiting or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert waiting, "the batch never waited for the lower thread"
+        with prober.begin():   # the higher thread's row is free: the batch has not written it
+            got = prober.execute(text("SELECT thread_id FROM thread_changes WHERE thread_id = :t "
+                                      "FOR UPDATE NOWAIT"), {"t": high}).all()
+            assert got == [(high,)]
+    finally:
+        holder.rollback()
+        holder.close()
+        prober.close()
+    batch.join(timeout=30)
+    assert [[r.outcomes[0].outcome for r in rs] for rs in outcome] == [["response", "response"]]
+
+
 def test_the_processor_sends_a_row_given_back_for_seconds_when_it_falls_due(
         site: Site, mf: MfSite) -> None:
     """A forward given back after a clash is due in 2 s; the processor flushes again then,
