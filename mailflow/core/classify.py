@@ -122,7 +122,7 @@ _PERMANENT = re.compile(
 # _LOWERED: these four are searched, without re.I, in text lower-cased once. Python's re
 # tries a case-insensitive alternation at every position of up to 64 KB of bounce text:
 # 2 to 6 times slower than the same alternation over lowered text (bench/README.md,
-# seventh round). Their letters are all lower case (tests/test_classify_patterns.py).
+# seventh round). Their letters are all lower case (tests/test_classify.py).
 _LOWERED = (_BOUNCE_BODY, _MAILBOX_FULL, _DELAY, _PERMANENT)
 
 _OOF_SUBJECT = re.compile(r"""(

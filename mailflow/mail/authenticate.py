@@ -112,7 +112,7 @@ class DnsResolver:
         if hit is not None:
             if hit[0] > time.time():
                 return hit[1]
-            del self._answers[key]
+            self._answers.pop(key, None)
         records, expires = self._resolve(name, rdtype)
         if expires is not None and expires > time.time():
             if len(self._answers) >= CACHE_SIZE:
@@ -122,13 +122,15 @@ class DnsResolver:
 
     def _forget_expired(self) -> None:
         """Room in the front cache: the expired answers go, or the older half when none has
-        expired (a dict keeps the order answers came in)."""
+        expired (a dict keeps the order answers came in). Safe beside another thread asking
+        (each step works on a copy of the keys)."""
         now = time.time()
-        for key in [k for k, (expires, _) in self._answers.items() if expires <= now]:
-            del self._answers[key]
+        for key, (expires, _) in list(self._answers.items()):
+            if expires <= now:
+                self._answers.pop(key, None)
         if len(self._answers) >= CACHE_SIZE:
             for key in list(self._answers)[:CACHE_SIZE // 2]:
-                del self._answers[key]
+                self._answers.pop(key, None)
 
     def _resolve(self, name: str, rdtype: str) -> tuple[list[Any], float | None]:
         """The records, and until when they may be reused: dnspython's own expiry, the
