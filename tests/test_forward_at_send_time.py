@@ -47,6 +47,16 @@ def _deliver(mf: MfSite, ids: list[int] | None = None) -> dict[str, int]:
     return asyncio.run(deliver(mf, ids))
 
 
+def _short_lock_timeout(mf: MfSite) -> None:
+    """Every new connection to the site's PostgreSQL database gives up a lock wait after
+    300 ms (the pool is emptied, so the next connections take the setting)."""
+    from sqlalchemy import text
+    db = mf.store.engine.url.database
+    with mf.store.engine.begin() as c:
+        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
+    mf.store.engine.dispose()
+
+
 def _forwards(mf: MfSite, tid: int) -> list:  # type: ignore[type-arg]
     with mf.store.read() as tx:
         return [m for m in tx.messages(tid) if m.kind == "forward"]
@@ -259,10 +269,7 @@ def test_a_clash_with_another_transaction_while_composing_is_tried_again_in_seco
     from sqlalchemy import text
     tid, address = _ready(site, mf, "Clashing senders")
     row_id = _reply(mf, address, "Clashing senders")
-    db = mf.store.engine.url.database
-    with mf.store.engine.begin() as c:
-        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
-    mf.store.engine.dispose()          # new connections take the setting
+    _short_lock_timeout(mf)
     holder = mf.store.engine.connect()
     try:
         holder.begin()
@@ -302,10 +309,7 @@ def test_a_batch_that_clashes_with_another_transaction_is_processed_again_at_onc
                                 f"Part {i}."),
                         Envelope(mail_from=AUTHORITY, rcpt_tos=[address], via="test"))
            for i in range(3)]
-    db = mf.store.engine.url.database
-    with mf.store.engine.begin() as c:
-        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
-    mf.store.engine.dispose()
+    _short_lock_timeout(mf)
     holder = mf.store.engine.connect()
     p = Processor(mf, recover=False)
     try:
@@ -395,10 +399,7 @@ def test_the_processor_sends_a_row_given_back_for_seconds_when_it_falls_due(
     from mailflow.processor import Processor
     tid, address = _ready(site, mf, "Due in seconds")
     _reply(mf, address, "Due in seconds")
-    db = mf.store.engine.url.database
-    with mf.store.engine.begin() as c:
-        c.execute(text(f'ALTER DATABASE "{db}" SET lock_timeout = \'300ms\''))
-    mf.store.engine.dispose()
+    _short_lock_timeout(mf)
     holder = mf.store.engine.connect()
     p = Processor(mf, recover=False)
 
